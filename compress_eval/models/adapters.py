@@ -1,0 +1,271 @@
+"""Architecture adapters: the one place that knows where a family keeps its blocks and linears.
+
+Methods never touch ``model.model.layers`` or ``transformer.h`` directly; they ask the adapter for
+the blocks, for a block's linears by role (q/k/v/o, gate/up/down, fc1/fc2), and for a runner that
+executes blocks one at a time on cached hidden states.
+
+Running blocks one at a time needs the per-block keyword arguments current transformers passes
+(``position_embeddings``, the causal / sliding-window mask, ``position_ids``). Rather than rebuild
+them per family, :func:`capture_block_kwargs` records what the model itself passes to each block in
+one forward pass; those tensors broadcast over the batch, so one capture per sequence length serves
+every batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress_eval.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture family keeps its parts (dotted attribute paths)."""
+
+    name: str
+    blocks: str
+    final_norm: str
+    attn_linears: dict[str, str]
+    mlp_linears: dict[str, str]
+    text_config: str | None = None  # e.g. LLaVA keeps the decoder's config in config.text_config
+    conv1d: bool = False  # GPT-2's Conv1D stores weights transposed (in, out)
+
+
+_LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_GATED_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+FAMILIES: dict[str, Family] = {}
+for _mt in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gemma2", "gemma"):
+    FAMILIES[_mt] = Family(_mt, "model.layers", "model.norm", _LLAMA_ATTN, _GATED_MLP)
+FAMILIES["gpt2"] = Family(
+    "gpt2", "transformer.h", "transformer.ln_f",
+    {"qkv": "attn.c_attn", "o": "attn.c_proj"}, {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, conv1d=True,
+)
+FAMILIES["llava"] = Family(
+    "llava", "model.language_model.layers", "model.language_model.norm", _LLAMA_ATTN, _GATED_MLP,
+    text_config="text_config",
+)
+FAMILIES["gemma3"] = Family(
+    "gemma3", "model.language_model.layers", "model.language_model.norm", _LLAMA_ATTN, _GATED_MLP,
+    text_config="text_config",
+)
+
+
+def _get(root: nn.Module, dotted: str):
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(root: nn.Module, dotted: str, value) -> None:
+    parent, _, last = dotted.rpartition(".")
+    setattr(_get(root, parent) if parent else root, last, value)
+
+
+class Adapter:
+    """Family-specific access to one model instance."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in FAMILIES:
+            supported = ", ".join(sorted(FAMILIES))
+            raise UserError(
+                f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+                f"supported model types: {supported}"
+            )
+        self.model = model
+        self.family = FAMILIES[model_type]
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        cfg = self.model.config
+        return getattr(cfg, self.family.text_config) if self.family.text_config else cfg
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return _get(self.model, self.family.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.family.final_norm)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def is_gated_mlp(self) -> bool:
+        return "gate" in self.family.mlp_linears
+
+    def linear_roles(self) -> list[str]:
+        return list(self.family.attn_linears) + list(self.family.mlp_linears)
+
+    def linear_path(self, role: str) -> str:
+        return {**self.family.attn_linears, **self.family.mlp_linears}[role]
+
+    def linear(self, block: nn.Module, role: str) -> nn.Module:
+        return _get(block, self.linear_path(role))
+
+    def set_linear(self, block: nn.Module, role: str, module: nn.Module) -> None:
+        _set(block, self.linear_path(role), module)
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp
+
+    def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
+        block.mlp = module
+
+    def linear_weight(self, block: nn.Module, role: str) -> torch.Tensor:
+        """The weight as (out_features, in_features), whatever the storage layout."""
+        w = self.linear(block, role).weight
+        return w.t() if self.family.conv1d else w
+
+    # --- surgery ---------------------------------------------------------------------------
+    def keep_blocks(self, keep: list[int]) -> None:
+        """Keep only the given blocks (current indices, in order); fix indices and config.
+
+        Renumbers every ``layer_idx`` (the KV cache is indexed by it), sets
+        ``num_hidden_layers`` and trims ``layer_types`` so a reload and ``generate`` both see the
+        new depth.
+        """
+        blocks = self.blocks
+        if not keep:
+            raise UserError("cannot remove every block: lower the sparsity or the number of blocks")
+        if sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= len(blocks):
+            raise ValueError(f"keep must be increasing indices in [0, {len(blocks)}), got {keep}")
+        new = nn.ModuleList([blocks[i] for i in keep])
+        for new_idx, block in enumerate(new):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        _set(self.model, self.family.blocks, new)
+        cfg = self.text_config
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is not None and len(layer_types) == len(blocks):
+            cfg.layer_types = [layer_types[i] for i in keep]
+        cfg.num_hidden_layers = len(keep)
+
+    def remove_blocks(self, remove: list[int]) -> list[int]:
+        """Remove blocks by current index; returns the kept indices."""
+        n = self.num_blocks
+        bad = [i for i in remove if not 0 <= i < n]
+        if bad:
+            raise UserError(f"block index {bad[0]} out of range: the model has blocks 0..{n - 1}")
+        keep = [i for i in range(n) if i not in set(remove)]
+        self.keep_blocks(keep)
+        return keep
+
+    # --- layer-wise execution --------------------------------------------------------------
+    def block_output(self, out) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    return Adapter(model)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_kwargs(adapter: Adapter, seqlen: int) -> list[dict]:
+    """Record the keyword arguments the model passes to each block for a 1 x ``seqlen`` input.
+
+    Returns one dict per block (without ``hidden_states``); caching is switched off.
+    """
+    model = adapter.model
+    device = next(model.parameters()).device
+    captured: list[dict | None] = [None] * adapter.num_blocks
+    handles = []
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            # Some families (GPT-2) pass masks positionally: bind everything to names.
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            extra = bound.pop("kwargs", {})
+            kw = {**{k: v for k, v in bound.items() if k != "hidden_states"}, **extra}
+            kw.update(use_cache=False, past_key_values=None)
+            kw.pop("past_key_value", None)
+            captured[i] = kw
+            if i == adapter.num_blocks - 1:
+                raise _Stop
+
+        return hook
+
+    for i, block in enumerate(adapter.blocks):
+        handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    try:
+        ids = torch.zeros(1, seqlen, dtype=torch.long, device=device)
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    if any(c is None for c in captured):
+        raise RuntimeError("could not capture the per-block arguments of every block")
+    return captured  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def embed_inputs(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
+    """The hidden state entering block 0 (embeddings, plus learned positions for GPT-2)."""
+    box: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        box.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        adapter.model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box[0]
+
+
+class BlockRunner:
+    """Runs a model's blocks one at a time on cached hidden states (for a fixed sequence length).
+
+    ``kwargs[i]`` belongs to block ``i`` of the model as it was when the runner was built; after
+    blocks are removed, build a new runner (sliding/full attention types move with their blocks).
+    """
+
+    def __init__(self, adapter: Adapter, seqlen: int):
+        self.adapter = adapter
+        self.seqlen = seqlen
+        self.kwargs = capture_block_kwargs(adapter, seqlen)
+
+    def run_block(self, i: int, hidden: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+        block = self.adapter.blocks[i] if block is None else block
+        return self.adapter.block_output(block(hidden, **self.kwargs[i]))
+
+    def run(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None, skip: int | None = None):
+        """Run blocks ``start``..``stop-1`` (skipping ``skip``) from ``hidden``."""
+        stop = self.adapter.num_blocks if stop is None else stop
+        for i in range(start, stop):
+            if i != skip:
+                hidden = self.run_block(i, hidden)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the last block's output."""
+        out = self.adapter.lm_head(self.adapter.final_norm(hidden))
+        softcap = getattr(self.adapter.text_config, "final_logit_softcapping", None)
+        if softcap:
+            out = torch.tanh(out / softcap) * softcap
+        return out

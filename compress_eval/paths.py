@@ -1,0 +1,36 @@
+"""Where data and caches live. Configurable by flag or environment, never hard-coded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from compress_eval.errors import UserError
+
+DATA_DIR_ENV = "COMPRESS_EVAL_DATA_DIR"
+CACHE_DIR_ENV = "COMPRESS_EVAL_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of our own cache (converted packaged models, lm-eval request caches)."""
+    root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "compress-eval"
+    return Path(root)
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The local evaluation-data directory (layout of ../shared/data), or None to use the Hub.
+
+    An explicit value wins over the environment variable; a value that is not a directory is an
+    error rather than a silent fall-back to the Hub.
+    """
+    value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        source = "--data-dir" if explicit is not None else DATA_DIR_ENV
+        raise UserError(
+            f"data directory {str(path)!r} (from {source}) does not exist; "
+            f"point it at a folder laid out like shared/data (wikitext2/, c4/, ...)"
+        )
+    return path

@@ -1,0 +1,99 @@
+"""Tiny random models of every adapter family, and a tiny tokenizer, built in-test (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model that is compressed should still speak.\n\n"
+    " = Valkyria Chronicles = \n\n Senjo no Valkyria is a tactical role playing game developed by Sega.\n"
+) * 20
+
+VOCAB = 96
+
+
+def tiny_config(family: str):
+    """A config with 4 blocks, hidden 32, vocabulary VOCAB, for one adapter family."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "olmo":
+        return tf.OlmoConfig(**common)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=8,
+                                   sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "olmo", "gemma3_text", "gpt2"]
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained in milliseconds on TEXT, with VOCAB entries at most."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=[])
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny LLaMA + tokenizer directory, as a user's local model would be."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A data directory in shared/data's layout, made from TEXT (tests never need the real one)."""
+    import json
+
+    import pandas as pd
+
+    root = tmp_path / "data"
+    (root / "wikitext2").mkdir(parents=True)
+    rows = [r for r in TEXT.split("\n")]
+    for split in ("test", "validation"):
+        with open(root / "wikitext2" / f"wikitext-2-raw-v1.{split}.rows.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"text": r}) + "\n")
+    (root / "c4").mkdir()
+    pd.DataFrame({"text": [TEXT[i:i + 300] for i in range(0, len(TEXT), 300)]}).to_parquet(
+        root / "c4" / "c4_validation_2k.parquet")
+    monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
+    return root
