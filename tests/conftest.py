@@ -93,7 +93,8 @@ def data_dir(tmp_path, monkeypatch):
             for r in rows:
                 fh.write(json.dumps({"text": r}) + "\n")
     (root / "c4").mkdir()
-    pd.DataFrame({"text": [TEXT[i:i + 300] for i in range(0, len(TEXT), 300)]}).to_parquet(
+    docs = [f"Document {i}. " + TEXT[(i * 37) % 900:(i * 37) % 900 + 200] for i in range(1200)]
+    pd.DataFrame({"text": docs}).to_parquet(
         root / "c4" / "c4_validation_2k.parquet")
     monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
     return root

@@ -62,13 +62,20 @@ class ModelSource:
     kind: str
     location: str
 
-    @property
-    def available_offline(self) -> bool:
-        if self.kind in ("local", "packaged"):
-            return Path(self.location).exists()
+    def offline_status(self) -> str:
+        """'yes', or why not (what to install), for `compress-eval models`."""
+        if self.kind == "local":
+            return "yes"
+        if self.kind == "packaged":
+            if Path(self.location).exists():
+                return "yes (converted)"
+            spec = PACKAGED[self.name]
+            pkg = _package_dir(spec.package)
+            return "yes (converted on first use)" if pkg else f"no: {spec.install}"
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(self.location, "config.json"), str)
+        cached = isinstance(try_to_load_from_cache(self.location, "config.json"), str)
+        return "yes (HF cache)" if cached else "no (Hub download)"
 
 
 def _package_dir(package: str) -> Path | None:

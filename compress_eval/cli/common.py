@@ -1,0 +1,38 @@
+"""Shared CLI plumbing: user errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+
+from compress_eval.errors import UserError
+
+
+def user_errors(fn):
+    """Wrap a command so a :class:`UserError` prints ``error: ...`` and exits 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got {value!r} (e.g. 3,4)") from None
+
+
+DataDir = typer.Option(None, "--data-dir", help="local data directory (layout of shared/data); "
+                       "default: $COMPRESS_EVAL_DATA_DIR, else the Hugging Face Hub")
+Device = typer.Option(None, help="cpu or cuda (default: cuda when available)")
+Dtype = typer.Option(None, help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")

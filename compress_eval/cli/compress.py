@@ -1,0 +1,84 @@
+"""``compress-eval compress MODEL --method M --sparsity S --out DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from compress_eval.cli.common import DataDir, Device, Dtype, int_list, user_errors
+from compress_eval.config import load_recipe, make_config
+from compress_eval.errors import UserError
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """``--set key=value`` pairs into method options (values parsed as YAML scalars)."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
+                 device, dtype, recipe, options):
+    values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
+                  calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
+                  dtype=dtype, options=parse_options(options))
+    if recipe:
+        return load_recipe(recipe, **values)
+    if method is None:
+        raise UserError("no method given: use --method (see `compress-eval compress --help`) or --recipe")
+    return make_config(**values)
+
+
+def default_out(cfg) -> Path:
+    amount = cfg.sparsity if cfg.sparsity is not None else (cfg.num_blocks or len(cfg.blocks or []))
+    return Path("runs") / f"{Path(cfg.model).name}-{cfg.method}-{amount}-s{cfg.seed}"
+
+
+@user_errors
+def compress_command(
+    model: str = typer.Argument(None, help="alias, Hub id or local directory (or give it in --recipe)"),
+    method: str = typer.Option(None, "--method", "-m", help="compression method (see `compress-eval methods`)"),
+    sparsity: float = typer.Option(None, help="fraction of blocks to remove, in (0, 1); rounded up"),
+    num_blocks: int = typer.Option(None, help="number of blocks to remove (instead of --sparsity)"),
+    blocks: str = typer.Option(None, help="explicit blocks for --method drop, e.g. 3,4"),
+    calib_data: str = typer.Option(None, help="calibration corpus: wikitext2 or c4"),
+    calib_samples: int = typer.Option(None, help="number of calibration windows"),
+    seqlen: int = typer.Option(None, help="calibration window length in tokens"),
+    seed: int = typer.Option(None),
+    out: Path = typer.Option(None, "--out", "-o", help="output directory (must not exist)"),
+    recipe: Path = typer.Option(None, help="YAML recipe (CompressConfig keys); flags override it"),
+    options: list[str] = typer.Option(None, "--set", help="method option key=value (repeatable)"),
+    then_eval: str = typer.Option(None, help="tasks to evaluate the result on, e.g. wikitext2,c4"),
+    eval_seqlen: int = typer.Option(2048, help="window length of perplexity tasks"),
+    max_windows: int = typer.Option(None, help="perplexity tasks: score only the first N windows"),
+    batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
+    data_dir: str = DataDir,
+    device: str = Device,
+    dtype: str = Dtype,
+) -> None:
+    """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it."""
+    from compress_eval.cli.evaluate import run_evaluation
+    from compress_eval.evaluate import parse_tasks
+    from compress_eval.pipeline import compress_to_dir
+
+    cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
+                       device, dtype, recipe, options)
+    tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
+    path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
+    typer.echo(f"saved {path}")
+    if tasks:
+        run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress_command)
+    # `run` is the one-command path "model -> leaderboard row": the same steps, named for the product.
+    app.command("run", help="Compress, save and evaluate in one command (same options as compress).")(
+        compress_command)

@@ -1,0 +1,34 @@
+"""``compress-eval ppl MODEL``: perplexity in the papers' protocol; the last line is the number."""
+
+from __future__ import annotations
+
+import typer
+
+from compress_eval.cli.common import DataDir, Device, Dtype, user_errors
+from compress_eval.evaluate import PPL_TASKS, evaluate
+
+
+@user_errors
+def ppl_command(
+    model: str = typer.Argument(..., help="alias, Hub id, local model or checkpoint directory"),
+    dataset: str = typer.Option("wikitext2", help="wikitext2 or c4"),
+    seqlen: int = typer.Option(2048, min=2, help="window length (the papers use 2048; 512 for quick CPU runs)"),
+    max_windows: int = typer.Option(None, min=1, help="score only the first N windows (quick partial run)"),
+    batch_size: int = typer.Option(1, min=1),
+    data_dir: str = DataDir,
+    device: str = Device,
+    dtype: str = Dtype,
+) -> None:
+    """Token perplexity over non-overlapping windows (WikiText-2 test or C4 validation)."""
+    if dataset not in PPL_TASKS:
+        from compress_eval.errors import UserError
+
+        raise UserError(f"unknown dataset {dataset!r}: use wikitext2 or c4")
+    results = evaluate(model, [dataset], seqlen, data_dir, max_windows, batch_size, device, dtype)
+    r = next(iter(results.values()))
+    typer.echo(f"{r['windows']} windows x {seqlen} tokens, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s")
+    typer.echo(f"{r['ppl']:.4f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ppl")(ppl_command)

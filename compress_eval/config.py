@@ -1,0 +1,107 @@
+"""Run configuration: what to compress, how, and with which calibration data; YAML recipes.
+
+Method-specific knobs live in each method's own pydantic model (defaults from its paper) and are
+validated from ``options``; this keeps one recipe shape for every method.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress_eval.errors import UserError
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's own options; unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompressConfig(BaseModel):
+    """Everything that determines a compressed checkpoint (recorded whole in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    method: str
+    sparsity: float | None = Field(None, description="fraction of blocks to remove, rounded up")
+    num_blocks: int | None = Field(None, description="number of blocks to remove (instead of sparsity)")
+    blocks: list[int] | None = Field(None, description="explicit block indices (method 'drop')")
+    calib_data: Literal["wikitext2", "c4"] = "wikitext2"
+    calib_samples: int = Field(8, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    quantize: Literal["int8", "nf4", "fp4"] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, v):
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"sparsity must be in (0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        given = [x is not None for x in (self.sparsity, self.num_blocks, self.blocks)]
+        if sum(given) > 1:
+            raise ValueError("give only one of sparsity, num_blocks, blocks")
+        return self
+
+    def blocks_to_remove(self, num_layers: int) -> int:
+        """ceil(L * sparsity) as the papers round (guarding against 30 * 0.1 = 3.0000000000000004)."""
+        if self.blocks is not None:
+            n = len(set(self.blocks))
+        elif self.num_blocks is not None:
+            n = self.num_blocks
+        elif self.sparsity is not None:
+            n = math.ceil(round(num_layers * self.sparsity, 6))
+        else:
+            raise UserError(f"method {self.method!r} needs an amount: give --sparsity or --num-blocks")
+        if n < 1:
+            raise UserError("nothing to remove: --num-blocks must be at least 1")
+        if n >= num_layers:
+            raise UserError(
+                f"removing {n} of {num_layers} blocks would leave none: lower --sparsity / --num-blocks"
+            )
+        return n
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The first pydantic error as one line: 'field: message'."""
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "config"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def make_config(**values) -> CompressConfig:
+    try:
+        return CompressConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(f"invalid configuration: {validation_message(exc)}") from exc
+
+
+def load_recipe(path: str | Path, **overrides) -> CompressConfig:
+    """A YAML recipe (the keys of CompressConfig); command-line values override it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of CompressConfig keys")
+    options = {**data.pop("options", {}), **overrides.pop("options", {})}
+    return make_config(**{**data, **{k: v for k, v in overrides.items() if v is not None}, "options": options})
+
+
+def dump_recipe(cfg: CompressConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(exclude_none=True), sort_keys=False)

@@ -1,0 +1,51 @@
+"""Token windows: non-overlapping evaluation windows and seeded random calibration windows."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from compress_eval.data.corpora import corpus_text, eval_split
+from compress_eval.errors import UserError
+
+# C4 evaluation keeps the first 256 x seqlen tokens (GPTQ's protocol).
+C4_EVAL_WINDOWS = 256
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D tensor of token ids (no truncation, no special tokens added mid-text)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True, verbose=False).input_ids
+    return ids[0]
+
+
+def eval_windows(tokenizer, dataset: str, seqlen: int, data_dir: str | Path | None = None,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """(n, seqlen) non-overlapping windows of the evaluation split; the tail is dropped."""
+    ids = tokenize(tokenizer, corpus_text(dataset, eval_split(dataset), data_dir))
+    n = ids.numel() // seqlen
+    if dataset == "c4":
+        n = min(n, C4_EVAL_WINDOWS)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UserError(f"{dataset} has fewer than seqlen={seqlen} tokens: lower --seqlen")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int = 0,
+                        data_dir: str | Path | None = None) -> torch.Tensor:
+    """(nsamples, seqlen) random windows of the calibration split, reproducible from ``seed``.
+
+    WikiText-2 train on the Hub (validation offline); for C4 the training shard on the Hub, and
+    offline the documents after the first 1100 of the local subset (the evaluation ones).
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise UserError("calibration needs at least 1 sample of at least 2 tokens")
+    ids = tokenize(tokenizer, corpus_text(dataset, "train", data_dir))
+    if ids.numel() <= seqlen:
+        raise UserError(f"calibration corpus {dataset} is shorter than seqlen={seqlen}: lower --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s: s + seqlen] for s in starts])

@@ -1,0 +1,78 @@
+"""Text corpora in the papers' protocol, from the Hub or from a local directory.
+
+The local layout is that of shared/data: ``wikitext2/wikitext-2-raw-v1.{test,validation}.rows.jsonl``
+(the HF rows exactly) and ``c4/c4_validation_2k.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from compress_eval.errors import UserError
+from compress_eval.paths import data_dir as resolve_data_dir
+
+DATASETS = ("wikitext2", "c4")
+# The C4 protocol of GPTQ / SparseGPT / SLEB / FuseGPT: the first 1100 validation documents.
+C4_EVAL_DOCS = 1100
+
+
+def _check_dataset(name: str) -> None:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+
+
+def _local_file(root: Path, rel: str) -> Path:
+    path = root / rel
+    if not path.exists():
+        raise UserError(f"missing data file {path}: the data directory must be laid out like shared/data")
+    return path
+
+
+def wikitext2_rows(split: str, data_dir: Path | None) -> list[str]:
+    """The rows of ``wikitext-2-raw-v1`` (``test``, ``validation`` or ``train``), empty rows kept."""
+    if data_dir is not None:
+        if split == "train":
+            split = "validation"  # raw train is not available offline; validation stays disjoint from test
+        path = _local_file(data_dir, f"wikitext2/wikitext-2-raw-v1.{split}.rows.jsonl")
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line)["text"] for line in fh]
+    from datasets import load_dataset
+
+    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+
+def c4_documents(split: str, data_dir: Path | None) -> list[str]:
+    """C4 ``en`` documents: ``validation`` (evaluation) or ``train`` (calibration).
+
+    Offline there is only a 2000-document validation subset: its first 1100 documents are the
+    evaluation set and the rest serve as calibration data, so the two never overlap.
+    """
+    if data_dir is not None:
+        import pyarrow.parquet as pq
+
+        docs = pq.read_table(_local_file(data_dir, "c4/c4_validation_2k.parquet"), columns=["text"])
+        texts = docs.column("text").to_pylist()
+        return texts[:C4_EVAL_DOCS] if split == "validation" else texts[C4_EVAL_DOCS:]
+    from datasets import load_dataset
+
+    files = {
+        "validation": "en/c4-validation.00000-of-00008.json.gz",
+        "train": "en/c4-train.00000-of-01024.json.gz",
+    }
+    ds = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+    texts = ds["text"]
+    return list(texts[:C4_EVAL_DOCS]) if split == "validation" else list(texts)
+
+
+def corpus_text(dataset: str, split: str, data_dir: str | Path | None = None) -> str:
+    """The whole corpus as one string, joined the way the papers join it."""
+    _check_dataset(dataset)
+    root = resolve_data_dir(data_dir)
+    if dataset == "wikitext2":
+        return "\n\n".join(wikitext2_rows(split, root))
+    return " ".join(c4_documents(split, root))
+
+
+def eval_split(dataset: str) -> str:
+    return "test" if dataset == "wikitext2" else "validation"

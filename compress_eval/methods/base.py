@@ -1,0 +1,44 @@
+"""The method interface: a method takes a model, its adapter and calibration windows, changes the
+model in place and returns a record for the manifest. It never loads data or writes files."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from compress_eval.config import CompressConfig, MethodOptions
+from compress_eval.models.adapters import Adapter
+
+
+@dataclass
+class CompressionRecord:
+    """What a method did, in terms a reader of the manifest can check.
+
+    ``removed_blocks`` are indices in the original model; ``tie_map`` maps a module path to the
+    path of the module it shares storage with; ``details`` holds per-iteration scores and the like.
+    """
+
+    removed_blocks: list[int] = field(default_factory=list)
+    tie_map: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (charts)
+
+
+class Compressor(ABC):
+    """Base class of every compression method (registered by name in ``methods.registry``)."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
+    needs_calibration: ClassVar[bool] = True
+    summary: ClassVar[str] = ""
+
+    def __init__(self, cfg: CompressConfig):
+        self.cfg = cfg
+        self.options = self.options_class(**cfg.options)
+
+    @abstractmethod
+    def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:
+        """Compress ``adapter.model`` in place."""

@@ -1,0 +1,46 @@
+"""Methods by name. Each method module registers itself with :func:`register_method`; the modules
+are imported lazily on first lookup so a new method is one new file plus one line in ``_MODULES``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pydantic import ValidationError
+
+from compress_eval.config import CompressConfig, validation_message
+from compress_eval.errors import UserError
+from compress_eval.methods.base import Compressor
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+_MODULES = ["compress_eval.methods.drop"]
+
+
+def register_method(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator; a second method under the same name is a programming error."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(module)
+
+
+def available_methods() -> dict[str, type[Compressor]]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(cfg: CompressConfig) -> Compressor:
+    """The method instance for a config, with its options validated."""
+    methods = available_methods()
+    if cfg.method not in methods:
+        close = difflib.get_close_matches(cfg.method, list(methods), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown method {cfg.method!r}{hint}: choose one of {', '.join(methods)}")
+    try:
+        return methods[cfg.method](cfg)
+    except ValidationError as exc:
+        raise UserError(f"invalid options for method {cfg.method!r}: {validation_message(exc)}") from exc

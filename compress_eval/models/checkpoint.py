@@ -1,0 +1,103 @@
+"""Checkpoints: safetensors + config + tokenizer + a ``compress_eval.json`` manifest, written atomically.
+
+A depth-pruned checkpoint is a plain transformers directory (``AutoModelForCausalLM`` loads it at the
+new depth); the manifest records what was done so any result can be re-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from compress_eval.errors import UserError
+
+MANIFEST = "compress_eval.json"
+FORMAT = "compress-eval/1"
+
+
+def ensure_new_output(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"output directory {out} already exists: choose another --out or remove it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path):
+    """Yield a temp directory beside ``out`` that becomes ``out`` only if the block succeeds."""
+    out = ensure_new_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters counted once per storage (tied embeddings and tied FF modules count once)."""
+    seen, total = set(), 0
+    for p in model.parameters():  # parameters() already de-duplicates shared Parameters
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter and buffer storages (what a checkpoint must hold)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def package_versions() -> dict[str, str]:
+    names = ["compress-eval", "torch", "transformers", "lm_eval", "peft", "bitsandbytes", "accelerate"]
+    out = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def git_sha() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    with open(Path(directory) / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=2, default=str)
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"corrupt manifest {path}: {exc}; re-run the compression") from exc
+
+
+def save_model_files(model, tokenizer, directory: Path) -> None:
+    """Weights as safetensors (never pickle), config, generation config and tokenizer."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
