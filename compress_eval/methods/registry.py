@@ -1,10 +1,13 @@
-"""Methods by name. Each method module registers itself with :func:`register_method`; the modules
-are imported lazily on first lookup so a new method is one new file plus one line in ``_MODULES``."""
+"""Methods by name. Each module of ``compress_eval.methods`` registers its classes with
+:func:`register_method`; the modules are discovered and imported on first lookup, so a new method
+is one new file."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
+
 from pydantic import ValidationError
 
 from compress_eval.config import CompressConfig, validation_message
@@ -12,7 +15,6 @@ from compress_eval.errors import UserError
 from compress_eval.methods.base import Compressor
 
 _REGISTRY: dict[str, type[Compressor]] = {}
-_MODULES = ["compress_eval.methods.drop"]
 
 
 def register_method(cls: type[Compressor]) -> type[Compressor]:
@@ -24,8 +26,10 @@ def register_method(cls: type[Compressor]) -> type[Compressor]:
 
 
 def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(module)
+    import compress_eval.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def available_methods() -> dict[str, type[Compressor]]:

@@ -101,3 +101,24 @@ def save_model_files(model, tokenizer, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def _module(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return root.get_submodule(dotted)
+
+
+def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
+    """Make every module path in ``tie_map`` the very module it maps to (one tensor in memory)."""
+    for dst, src in tie_map.items():
+        parent, _, name = dst.rpartition(".")
+        setattr(_module(model, parent) if parent else model, name, _module(model, src))
+
+
+def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None):
+    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied."""
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(directory) or {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    retie(model, manifest.get("tie_map") or {})
+    return model, manifest

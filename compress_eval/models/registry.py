@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compress_eval.errors import UserError
+from compress_eval.models.checkpoint import load_checkpoint, read_manifest
 from compress_eval.paths import cache_dir
 
 ALIASES: dict[str, str] = {
@@ -177,7 +178,10 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     where = local_path_or_id(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        if source.kind == "local" and read_manifest(where) is not None:
+            model, _ = load_checkpoint(where, dtype=torch_dtype)  # our checkpoint: re-tie shared modules
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     except OSError as exc:
         if source.kind == "hub":
             raise UserError(

@@ -1,0 +1,5 @@
+"""``python -m compress_eval`` is the ``compress-eval`` command."""
+
+from compress_eval.cli.app import main
+
+main()

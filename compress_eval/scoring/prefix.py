@@ -1,0 +1,63 @@
+"""Cached prefix states: the hidden states entering every block, for scoring block removal cheaply.
+
+Blocks before a candidate are unchanged by skipping it, so the score of "model without block i"
+needs only blocks i+1..L-1 run from the cached X_i (the hidden state entering block i), instead of
+a full forward pass. Over all candidates that is about half the naive cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from compress_eval.models.adapters import Adapter, BlockRunner, embed_inputs
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for b in range(0, windows.size(0), batch_size):
+        yield windows[b: b + batch_size]
+
+
+class PrefixStates:
+    """X_0..X_L for every calibration batch: ``states[i][b]`` enters block i (X_L = last block's output).
+
+    ``store`` is where the cache lives (``"cpu"`` keeps GPU memory for the suffix runs on big models);
+    each tensor moves to the model's device only while it is being used.
+    """
+
+    def __init__(self, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8, store: str | None = None):
+        self.adapter = adapter
+        self.device = next(adapter.model.parameters()).device
+        self.store = torch.device(store) if store else self.device
+        self.runner = BlockRunner(adapter, calib.size(1))
+        self.input_ids = list(batches(calib, batch_size))
+        self.states: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_blocks + 1)]
+        with torch.no_grad():
+            for ids in self.input_ids:
+                hidden = embed_inputs(self.adapter, ids.to(self.device))
+                self.states[0].append(hidden.to(self.store))
+                for i in range(adapter.num_blocks):
+                    hidden = self.runner.run_block(i, hidden)
+                    self.states[i + 1].append(hidden.to(self.store))
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.input_ids)
+
+    def entering(self, i: int, b: int) -> torch.Tensor:
+        return self.states[i][b].to(self.device)
+
+    @torch.no_grad()
+    def final_without(self, skip: int, b: int) -> torch.Tensor:
+        """H for batch b with block ``skip`` replaced by the identity, from the cached X_skip."""
+        return self.runner.run(self.entering(skip, b), start=skip + 1)
+
+    def final(self, b: int) -> torch.Tensor:
+        return self.entering(self.adapter.num_blocks, b)
+
+    @torch.no_grad()
+    def score_each_removal(self, score: Callable[[torch.Tensor, int], float]) -> list[float]:
+        """For every block i: sum over batches of ``score(H_without_i, b)``."""
+        return [sum(score(self.final_without(i, b), b) for b in range(self.num_batches))
+                for i in range(self.adapter.num_blocks)]
