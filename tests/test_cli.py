@@ -104,3 +104,16 @@ def test_recipe_file(tiny_model_dir, data_dir, tmp_path):
     result = invoke("compress", "--recipe", recipe, "--out", out)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "compress_eval.json").read_text())["removed_blocks"] == [0]
+
+
+def test_method_flags_become_options():
+    from compress_eval.cli.compress import parse_options
+
+    assert parse_options(["lr=1e-3"], ["--num-merge", "4", "--no-permute", "--anchor=middle", "--untied-export"]) == {
+        "lr": 1e-3, "num_merge": 4, "permute": False, "anchor": "middle", "untied_export": True}
+
+
+def test_unknown_method_flag_is_a_clear_error(tiny_model_dir, data_dir, tmp_path):
+    result = invoke("compress", tiny_model_dir, "--method", "drop", "--blocks", "1", "--bogus-flag", "3",
+                    "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "bogus_flag" in result.stderr

@@ -11,24 +11,50 @@ from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
 
-def parse_options(pairs: list[str] | None) -> dict:
-    """``--set key=value`` pairs into method options (values parsed as YAML scalars)."""
+def scalar(text: str):
+    """A command-line value as int, float (1e-3 included), bool, null, list or string."""
     import yaml
 
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> dict:
+    """Method options from ``--set key=value`` pairs and from method flags (``--num-merge 4``,
+    ``--no-permute``); values are parsed as YAML scalars. Unknown keys are rejected later by the
+    method's own options model, so a typo is an error, not a silent default."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set expects key=value, got {pair!r}")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        options[key.strip().replace("-", "_")] = scalar(value)
+    extra = list(extra or [])
+    while extra:
+        flag = extra.pop(0)
+        if not flag.startswith("--") or len(flag) < 3:
+            raise UserError(f"unexpected argument {flag!r}: method options are --name value or --set name=value")
+        name, sep, value = flag[2:].partition("=")
+        if not sep:
+            if extra and not extra[0].startswith("--"):
+                value = extra.pop(0)
+            elif name.startswith("no-"):
+                name, value = name[3:], "false"
+            else:
+                value = "true"
+        options[name.replace("-", "_")] = scalar(value)
     return options
 
 
 def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                 device, dtype, recipe, options):
+                 device, dtype, recipe, options, extra=None, quantize=None):
     values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
                   calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
-                  dtype=dtype, options=parse_options(options))
+                  dtype=dtype, quantize=quantize, options=parse_options(options, extra))
     if recipe:
         return load_recipe(recipe, **values)
     if method is None:
@@ -43,6 +69,7 @@ def default_out(cfg) -> Path:
 
 @user_errors
 def compress_command(
+    ctx: typer.Context,
     model: str = typer.Argument(None, help="alias, Hub id or local directory (or give it in --recipe)"),
     method: str = typer.Option(None, "--method", "-m", help="compression method (see `compress-eval methods`)"),
     sparsity: float = typer.Option(None, help="fraction of blocks to remove, in (0, 1); rounded up"),
@@ -52,6 +79,7 @@ def compress_command(
     calib_samples: int = typer.Option(None, help="number of calibration windows"),
     seqlen: int = typer.Option(None, help="calibration window length in tokens"),
     seed: int = typer.Option(None),
+    quantize: str = typer.Option(None, help="bitsandbytes stage after the method: int8, nf4 or fp4"),
     out: Path = typer.Option(None, "--out", "-o", help="output directory (must not exist)"),
     recipe: Path = typer.Option(None, help="YAML recipe (CompressConfig keys); flags override it"),
     options: list[str] = typer.Option(None, "--set", help="method option key=value (repeatable)"),
@@ -63,13 +91,17 @@ def compress_command(
     device: str = Device,
     dtype: str = Dtype,
 ) -> None:
-    """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it."""
+    """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it.
+
+    Method options (see `compress-eval methods`) are given as extra flags, e.g. `--num-merge 4
+    --no-permute`, or as `--set key=value`.
+    """
     from compress_eval.cli.evaluate import run_evaluation
     from compress_eval.evaluate import parse_tasks
     from compress_eval.pipeline import compress_to_dir
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                       device, dtype, recipe, options)
+                       device, dtype, recipe, options, ctx.args, quantize)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
     path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
@@ -77,8 +109,11 @@ def compress_command(
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype)
 
 
+METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
 def register(app: typer.Typer) -> None:
-    app.command("compress")(compress_command)
+    app.command("compress", context_settings=METHOD_FLAGS)(compress_command)
     # `run` is the one-command path "model -> leaderboard row": the same steps, named for the product.
-    app.command("run", help="Compress, save and evaluate in one command (same options as compress).")(
-        compress_command)
+    app.command("run", context_settings=METHOD_FLAGS,
+                help="Compress, save and evaluate in one command (same options as compress).")(compress_command)
