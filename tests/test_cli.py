@@ -117,3 +117,12 @@ def test_unknown_method_flag_is_a_clear_error(tiny_model_dir, data_dir, tmp_path
     result = invoke("compress", tiny_model_dir, "--method", "drop", "--blocks", "1", "--bogus-flag", "3",
                     "--out", tmp_path / "o")
     assert result.exit_code == 2 and "bogus_flag" in result.stderr
+
+
+def test_method_none_keeps_every_block(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "dense"
+    result = invoke("compress", tiny_model_dir, "--method", "none", "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    assert manifest["blocks_after"] == manifest["blocks_before"] == 4
+    assert manifest["params_after"] == manifest["params_before"]
