@@ -116,9 +116,9 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
 
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None):
     """(model, manifest) for one of our checkpoint directories, with its tie map re-applied."""
-    from transformers import AutoModelForCausalLM
+    from compress_eval.models.registry import auto_model_class
 
     manifest = read_manifest(directory) or {}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    model = auto_model_class(str(directory)).from_pretrained(directory, dtype=dtype)
     retie(model, manifest.get("tie_map") or {})
     return model, manifest
