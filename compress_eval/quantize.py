@@ -80,6 +80,14 @@ def quantization_kind(model: torch.nn.Module) -> str | None:
     return qc.get("bnb_4bit_quant_type", "fp4") if qc.get("load_in_4bit") else None
 
 
+def require_unquantized(model: torch.nn.Module, name: str = "the model") -> None:
+    """Methods rewrite float weights and quantization is not stackable: quantization comes last."""
+    kind = quantization_kind(model)
+    if kind is not None:
+        raise UserError(f"{name} is already {kind}-quantized: start from the unquantized model and add "
+                        f"--quantize; quantization is the last stage")
+
+
 def check_trainable(model: torch.nn.Module, how: str) -> None:
     """Fine-tuning code calls this first: quantized weights take no gradient steps, only adapters do."""
     kind = quantization_kind(model)
@@ -133,10 +141,7 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
     from compress_eval.models.checkpoint import copies_detached, retie
     from compress_eval.models.registry import auto_model_class
 
-    kind_before = quantization_kind(model)
-    if kind_before is not None:
-        raise UserError(f"the model is already {kind_before}-quantized: start from the unquantized model; "
-                        f"quantization is the last stage")
+    require_unquantized(model)
     tie_map = tie_map or {}
     device, dtype = next(model.parameters()).device, model.dtype
     config = bnb_config(kind, double_quant, compute_dtype, dtype, skip_modules_for(model, tie_map))

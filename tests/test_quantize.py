@@ -127,3 +127,99 @@ def test_quantized_model_is_not_quantized_again_or_fully_fine_tuned():
         check_trainable(quantized, "full")
     check_trainable(quantized, "qlora")
     check_trainable(tiny_model("llama"), "full")
+
+
+# --- the stage in the pipeline and on the command line ---------------------------------------
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from compress_eval.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_dense_nf4_manifest_and_reload(tiny_model_dir, data_dir, tmp_path):
+    import json
+
+    from compress_eval.models.registry import load_model
+
+    out = tmp_path / "out"
+    result = invoke("compress", tiny_model_dir, "--method", "none", "--quantize", "nf4", "--double-quant",
+                    "--compute-dtype", "float32", "--out", out, "--then-eval", "wikitext2", "--eval-seqlen", 16,
+                    "--max-windows", 2)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    quant = manifest["quantization"]
+    assert quant["kind"] == "nf4" and quant["double_quant"] and quant["compute_dtype"] == "float32"
+    assert quant["weight_bytes_after"] < quant["weight_bytes_before"] / 2
+    assert manifest["weight_bytes_after"] == quant["weight_bytes_after"]
+    assert manifest["params_after"] == manifest["params_before"]  # counted before packing
+    assert "quantize" in manifest["timings_s"]
+    assert json.loads((out / "results_ppl.json").read_text())["wikitext2_ppl"]["ppl"] > 1
+    model, _, _ = load_model(str(out), "cpu")
+    assert quantization_kind(model) == "nf4"
+
+
+def test_pipeline_drop_then_int8_reloads_identically(tiny_model_dir, data_dir, tmp_path):
+    from compress_eval.config import make_config
+    from compress_eval.models.registry import load_model
+    from compress_eval.pipeline import compress, save
+
+    cfg = make_config(model=str(tiny_model_dir), method="drop", blocks=[1], quantize="int8")
+    model, tokenizer, manifest, record = compress(cfg, data_dir, log=lambda *_: None)
+    save(model, tokenizer, manifest, record, tmp_path / "out")
+    reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")
+    assert manifest["blocks_after"] == 3 and quantization_kind(reloaded) == "int8"
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+
+
+def test_pipeline_keeps_a_methods_tie_through_quantization(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from compress_eval.config import make_config
+    from compress_eval.methods import registry
+    from compress_eval.methods.base import CompressionRecord, Compressor
+    from compress_eval.models.registry import load_model
+    from compress_eval.pipeline import compress, save
+
+    class ShareMlp(Compressor):
+        """Blocks 1 and 2 share block 1's MLP, as FF merging leaves a window."""
+        name, needs_calibration = "share-mlp", False
+
+        def compress(self, adapter, calib):
+            adapter.blocks[2].mlp = adapter.blocks[1].mlp
+            return CompressionRecord(tie_map={"model.layers.2.mlp": "model.layers.1.mlp"})
+
+    monkeypatch.setitem(registry._REGISTRY, "share-mlp", ShareMlp)
+    cfg = make_config(model=str(tiny_model_dir), method="share-mlp", quantize="nf4")
+    model, tokenizer, manifest, record = compress(cfg, data_dir, log=lambda *_: None)
+    save(model, tokenizer, manifest, record, tmp_path / "out")
+    reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")
+    for m in (model, reloaded):
+        assert m.model.layers[2].mlp is m.model.layers[1].mlp
+        assert type(m.model.layers[1].mlp.up_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "int8", "--double-quant"], "apply to 4-bit quantization only"),
+    (["--compute-dtype", "bfloat16"], "apply to 4-bit quantization only"),
+    (["--quantize", "int4"], "quantize"),
+    (["--quantize", "nf4", "--compute-dtype", "float8"], "compute_dtype"),
+])
+def test_cli_rejects_bad_quantization_flags(flags, message, tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compress", tiny_model_dir, "--method", "none", *flags, "--out", out)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+def test_cli_refuses_to_compress_a_quantized_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    assert invoke("compress", tiny_model_dir, "--method", "none", "--quantize", "int8",
+                  "--out", tmp_path / "q").exit_code == 0
+    result = invoke("compress", tmp_path / "q", "--method", "drop", "--blocks", "1", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "already int8-quantized" in result.stderr
+    assert not (tmp_path / "out").exists()
