@@ -159,7 +159,8 @@ def main() -> None:
     made, missing = make_variants(args.variants, args.model, merge_options, print)
     _, tokenizer, _ = load_model(args.model, "cpu")
     windows = eval_windows(tokenizer, "wikitext2", args.seqlen, max_windows=args.windows or None)
-    checks = {name: reload_check(name, m, tokenizer, man, rec, windows[:1]) for name, (m, man, rec) in made.items()}
+    first = windows[:1, :64]
+    checks = {name: reload_check(name, m, tokenizer, man, rec, first) for name, (m, man, rec) in made.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
