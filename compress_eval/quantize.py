@@ -14,13 +14,10 @@ import logging
 import re
 import tempfile
 import time
-from typing import Literal
-
 import torch
 
 from compress_eval.errors import UserError
 
-Kind = Literal["int8", "nf4", "fp4"]
 KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,12 +33,8 @@ def compute_dtype_of(name: str | torch.dtype | None, model_dtype: torch.dtype) -
     return COMPUTE_DTYPES[name]
 
 
-def check_options(kind: str | None, double_quant: bool = False, compute_dtype: str | None = None) -> None:
+def check_options(kind: str, double_quant: bool = False, compute_dtype: str | None = None) -> None:
     """Reject option combinations bitsandbytes would ignore or refuse, naming the fix."""
-    if kind is None:
-        if double_quant or compute_dtype is not None:
-            raise UserError("--double-quant / --compute-dtype need --quantize nf4 or fp4")
-        return
     if kind not in KINDS:
         raise UserError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "int8" and (double_quant or compute_dtype is not None):

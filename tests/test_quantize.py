@@ -114,7 +114,6 @@ def test_int8_fp16_cast_warning_is_logged_once_not_per_matmul(caplog):
 @pytest.mark.parametrize("args, words", [
     (("int8", True, None), "4-bit only"),
     (("int8", False, "bfloat16"), "4-bit only"),
-    ((None, True, None), "need --quantize"),
     (("int4", False, None), "unknown quantization"),
 ])
 def test_bad_option_combinations(args, words):
