@@ -132,7 +132,7 @@ def row_cells(board: Board, i: int) -> list[str]:
     run = board.rows[i]
     megabytes = run.bytes_after / 1e6
     return [run.model, method_text(run), sparsity_text(run), f"{100 * run.params_kept:.1f}%",
-            f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.3g}"] + [metric_text(board, i, m) for m in board.metrics]
+            f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.2f}"] + [metric_text(board, i, m) for m in board.metrics]
 
 
 def markdown(board: Board) -> str:
