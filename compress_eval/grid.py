@@ -101,7 +101,7 @@ class Cell:
         amount = (f"s{cfg.sparsity:g}" if cfg.sparsity is not None else f"n{cfg.num_blocks}"
                   if cfg.num_blocks is not None else "b" + "-".join(map(str, cfg.blocks)) if cfg.blocks else "")
         parts = [Path(cfg.model).name, self.label, amount, self.key]
-        return "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", p).strip("-") for p in parts if p)
+        return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p)
 
     def record(self) -> dict:
         """What ``batch`` writes to the run's cell.json (the leaderboard takes the label from it)."""
