@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -200,6 +201,14 @@ def test_two_batch_processes_on_one_runs_dir(tiny_model_dir, data_dir, tmp_path)
     cells = smoke_cells(tiny_model_dir)
     assert sum(out.count("compressing /") for out in outputs) == 3  # each cell compressed once
     assert finished(runs, cells)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")
+def test_make_batch_has_one_target_per_cell(tiny_model_dir, tmp_path):
+    dry = subprocess.run(["make", "-n", "-j", "2", "batch", f"MODELS={tiny_model_dir}", f"RUNS={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    cells = [line.split("--cell ")[1] for line in dry.stdout.splitlines() if "--cell " in line]
+    assert dry.returncode == 0 and cells == [c.name for c in smoke_cells(tiny_model_dir)]
 
 
 def test_cli_lists_cells_and_rejects_unknown_cell(tiny_model_dir):

@@ -52,9 +52,10 @@ if (wanted) sortTable(board, parseInt(wanted[2], 10), wanted[1] === "-");
 
 
 def sort_values(board: Board, i: int) -> list[str | None]:
-    """Numbers the script sorts by (None: sort by the cell's text)."""
+    """Numbers the script sorts by (None: sort by the cell's text; "": no value, sorted last)."""
     run = board.rows[i]
-    values = [None, None, 0.0 if run.reference else run.sparsity, run.params_kept, run.bytes_after]
+    sparsity = 0.0 if run.reference else ("" if run.sparsity is None else run.sparsity)
+    values = [None, None, sparsity, run.params_kept, run.bytes_after]
     values += [shown(m, run.metrics[m]) if m in run.metrics else "" for m in board.metrics]
     return values
 
