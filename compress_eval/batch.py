@@ -33,19 +33,21 @@ class Outcome:
 
 def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=print) -> Outcome:
     """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
+    from compress_eval import pipeline
     from compress_eval.cli.evaluate import run_evaluation
-    from compress_eval.pipeline import compress_to_dir
+    from compress_eval.evaluate import parse_tasks
 
     run_dir = runs_dir / cell.name
     with store.run_lock(runs_dir, cell.name, wait) as held:
         if not held:
             return Outcome(cell.name, cell.label, "busy")
         try:
+            parse_tasks(list(cell.tasks))  # an unknown task fails the cell before its compression
             store.remove_stale_temp_dirs(runs_dir, cell.name)
             compressed = not (run_dir / MANIFEST).exists()
             if compressed:
                 log(f"[{cell.name}] compressing")
-                compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
+                pipeline.compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
             if not (run_dir / store.CELL_FILE).exists():
                 store.write_json_atomic(run_dir / store.CELL_FILE, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]

@@ -151,6 +151,11 @@ def test_a_bad_cell_fails_alone(tiny_model_dir, data_dir, tmp_path):
     assert result.exit_code == 1 and "1 of 2 cells failed" in result.stderr
     outcomes = run_cells(expand(load_grid(path)), tmp_path / "runs")
     assert [o.status for o in outcomes] == ["skipped", "failed"] and "unknown method" in outcomes[1].message
+    g = load_grid(path)
+    g.tasks = ["wikitext2", "nosuchtask"]
+    outcomes = run_cells(expand(g)[:1], tmp_path / "runs2")
+    assert outcomes[0].status == "failed" and "unknown task" in outcomes[0].message
+    assert not (tmp_path / "runs2" / outcomes[0].cell).exists()  # refused before compressing
 
 
 def test_concurrent_batches_in_threads_write_each_cell_once(tiny_model_dir, data_dir, tmp_path, monkeypatch):
