@@ -67,10 +67,13 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=
             return Outcome(cell.name, cell.label, "failed", f"{type(exc).__name__}: {exc}")
 
 
-def _limit_threads(threads: int) -> None:
+def _init_worker(threads: int) -> None:
+    """A worker process: its share of the cores, and no transformers progress bars (as the CLI)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
 
 
 def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1, log=print) -> list[Outcome]:
@@ -82,7 +85,7 @@ def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1, l
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_limit_threads, initargs=(threads,)) as pool:
+                                         initializer=_init_worker, initargs=(threads,)) as pool:
             outcomes = list(pool.map(run_cell, cells, [runs_dir] * len(cells), [data_dir] * len(cells)))
     by_name = {c.name: c for c in cells}
     for i, outcome in enumerate(outcomes):

@@ -194,6 +194,13 @@ def test_a_busy_cell_is_waited_for(tiny_model_dir, data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_jobs_run_cells_in_worker_processes(tiny_model_dir, data_dir, tmp_path):
+    runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)
+    assert [o.status for o in run_cells(cells, runs, jobs=2)] == ["ran"] * 3
+    assert finished(runs, cells)
+
+
+@pytest.mark.slow
 def test_two_batch_processes_on_one_runs_dir(tiny_model_dir, data_dir, tmp_path):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "compress_eval", "batch", str(SMOKE), "--models", str(tiny_model_dir),
