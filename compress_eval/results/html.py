@@ -67,7 +67,9 @@ def cell_html(text: str, value) -> str:
 
 
 def render(board: Board, runs_dir: Path, plot: str | None) -> str:
-    head = HEAD + [metric_title(m) + (" ↓" if is_ppl(m) else " ↑") for m in board.metrics]
+    hints = [""] * len(HEAD) + ["lower is better" if is_ppl(m) else "higher is better" for m in board.metrics]
+    head = "".join(f'<th title="{hint}">{escape(h)}</th>' if hint else f"<th>{escape(h)}</th>"
+                   for h, hint in zip(HEAD + [metric_title(m) for m in board.metrics], hints))
     rows = []
     for i, run in enumerate(board.rows):
         cells = "".join(cell_html(t, v) for t, v in zip(row_cells(board, i), sort_values(board, i)))
@@ -82,7 +84,7 @@ def render(board: Board, runs_dir: Path, plot: str | None) -> str:
 <p class="muted">{len(board.rows)} runs from <code>{escape(str(runs_dir))}</code>, {created}.
 Deltas in parentheses are against the dense reference (bold) of the same model, measured the same way.
 Click a column to sort.</p>
-<table id="board"><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr></thead>
+<table id="board"><thead><tr>{head}</tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else ""}
 {f'<h2>Pareto plot</h2><img src="{escape(plot)}" alt="quality vs size" style="max-width:100%">' if plot else ""}
