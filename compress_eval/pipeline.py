@@ -87,7 +87,7 @@ def save(model, tokenizer, manifest: dict, record, out: str | Path) -> Path:
     out = Path(out)
     start = time.perf_counter()
     with checkpoint.atomic_output_dir(out) as tmp:
-        checkpoint.save_model_files(model, tokenizer, tmp)
+        checkpoint.save_model_files(model, tokenizer, tmp, record.tie_map)
         for name, content in record.artifacts.items():
             (tmp / name).write_bytes(content)
         (tmp / "recipe.yaml").write_text(manifest["recipe"])

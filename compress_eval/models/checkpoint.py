@@ -96,9 +96,17 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise UserError(f"corrupt manifest {path}: {exc}; re-run the compression") from exc
 
 
-def save_model_files(model, tokenizer, directory: Path) -> None:
-    """Weights as safetensors (never pickle), config, generation config and tokenizer."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
+    """Weights as safetensors (never pickle), config, generation config and tokenizer.
+
+    Modules in ``tie_map`` share another module's tensors: only the module they map to is written
+    (safetensors refuses shared storage, and one copy is the point); the loader re-ties them.
+    """
+    state_dict = None
+    if tie_map:
+        prefixes = tuple(f"{path}." for path in tie_map)
+        state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
