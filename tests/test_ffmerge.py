@@ -99,6 +99,11 @@ def test_merge_ties_one_module_and_records_the_search(family, permute):
     assert torch.isfinite(model(input_ids=calib(1)).logits).all()
 
 
+def test_window_stride_scores_every_nth_start():
+    record = merge(tiny_model("llama"), num_merge=1, window_stride=2)
+    assert [c["window"] for c in record.details["candidates"]] == [[0, 1], [2, 3]]
+
+
 def test_permuting_beats_vanilla_on_matched_correlation():
     model = tiny_model("llama")
     perm = merge(model, window="1-3", permute=True).details["mean_matched_correlation"]

@@ -104,6 +104,11 @@ def correlation(za: torch.Tensor, zb: torch.Tensor, chunk: int = 4096) -> torch.
     return c / max(n - 1, 1)
 
 
+def identity_correlation(za: torch.Tensor, zb: torch.Tensor) -> float:
+    """Mean correlation of neuron a with neuron a (the unaligned pairing), without the d x d matrix."""
+    return float((za.float() * zb.float()).sum(0).mean() / max(za.size(0) - 1, 1))
+
+
 def match_neurons(corr: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The permutation pi maximising sum_a C[a, pi(a)] and the mean matched correlation.
 

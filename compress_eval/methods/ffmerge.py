@@ -36,6 +36,7 @@ class MergeOptions(RecoveryOptions):
     features: Literal["product", "up"] = Field(
         "product", description="SwiGLU neuron features: act(gate)*up (paper appendix) or up_proj output (code)")
     window: str = Field("auto", description="'auto' (sliding-window search) or first-last layer, e.g. 10-16")
+    window_stride: int = Field(1, ge=1, description="score every n-th start of the sliding search (1: all)")
     feature_tokens: int = Field(10_000, ge=2, description="calibration tokens for the neuron correlations")
     score_samples: int | None = Field(None, ge=1, description="calibration windows scoring each candidate (default all)")
     cka_tokens: int = Field(1024, ge=2, description="tokens for the FF-output CKA chart")
@@ -91,11 +92,11 @@ def align_window(features: alignment.FFFeatures, layers: range, anchor: int, per
         if j == anchor:
             plan[j] = (None, 1.0)
             continue
-        corr = alignment.correlation(features.hidden[anchor], features.hidden[j])
+        za, zb = features.hidden[anchor], features.hidden[j]
         if permute:
-            plan[j] = alignment.match_neurons(corr)
-        else:  # vanilla: neurons paired by index; report the same quality measure for comparison
-            plan[j] = (None, float(corr.diagonal().mean()))
+            plan[j] = alignment.match_neurons(alignment.correlation(za, zb))
+        else:  # vanilla: neurons paired by index; the same quality measure, for comparison
+            plan[j] = (None, alignment.identity_correlation(za, zb))
     return plan
 
 
@@ -162,7 +163,7 @@ class MergeFF(Compressor):
         n = adapter.num_blocks
         size = o.window_size(n)
         if o.window == "auto":
-            starts = list(range(n - size + 1))
+            starts = list(range(0, n - size + 1, o.window_stride))
         else:
             starts = [int(o.window.split("-")[0])]
             if starts[0] + size > n:

@@ -127,6 +127,32 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
     manifest = read_manifest(directory) or {}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    retie(model, manifest.get("tie_map") or {})
+    tie_map = manifest.get("tie_map") or {}
+    if not tie_map:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    else:
+        model = _load_without_tied_copies(directory, dtype, tie_map)
+    retie(model, tie_map)
     return model, manifest
+
+
+def _load_without_tied_copies(directory, dtype, tie_map: dict[str, str]):
+    """from_pretrained without transformers' "MISSING" report for the tied copies that are absent
+    on purpose; any other missing tensor is still reported."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    prefixes = tuple(f"{path}." for path in tie_map)
+    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
+    if missing:
+        logging.getLogger(__name__).warning("checkpoint %s lacks %d tensors (newly initialized): %s",
+                                            directory, len(missing), ", ".join(missing[:5]))
+    return model
