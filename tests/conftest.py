@@ -34,19 +34,28 @@ def tiny_config(family: str):
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=8,
                                    sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common, eos_token_id=0, pad_token_id=0)
+    if family == "llava":
+        vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)
+        return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**common), image_token_index=VOCAB - 1)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "olmo", "gemma3_text", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava"]
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    auto = AutoModelForImageTextToText if family == "llava" else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(family), dtype=torch.float32)
     return model.eval()
 
 

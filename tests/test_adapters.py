@@ -33,10 +33,10 @@ def test_remove_blocks_then_forward_generate_and_reload(family, tmp_path):
     out_nocache = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(out, out_nocache)
 
-    from transformers import AutoModelForCausalLM
+    from compress_eval.models.registry import auto_model_class
 
     model.save_pretrained(tmp_path / "m")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    reloaded = auto_model_class(str(tmp_path / "m")).from_pretrained(tmp_path / "m").eval()
     assert get_adapter(reloaded).num_blocks == 2
     assert (reloaded(ids).logits - logits).abs().max().item() == 0.0
 

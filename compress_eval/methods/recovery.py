@@ -19,6 +19,7 @@ from torch import nn
 
 from compress_eval.config import MethodOptions
 from compress_eval.errors import UserError
+from compress_eval.quantize import check_trainable
 
 # Paper defaults: lr 5e-5 for full fine-tunes (GPT-2, ViT, MT), 5e-4 for (Q)LoRA (OLMo-7B).
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "qlora": 5e-4}
@@ -58,10 +59,17 @@ def inverse_sqrt_schedule(step: int, warmup: int) -> float:
 
 
 def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
-    """Replace every ``nn.Linear`` (except ``skip``) by a bitsandbytes nf4 Linear4bit with double
-    quantization, in place. Shared modules are converted once and stay shared. Returns the count."""
+    """Replace every linear (GPT-2's Conv1D too; not ``skip``) by a bitsandbytes Linear4bit in
+    place, with the QLoRA settings of the quantization stage's ``bnb_config("nf4", double_quant)``.
+
+    In place rather than the stage's save-and-reload, so modules shared by a tie stay one module
+    and each is quantized once. Returns the number of linears converted.
+    """
     import bitsandbytes as bnb
 
+    from compress_eval.quantize import bnb_config
+
+    config = bnb_config("nf4", double_quant=True, model_dtype=next(model.parameters()).dtype)
     count = 0
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -70,10 +78,12 @@ def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
                 continue
             weight = child.weight.data.t() if conv1d else child.weight.data  # as (out, in)
             q = bnb.nn.Linear4bit(weight.size(1), weight.size(0), bias=child.bias is not None,
-                                  compute_dtype=weight.dtype, quant_type="nf4", compress_statistics=True,
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(weight.contiguous().to("cpu"), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+                                  compute_dtype=config.bnb_4bit_compute_dtype,
+                                  quant_type=config.bnb_4bit_quant_type,
+                                  compress_statistics=config.bnb_4bit_use_double_quant, device="meta")
+            q.weight = bnb.nn.Params4bit(weight.contiguous().to("cpu"), requires_grad=False,
+                                         quant_type=config.bnb_4bit_quant_type,
+                                         compress_statistics=config.bnb_4bit_use_double_quant)
             q.was_conv1d = conv1d
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
@@ -138,6 +148,7 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     if options.recover == "none":
         return {}
     mode = options.recover
+    check_trainable(model, mode)
     lr = options.recover_lr or DEFAULT_LR[mode]
     sequences = training_sequences(windows, options.recover_seqlen)
     device = next(model.parameters()).device

@@ -96,17 +96,24 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise UserError(f"corrupt manifest {path}: {exc}; re-run the compression") from exc
 
 
-def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
-    """Weights as safetensors (never pickle), config, generation config and tokenizer.
+@contextlib.contextmanager
+def copies_detached(model: torch.nn.Module, tie_map: dict[str, str]):
+    """Within the block, each tie-map copy is an empty module, so a save stores a tied module once
+    (safetensors refuses shared storage, and a quantized model's save ignores a given state dict);
+    the sharing is restored on exit, as ``retie`` restores it on load."""
+    for dst in tie_map:
+        parent, _, name = dst.rpartition(".")
+        setattr(_module(model, parent) if parent else model, name, torch.nn.Module())
+    try:
+        yield model
+    finally:
+        retie(model, tie_map)
 
-    Modules in ``tie_map`` share another module's tensors: only the module they map to is written
-    (safetensors refuses shared storage, and one copy is the point); the loader re-ties them.
-    """
-    state_dict = None
-    if tie_map:
-        prefixes = tuple(f"{path}." for path in tie_map)
-        state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+
+def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
+    """Weights as safetensors (never pickle), config, generation config and tokenizer."""
+    with copies_detached(model, tie_map or {}):
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -122,32 +129,32 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         setattr(_module(model, parent) if parent else model, name, _module(model, src))
 
 
-def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None):
-    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied."""
-    from transformers import AutoModelForCausalLM
+def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied.
+    A bitsandbytes checkpoint is loaded straight onto ``device`` (its weights cannot be cast)."""
+    from compress_eval.models.registry import auto_model_class
 
     manifest = read_manifest(directory) or {}
     tie_map = manifest.get("tie_map") or {}
-    if not tie_map:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    else:
-        model = _load_without_tied_copies(directory, dtype, tie_map)
+    placement = {"device_map": {"": device}} if manifest.get("quantization") and device else {}
+    model = _from_pretrained(auto_model_class(str(directory)), directory, tie_map, dtype=dtype, **placement)
     retie(model, tie_map)
     return model, manifest
 
 
-def _load_without_tied_copies(directory, dtype, tie_map: dict[str, str]):
-    """from_pretrained without transformers' "MISSING" report for the tied copies that are absent
-    on purpose; any other missing tensor is still reported."""
+def _from_pretrained(cls, directory, tie_map: dict[str, str], **kwargs):
+    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
+    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
+    if not tie_map:
+        return cls.from_pretrained(directory, **kwargs)
     import logging
 
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
     prefixes = tuple(f"{path}." for path in tie_map)

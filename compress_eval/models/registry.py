@@ -168,9 +168,20 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return table[name]
 
 
+MULTIMODAL = ("llava", "gemma3")  # compressed through their language model; loaded with their own class
+
+
+def auto_model_class(where: str):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for LLaVA-style models."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    model_type = getattr(AutoConfig.from_pretrained(where), "model_type", None)
+    return AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
+
+
 def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None):
     """Load (model, tokenizer, source) for a name; the model is in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = resolve(name)
     device = device or default_device()
@@ -179,9 +190,9 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         if source.kind == "local" and read_manifest(where) is not None:
-            model, _ = load_checkpoint(where, dtype=torch_dtype)  # our checkpoint: re-tie shared modules
+            model, _ = load_checkpoint(where, dtype=torch_dtype, device=device)  # our checkpoint: re-tie shared modules
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+            model = auto_model_class(where).from_pretrained(where, dtype=torch_dtype)
     except OSError as exc:
         if source.kind == "hub":
             raise UserError(
