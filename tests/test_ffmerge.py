@@ -224,3 +224,19 @@ def test_cli_merge_writes_tied_checkpoint_and_charts(tiny_model_dir, data_dir, t
     bad = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "merge", "--num-merge", "4",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "impossible" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_merge_then_int8_keeps_one_quantized_copy(tiny_model_dir, data_dir, tmp_path):
+    """The paper's LLM.int8() combination: --quantize int8 after merging."""
+    out = tmp_path / "merged-int8"
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "merge", "--window", "1-2",
+                                      "--calib-samples", "2", "--seqlen", "16", "--quantize", "int8",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    assert manifest["quantization"]["kind"] == "int8" and manifest["tie_map"]
+    model, _ = load_checkpoint(out, device="cpu")
+    adapter = get_adapter(model)
+    assert adapter.mlp(adapter.blocks[1]) is adapter.mlp(adapter.blocks[2])
+    assert type(adapter.linear(adapter.blocks[1], "up")).__name__ == "Linear8bitLt"
+    assert torch.isfinite(model(input_ids=calib(1)).logits).all()
