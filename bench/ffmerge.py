@@ -7,7 +7,7 @@ Budget run (CPU, what bench/results/ffmerge_smollm2.* holds):
 Full grid (the paper's scale: ~10k feature tokens, every window scored on 8 x 512 calibration
 tokens, evaluation on 2048-token windows, a longer recovery; needs a GPU):
     python3 bench/ffmerge.py --feature-tokens 10240 --calib-samples 200 --seqlen 512 \
-        --score-samples 8 --window-stride 1 --eval-seqlen 2048 --eval-windows 0 --recover-steps 200 --recover-batch-size 4
+        --score-samples 8 --window-stride 1 --eval-seqlen 2048 --eval-windows 0 --recover-steps 200 --recover-batch-size 4 --recover-dense
 
 Rows: dense; merge (permute) and merge (vanilla) with a sliding-window search over every start;
 drop-window (the paper's layer-pruning baseline: every window of n consecutive blocks scored on
@@ -79,16 +79,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--fractions", type=float, nargs="+", default=[1 / 3, 1 / 2])
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (recovery uses all)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows (recovery uses all)")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--feature-tokens", type=int, default=2048)
     p.add_argument("--score-samples", type=int, default=2, help="calibration windows scoring each candidate")
     p.add_argument("--window-stride", type=int, default=2, help="score every n-th window start (merge and drop)")
     p.add_argument("--eval-seqlen", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=8, help="0: every window")
+    p.add_argument("--eval-windows", type=int, default=4, help="0: every window")
     p.add_argument("--recover", default="lora")
-    p.add_argument("--recover-steps", type=int, default=16)
+    p.add_argument("--recover-steps", type=int, default=8)
     p.add_argument("--recover-batch-size", type=int, default=1)
+    p.add_argument("--recover-dense", action="store_true", help="also fine-tune the dense model (a control)")
     p.add_argument("--tag", default="smollm2")
     args = p.parse_args()
     started = time.perf_counter()
@@ -104,21 +105,24 @@ def main() -> None:
         r = {f"{d}_ppl": round(perplexity(model, w).ppl, 3) for d, w in test.items()}
         return {**r, "eval_windows": test["wikitext2"].size(0), "eval_s": round(time.perf_counter() - t, 1)}
 
-    def record_rows(variant, fraction, model, tok, calib, nbytes, compress_s, extra):
+    def record_rows(variant, fraction, model, tok, calib, nbytes, compress_s, extra, recover=True):
         base = {"variant": variant, "ff_fraction": fraction, "params": checkpoint.parameter_count(model),
                 "checkpoint_bytes": nbytes, "compress_s": compress_s, **extra}
         rows.append({**base, "stage": "compressed", **evaluate(model, tok)})
         print(json.dumps(rows[-1]), flush=True)
+        write(args, rows, started, done=False)
+        if not recover:
+            return
         t = time.perf_counter()
         summary = fine_tune(model, calib, recovery, log=print)
         rows.append({**base, "stage": f"+{args.recover} {args.recover_steps} steps", "recover_s":
                      round(time.perf_counter() - t, 1), "loss_first_last": [summary["loss_first"],
                      summary["loss_last"]], **evaluate(model, tok)})
         print(json.dumps(rows[-1]), flush=True)
+        write(args, rows, started, done=False)
 
     calib = calibration_windows(tok, "wikitext2", args.calib_samples, args.seqlen, 0)
-    record_rows("dense", 0, model, tok, calib, checkpoint_bytes(model, tok), 0, {})
-    dense_params = rows[0]["params"]
+    record_rows("dense", 0, model, tok, calib, checkpoint_bytes(model, tok), 0, {}, recover=args.recover_dense)
 
     for fraction in args.fractions:
         ff_removed = None
@@ -149,23 +153,32 @@ def main() -> None:
         record_rows("drop-window", fraction, model, tok, calib, checkpoint_bytes(model, tok), compress_s,
                     {"window": [best, best + n - 1], "blocks_removed": n, "candidates": scores})
 
+    write(args, rows, started, done=True)
+
+
+def write(args, rows, started, done: bool) -> None:
+    """Results so far (rewritten after every row, so a cut-off run still leaves its table)."""
+    dense_params = rows[0]["params"]
     for r in rows:
         r["param_reduction_pct"] = round(100 * (1 - r["params"] / dense_params), 2)
-    out = {"model": args.model, "device": "cpu", "args": vars(args), "total_s": round(time.perf_counter() - started),
-           "cuts": "budget run: see --help for the full grid; features on --feature-tokens tokens, each candidate "
+    out = {"model": args.model, "device": "cpu", "args": vars(args), "complete": done,
+           "total_s": round(time.perf_counter() - started),
+           "cuts": "budget run: see --help for the full grid; features on --feature-tokens tokens, "
                    "every --window-stride-th window start scored on --score-samples calibration windows, "
-                   "ppl on the first --eval-windows windows "
-                   "of --eval-seqlen tokens (not the papers' 2048-token protocol), a short recovery",
+                   "ppl on the first --eval-windows windows of --eval-seqlen tokens (not the papers' "
+                   "2048-token protocol), a short recovery",
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ffmerge_{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"ffmerge_{args.tag}.md").write_text(markdown(out))
-    print(markdown(out))
+    if done:
+        print(markdown(out))
 
 
 def markdown(out: dict) -> str:
     a = out["args"]
-    lines = [f"# FF-sublayer merging on {out['model']} ({out['device']}, {out['total_s']} s total)", "",
+    status = "" if out["complete"] else " (INCOMPLETE: run cut off)"
+    lines = [f"# FF-sublayer merging on {out['model']} ({out['device']}, {out['total_s']} s total){status}", "",
              f"Calibration: {a['calib_samples']} x {a['seqlen']} WikiText-2 validation tokens (features on the first "
              f"{a['feature_tokens']}; window starts 0, {a['window_stride']}, {2 * a['window_stride']}, ... scored on "
              f"{a['score_samples']} windows); recovery: "

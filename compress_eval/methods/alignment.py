@@ -95,13 +95,15 @@ def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "prod
     return FFFeatures(hidden=standardized, outputs=[torch.cat(o)[:output_tokens] for o in outputs])
 
 
-def correlation(za: torch.Tensor, zb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """C_ab = cov(a, b) / (std_a std_b) from standardized features (tokens, d): a (d, d) matrix."""
+def correlation(za: torch.Tensor, zb: torch.Tensor, device: torch.device | str | None = None,
+                chunk: int = 4096) -> torch.Tensor:
+    """C_ab = cov(a, b) / (std_a std_b) from standardized features (tokens, d): a (d, d) matrix on
+    the CPU, computed on ``device`` (the model's: 10k x 11008 features are TFLOPs per pair)."""
     n = za.size(0)
-    c = torch.zeros(za.size(1), zb.size(1))
+    c = torch.zeros(za.size(1), zb.size(1), device=device)
     for s in range(0, n, chunk):
-        c += za[s: s + chunk].float().T @ zb[s: s + chunk].float()
-    return c / max(n - 1, 1)
+        c += za[s: s + chunk].to(device).float().T @ zb[s: s + chunk].to(device).float()
+    return (c / max(n - 1, 1)).cpu()
 
 
 def identity_correlation(za: torch.Tensor, zb: torch.Tensor) -> float:

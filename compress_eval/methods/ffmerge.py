@@ -85,7 +85,7 @@ def anchor_index(first: int, size: int, anchor: str) -> int:
     return {"first": first, "middle": first + (size - 1) // 2, "last": first + size - 1}[anchor]
 
 
-def align_window(features: alignment.FFFeatures, layers: range, anchor: int, permute: bool):
+def align_window(features: alignment.FFFeatures, layers: range, anchor: int, permute: bool, device=None):
     """Per layer of the window: (permutation onto the anchor or None, mean matched correlation)."""
     plan = {}
     for j in layers:
@@ -94,7 +94,7 @@ def align_window(features: alignment.FFFeatures, layers: range, anchor: int, per
             continue
         za, zb = features.hidden[anchor], features.hidden[j]
         if permute:
-            plan[j] = alignment.match_neurons(alignment.correlation(za, zb))
+            plan[j] = alignment.match_neurons(alignment.correlation(za, zb, device))
         else:  # vanilla: neurons paired by index; the same quality measure, for comparison
             plan[j] = (None, alignment.identity_correlation(za, zb))
     return plan
@@ -168,12 +168,13 @@ class MergeFF(Compressor):
             starts = [int(o.window.split("-")[0])]
             if starts[0] + size > n:
                 raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
+        device = next(adapter.model.parameters()).device
         features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
         scorer = WindowScorer(adapter, calib[: o.score_samples])
         candidates, best = [], None
         for s in starts:
             layers = range(s, s + size)
-            plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute)
+            plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute, device)
             ppl = scorer.ppl(layers, merged_ff(adapter, layers, plan))
             candidates.append({"window": [s, s + size - 1], "calib_ppl": round(ppl, 4)})
             if best is None or ppl < best[0]:
