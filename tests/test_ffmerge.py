@@ -208,6 +208,7 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="--num-merge K"):
         MergeOptions()
     assert MergeOptions(ff_fraction=1 / 3).window_size(30) == 11
+    assert MergeOptions(ff_fraction="1/2").window_size(30) == 16
     assert MergeOptions(window="10-16").window_size(30) == 7
 
 

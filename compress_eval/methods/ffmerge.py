@@ -42,6 +42,15 @@ class MergeOptions(RecoveryOptions):
     cka_tokens: int = Field(1024, ge=2, description="tokens for the FF-output CKA chart")
     untied_export: bool = Field(False, description="store every layer's copy (plain checkpoint for --model hf)")
 
+    @field_validator("ff_fraction", mode="before")
+    @classmethod
+    def _fraction_syntax(cls, v):
+        """Accept 1/3 as well as 0.333 (the paper states its ratios as fractions)."""
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*/\s*\d+\s*", v):
+            num, den = (int(x) for x in v.split("/"))
+            return num / den if den else v
+        return v
+
     @field_validator("window")
     @classmethod
     def _window_syntax(cls, v):
