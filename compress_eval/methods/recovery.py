@@ -34,11 +34,11 @@ class RecoveryOptions(MethodOptions):
     recover_lr: float | None = Field(None, gt=0, description="peak learning rate (default 5e-5 full, 5e-4 LoRA)")
     recover_seqlen: int | None = Field(None, ge=2, description="tokens per training sequence (default: calibration seqlen)")
     recover_batch_size: int = Field(1, ge=1, description="sequences per step")
-    recover_weight_decay: float = Field(0.01, ge=0)
+    recover_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then 1/sqrt decay)")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.2, ge=0, lt=1)
+    lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
+    lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
 
 
 def training_sequences(windows: torch.Tensor, seqlen: int | None) -> torch.Tensor:
