@@ -43,13 +43,18 @@ def _figure(size):
 
 def render_window_scores(candidates: list[dict], chosen: list[int]) -> bytes:
     """Calibration perplexity after merging, per candidate window (by its first layer)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _figure((6, 3.2))
     starts = [c["window"][0] for c in candidates]
-    ax.plot(starts, [c["calib_ppl"] for c in candidates], marker="o")
+    ppl = [c["calib_ppl"] for c in candidates]
+    ax.plot(starts, ppl, marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axvline(chosen[0], color="tab:red", linestyle="--", label=f"chosen {chosen[0]}-{chosen[1]}")
     ax.set_xlabel("first layer of the merged window")
     ax.set_ylabel("calibration perplexity")
-    ax.set_yscale("log")
+    if max(ppl) > 10 * min(ppl):
+        ax.set_yscale("log")
     ax.legend()
     return _png(fig)
 
