@@ -39,6 +39,9 @@ class CompressConfig(BaseModel):
     device: str | None = None
     dtype: str | None = None
     quantize: Literal["int8", "nf4", "fp4"] | None = None
+    double_quant: bool = Field(False, description="4-bit: quantize the block scales too (QLoRA)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit matmul dtype; default the model's dtype")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("sparsity")
@@ -53,6 +56,13 @@ class CompressConfig(BaseModel):
         given = [x is not None for x in (self.sparsity, self.num_blocks, self.blocks)]
         if sum(given) > 1:
             raise ValueError("give only one of sparsity, num_blocks, blocks")
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_options(self):
+        if (self.double_quant or self.compute_dtype is not None) and self.quantize not in ("nf4", "fp4"):
+            raise ValueError("double_quant / compute_dtype apply to 4-bit quantization only: "
+                             "add --quantize nf4 (or fp4), or drop them")
         return self
 
     def blocks_to_remove(self, num_layers: int) -> int:

@@ -19,6 +19,7 @@ from compress_eval.methods.registry import get_method
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.registry import load_model
+from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 
 
 def peak_rss_mb() -> float:
@@ -42,9 +43,12 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     """Compress ``cfg.model`` in memory. Returns (model, tokenizer, manifest)."""
     timer = Timer()
     method = get_method(cfg)  # validates the method and its options before any heavy work
+    if cfg.quantize:
+        bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?
     torch.manual_seed(cfg.seed)
     with timer.step("load"):
         model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype)
+    require_unquantized(model, cfg.model)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
@@ -56,6 +60,14 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     log(f"compressing {cfg.model} ({blocks_before} blocks) with {cfg.method}")
     with timer.step("compress"):
         record = method.compress(adapter, calib)
+    blocks_after, params_after = adapter.num_blocks, checkpoint.parameter_count(model)  # packed 4-bit would halve it
+    weight_bytes_after, quantization = checkpoint.weight_bytes(model), None
+    if cfg.quantize:
+        log(f"quantizing to {cfg.quantize} with bitsandbytes")
+        with timer.step("quantize"):
+            model, quantization = quantize_model(model, cfg.quantize, cfg.double_quant, cfg.compute_dtype,
+                                                 record.tie_map)
+        weight_bytes_after = quantization["weight_bytes_after"]  # scales and codebooks included
     manifest = {
         "format": checkpoint.FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -66,13 +78,14 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
         "recipe": dump_recipe(cfg),
         "seed": cfg.seed,
         "blocks_before": blocks_before,
-        "blocks_after": adapter.num_blocks,
+        "blocks_after": blocks_after,
         "removed_blocks": record.removed_blocks,
         "tie_map": record.tie_map,
         "params_before": params_before,
-        "params_after": checkpoint.parameter_count(model),
+        "params_after": params_after,
         "weight_bytes_before": bytes_before,
-        "weight_bytes_after": checkpoint.weight_bytes(model),
+        "weight_bytes_after": weight_bytes_after,
+        "quantization": quantization,
         "details": record.details,
         "timings_s": timer.seconds,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -87,7 +100,7 @@ def save(model, tokenizer, manifest: dict, record, out: str | Path) -> Path:
     out = Path(out)
     start = time.perf_counter()
     with checkpoint.atomic_output_dir(out) as tmp:
-        checkpoint.save_model_files(model, tokenizer, tmp)
+        checkpoint.save_model_files(model, tokenizer, tmp, manifest["tie_map"])
         for name, content in record.artifacts.items():
             (tmp / name).write_bytes(content)
         (tmp / "recipe.yaml").write_text(manifest["recipe"])

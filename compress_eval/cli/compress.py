@@ -51,10 +51,11 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
 
 
 def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                 device, dtype, recipe, options, extra=None, quantize=None):
+                 device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None):
     values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
                   calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
-                  dtype=dtype, quantize=quantize, options=parse_options(options, extra))
+                  dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
+                  options=parse_options(options, extra))
     if recipe:
         return load_recipe(recipe, **values)
     if method is None:
@@ -80,6 +81,9 @@ def compress_command(
     seqlen: int = typer.Option(None, help="calibration window length in tokens"),
     seed: int = typer.Option(None),
     quantize: str = typer.Option(None, help="bitsandbytes stage after the method: int8, nf4 or fp4"),
+    double_quant: bool = typer.Option(None, "--double-quant/--no-double-quant",
+                                      help="nf4/fp4: quantize the block scales too"),
+    compute_dtype: str = typer.Option(None, help="nf4/fp4 matmul dtype: auto, float32, bfloat16, float16"),
     out: Path = typer.Option(None, "--out", "-o", help="output directory (must not exist)"),
     recipe: Path = typer.Option(None, help="YAML recipe (CompressConfig keys); flags override it"),
     options: list[str] = typer.Option(None, "--set", help="method option key=value (repeatable)"),
@@ -101,7 +105,7 @@ def compress_command(
     from compress_eval.pipeline import compress_to_dir
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                       device, dtype, recipe, options, ctx.args, quantize)
+                       device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
     path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")

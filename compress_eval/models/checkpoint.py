@@ -96,9 +96,24 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise UserError(f"corrupt manifest {path}: {exc}; re-run the compression") from exc
 
 
-def save_model_files(model, tokenizer, directory: Path) -> None:
+@contextlib.contextmanager
+def copies_detached(model: torch.nn.Module, tie_map: dict[str, str]):
+    """Within the block, each tie-map copy is an empty module, so a save stores a tied module once
+    (safetensors refuses shared storage, and a quantized model's save ignores a given state dict);
+    the sharing is restored on exit, as ``retie`` restores it on load."""
+    for dst in tie_map:
+        parent, _, name = dst.rpartition(".")
+        setattr(_module(model, parent) if parent else model, name, torch.nn.Module())
+    try:
+        yield model
+    finally:
+        retie(model, tie_map)
+
+
+def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
     """Weights as safetensors (never pickle), config, generation config and tokenizer."""
-    model.save_pretrained(directory, safe_serialization=True)
+    with copies_detached(model, tie_map or {}):
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -114,11 +129,37 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         setattr(_module(model, parent) if parent else model, name, _module(model, src))
 
 
-def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None):
-    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied."""
+def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied.
+    A bitsandbytes checkpoint is loaded straight onto ``device`` (its weights cannot be cast)."""
     from compress_eval.models.registry import auto_model_class
 
     manifest = read_manifest(directory) or {}
-    model = auto_model_class(str(directory)).from_pretrained(directory, dtype=dtype)
-    retie(model, manifest.get("tie_map") or {})
+    tie_map = manifest.get("tie_map") or {}
+    placement = {"device_map": {"": device}} if manifest.get("quantization") and device else {}
+    model = _from_pretrained(auto_model_class(str(directory)), directory, tie_map, dtype=dtype, **placement)
+    retie(model, tie_map)
     return model, manifest
+
+
+def _from_pretrained(cls, directory, tie_map: dict[str, str], **kwargs):
+    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
+    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
+    if not tie_map:
+        return cls.from_pretrained(directory, **kwargs)
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    prefixes = tuple(f"{path}." for path in tie_map)
+    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
+    if missing:
+        logging.getLogger(__name__).warning("checkpoint %s lacks %d tensors (newly initialized): %s",
+                                            directory, len(missing), ", ".join(missing[:5]))
+    return model

@@ -190,7 +190,7 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         if source.kind == "local" and read_manifest(where) is not None:
-            model, _ = load_checkpoint(where, dtype=torch_dtype)  # our checkpoint: re-tie shared modules
+            model, _ = load_checkpoint(where, dtype=torch_dtype, device=device)  # our checkpoint: re-tie shared modules
         else:
             model = auto_model_class(where).from_pretrained(where, dtype=torch_dtype)
     except OSError as exc:

@@ -1,0 +1,166 @@
+"""The bitsandbytes stage: int8 (LLM.int8()), nf4 or fp4 weights on top of any compression method.
+
+Quantization goes through transformers' own bitsandbytes integration (the compressed model is
+written to a temporary directory and reloaded with a ``quantization_config``), so the result is
+exactly what ``from_pretrained`` makes: ``save_pretrained`` serializes it, and both our loader and
+a plain ``AutoModelForCausalLM.from_pretrained(dir)`` read it back quantized. Modules shared
+through a tie map are written once and re-tied after the reload, so a tied FF sublayer is one
+quantized copy. bitsandbytes >= 0.45 runs all three kinds on CPU as well as CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from typing import Literal
+
+import torch
+
+from compress_eval.errors import UserError
+
+Kind = Literal["int8", "nf4", "fp4"]
+KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype_of(name: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The 4-bit matmul dtype: the one named, or the model's own (fp32 on CPU, bf16 on CUDA)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return model_dtype
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"unknown compute dtype {name!r}: use auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def check_options(kind: str | None, double_quant: bool = False, compute_dtype: str | None = None) -> None:
+    """Reject option combinations bitsandbytes would ignore or refuse, naming the fix."""
+    if kind is None:
+        if double_quant or compute_dtype is not None:
+            raise UserError("--double-quant / --compute-dtype need --quantize nf4 or fp4")
+        return
+    if kind not in KINDS:
+        raise UserError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "int8" and (double_quant or compute_dtype is not None):
+        raise UserError("--double-quant and --compute-dtype apply to 4-bit only (nf4, fp4): "
+                        "LLM.int8() picks its own matmul dtype; drop them or use --quantize nf4")
+
+
+def bnb_config(kind: str, double_quant: bool = False, compute_dtype: str | torch.dtype | None = None,
+               model_dtype: torch.dtype = torch.float32, skip_modules: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` for int8, or nf4/fp4 with optional double quantization (QLoRA
+    quantizes the block scales too: ~0.37 bits/parameter saved) and a compute dtype.
+    ``skip_modules`` (regexes of module paths) replaces transformers' default skips (lm_head)."""
+    check_options(kind, double_quant, None if isinstance(compute_dtype, torch.dtype) else compute_dtype)
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  (fail here with an install hint, not deep in transformers)
+    except ImportError as exc:
+        raise UserError(f"--quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' ({exc})") from exc
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, llm_int8_skip_modules=skip_modules,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype_of(compute_dtype, model_dtype))
+
+
+def quantization_kind(model: torch.nn.Module) -> str | None:
+    """'int8', 'nf4', 'fp4' for a bitsandbytes-quantized model, else None."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        return None
+    if qc.get("load_in_8bit"):
+        return "int8"
+    return qc.get("bnb_4bit_quant_type", "fp4") if qc.get("load_in_4bit") else None
+
+
+def require_unquantized(model: torch.nn.Module, name: str = "the model") -> None:
+    """Methods rewrite float weights and quantization is not stackable: quantization comes last."""
+    kind = quantization_kind(model)
+    if kind is not None:
+        raise UserError(f"{name} is already {kind}-quantized: start from the unquantized model and add "
+                        f"--quantize; quantization is the last stage")
+
+
+def check_trainable(model: torch.nn.Module, how: str) -> None:
+    """Fine-tuning code calls this first: quantized weights take no gradient steps, only adapters do."""
+    kind = quantization_kind(model)
+    if kind is not None and how not in ("lora", "qlora"):
+        raise UserError(f"cannot {how} fine-tune a {kind}-quantized model: bitsandbytes weights are frozen; "
+                        f"use LoRA on the quantized base (QLoRA), or fine-tune first and quantize last")
+
+
+def stored_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct tensors in the state dict: what a checkpoint holds, quantization
+    scales and codebooks included (they are not parameters, so ``weight_bytes`` misses them)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+def _first_of_int8_cast_warnings(record: logging.LogRecord) -> bool:
+    """LLM.int8() logs on every matmul that fp32/bf16 inputs are cast to fp16; keep the first."""
+    if "inputs will be cast" not in record.getMessage():
+        return True
+    seen = getattr(_first_of_int8_cast_warnings, "seen", False)
+    _first_of_int8_cast_warnings.seen = True
+    return not seen
+
+
+def quiet_int8_cast_warning() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _first_of_int8_cast_warnings not in log.filters:
+        log.addFilter(_first_of_int8_cast_warnings)
+
+
+def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str]) -> list[str] | None:
+    """Transformers' default skips plus the tie map's copies. A copy is stored nowhere (its module is
+    re-tied on load); skipping it lets the loader give it a throwaway float init, where transformers
+    would fail to initialize a missing quantized weight."""
+    if not tie_map:
+        return None
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return sorted(get_keys_to_not_convert(model)) + [re.escape(dst) for dst in tie_map]
+
+
+def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: str | None = None,
+                   tie_map: dict[str, str] | None = None):
+    """(quantized model, record for the manifest). The model is saved to a temporary directory
+    (``TMPDIR``) and reloaded quantized onto its own device; ``model`` itself is left unchanged."""
+    from compress_eval.models.checkpoint import copies_detached, retie
+    from compress_eval.models.registry import auto_model_class
+
+    require_unquantized(model)
+    tie_map = tie_map or {}
+    device, dtype = next(model.parameters()).device, model.dtype
+    config = bnb_config(kind, double_quant, compute_dtype, dtype, skip_modules_for(model, tie_map))
+    bytes_before, start = stored_weight_bytes(model), time.perf_counter()
+    quiet_int8_cast_warning()
+    with tempfile.TemporaryDirectory(prefix="compress-eval-quantize-") as tmp:
+        with copies_detached(model, tie_map):
+            model.save_pretrained(tmp)
+        quantized = auto_model_class(tmp).from_pretrained(tmp, quantization_config=config, dtype=dtype,
+                                                          device_map={"": device})
+    retie(quantized, tie_map)
+    quantized.eval()
+    record = {
+        "kind": kind,
+        "double_quant": bool(double_quant) if kind != "int8" else None,
+        "compute_dtype": str(config.bnb_4bit_compute_dtype).removeprefix("torch.") if kind != "int8" else None,
+        "bitsandbytes_config": config.to_dict(),
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": stored_weight_bytes(quantized),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return quantized, record
