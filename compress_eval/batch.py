@@ -1,0 +1,113 @@
+"""Run the cells of a grid, each into its own run directory; resumable and safe to run in parallel.
+
+A cell is finished when its run directory holds a manifest and results for every task; finished
+cells are skipped, a checkpoint without some results is only evaluated. Each cell is done under
+its own lock, so any number of batches (``--jobs``, ``make -j``, two terminals) can share one runs
+directory: a cell busy elsewhere is left for later, then waited for, never written twice.
+Checkpoints are written atomically (temp dir + rename) by the pipeline, so an interrupted cell
+leaves either nothing or a checkpoint that the next run evaluates.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress_eval.errors import UserError
+from compress_eval.grid import Cell
+from compress_eval.models.checkpoint import MANIFEST
+from compress_eval.results import store
+
+
+@dataclass
+class Outcome:
+    cell: str
+    label: str
+    status: str  # ran | evaluated | skipped | busy | failed
+    message: str = ""
+
+
+def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=print) -> Outcome:
+    """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
+    from compress_eval import pipeline
+    from compress_eval.cli.evaluate import run_evaluation
+    from compress_eval.evaluate import parse_tasks
+
+    run_dir = runs_dir / cell.name
+    with store.run_lock(runs_dir, cell.name, wait) as held:
+        if not held:
+            return Outcome(cell.name, cell.label, "busy")
+        try:
+            parse_tasks(list(cell.tasks))  # an unknown task fails the cell before its compression
+            store.remove_stale_temp_dirs(runs_dir, cell.name)
+            compressed = not (run_dir / MANIFEST).exists()
+            if compressed:
+                log(f"[{cell.name}] compressing")
+                pipeline.compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
+            if not (run_dir / store.CELL_FILE).exists():
+                store.write_json_atomic(run_dir / store.CELL_FILE, cell.record())
+            missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]
+            if not missing:
+                return Outcome(cell.name, cell.label, "ran" if compressed else "skipped")
+            log(f"[{cell.name}] evaluating {','.join(missing)}")
+            ev, cfg = cell.eval, cell.config
+            run_evaluation(str(run_dir), missing, ev.seqlen, data_dir, ev.max_windows, ev.batch_size,
+                           cfg.device, cfg.dtype)
+            return Outcome(cell.name, cell.label, "ran" if compressed else "evaluated")
+        except UserError as exc:
+            return Outcome(cell.name, cell.label, "failed", str(exc))
+        except store.RunError as exc:
+            return Outcome(cell.name, cell.label, "failed", f"{run_dir}: {exc}")
+        except Exception as exc:  # one broken cell must not stop the others; the summary shows it
+            log(traceback.format_exc())
+            return Outcome(cell.name, cell.label, "failed", f"{type(exc).__name__}: {exc}")
+
+
+def _init_worker(threads: int) -> None:
+    """A worker process: its share of the cores, and no transformers progress bars (as the CLI)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1, log=print) -> list[Outcome]:
+    """Run cells, ``jobs`` at a time (worker processes share the cores); then wait for any cell that
+    another batch was running, so that on return every cell is finished or has failed."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if jobs <= 1:
+        outcomes = [run_cell(c, runs_dir, data_dir, log=log) for c in cells]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(threads,)) as pool:
+            outcomes = list(pool.map(run_cell, cells, [runs_dir] * len(cells), [data_dir] * len(cells)))
+    by_name = {c.name: c for c in cells}
+    for i, outcome in enumerate(outcomes):
+        if outcome.status == "busy":
+            log(f"[{outcome.cell}] busy in another batch: waiting for it")
+            outcomes[i] = run_cell(by_name[outcome.cell], runs_dir, data_dir, wait=True, log=log)
+    return outcomes
+
+
+def check_cells(cells: list[Cell]) -> list[str]:
+    """Problems that would make cells fail, found without loading a model: unknown methods or
+    method options, unknown tasks, unknown models."""
+    from compress_eval.evaluate import parse_tasks
+    from compress_eval.methods.registry import get_method
+    from compress_eval.models.registry import resolve
+
+    problems = []
+    for cell in cells:
+        for check in (lambda: get_method(cell.config), lambda: parse_tasks(list(cell.tasks)),
+                      lambda: resolve(cell.config.model)):
+            try:
+                check()
+            except UserError as exc:
+                problems.append(f"{cell.name}: {exc}")
+    return list(dict.fromkeys(problems))

@@ -1,0 +1,161 @@
+"""Grid files: models x methods (with options) x amounts, evaluated on tasks, expanded into cells.
+
+A cell is one compression + its evaluation. Its run directory is named by a hash of its config, so
+re-running a grid finds the cells it already finished, and two grids that share a cell share its run.
+The hash covers what determines the result (the compression config as written, defaults omitted,
+and the evaluation protocol) and not the task list: adding a task to a grid evaluates the missing
+task on the existing checkpoints instead of compressing again.
+
+```yaml
+models: [smollm2-135m]
+sparsities: [0.1, 0.25]          # default amounts for methods that remove blocks
+tasks: [wikitext2, c4]
+eval: {seqlen: 512, max_windows: 20}
+config: {calib_samples: 8, seed: 0}   # CompressConfig defaults for every cell
+methods:
+  - none                          # the dense reference: one cell per model, no amount
+  - {method: drop, blocks: [[20, 21, 22]]}
+  - {method: merge, label: merge-vanilla, options: {permute: false}, sweep: {ff_fraction: [0.333, 0.5]},
+     sparsities: [null]}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compress_eval.config import CompressConfig, validation_message
+from compress_eval.errors import UserError
+
+HASH_CHARS = 12
+
+
+class MethodEntry(BaseModel):
+    """One method of a grid; each list field multiplies the cells, options are passed as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    label: str | None = Field(None, description="name on the leaderboard (default: the method)")
+    options: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, list] = Field(default_factory=dict, description="option -> values, one cell each")
+    sparsities: list[float | None] | None = Field(None, description="overrides the grid's sparsities")
+    num_blocks: list[int] | None = None
+    blocks: list[list[int]] | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="CompressConfig keys for this method")
+
+
+class EvalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seqlen: int = Field(2048, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)  # speed only: left out of the hash
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    description: str | None = None
+    models: list[str] = Field(min_length=1)
+    methods: list[MethodEntry | str] = Field(min_length=1)
+    sparsities: list[float] = Field(default_factory=list)
+    tasks: list[str] = Field(min_length=1)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One compression config and the evaluation to run on it."""
+
+    label: str
+    config: CompressConfig
+    tasks: tuple[str, ...]
+    eval: EvalSettings
+
+    def identity(self) -> dict:
+        return {"compress": self.config.model_dump(mode="json", exclude_defaults=True),
+                "eval": self.eval.model_dump(mode="json", exclude_defaults=True, exclude={"batch_size"})}
+
+    @property
+    def key(self) -> str:
+        """Stable across runs, machines and key order: a hash of the canonical JSON of ``identity``."""
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+    @property
+    def name(self) -> str:
+        """Run directory name: readable prefix (model, label, amount) + the hash that identifies it."""
+        cfg = self.config
+        amount = (f"s{cfg.sparsity:g}" if cfg.sparsity is not None else f"n{cfg.num_blocks}"
+                  if cfg.num_blocks is not None else "b" + "-".join(map(str, cfg.blocks)) if cfg.blocks else "")
+        parts = [Path(cfg.model).name, self.label, amount, self.key]
+        return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p)
+
+    def record(self) -> dict:
+        """What ``batch`` writes to the run's cell.json (the leaderboard takes the label from it)."""
+        return {"label": self.label, "key": self.key, "tasks": list(self.tasks), **self.identity()}
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid file {path} not found (see grids/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"grid {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"grid {path} must be a mapping with models, methods, tasks (see grids/)")
+    try:
+        return Grid(**data)
+    except ValidationError as exc:
+        raise UserError(f"grid {path}: {validation_message(exc)}") from exc
+
+
+def amounts(entry: MethodEntry, grid: Grid) -> list[dict]:
+    """The amount fields of each cell of one method entry (none: one cell without an amount)."""
+    if entry.blocks is not None:
+        return [{"blocks": b} for b in entry.blocks]
+    if entry.num_blocks is not None:
+        return [{"num_blocks": n} for n in entry.num_blocks]
+    sparsities = entry.sparsities if entry.sparsities is not None else grid.sparsities
+    if entry.method == "none" or not sparsities:
+        return [{}]
+    return [{"sparsity": s} for s in sparsities]
+
+
+def sweep_points(entry: MethodEntry) -> list[dict]:
+    keys = sorted(entry.sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(entry.sweep[k] for k in keys))]
+
+
+def expand(grid: Grid, models: list[str] | None = None) -> list[Cell]:
+    """Every cell of the grid, in file order, without duplicates; ``models`` replaces the grid's."""
+    cells: dict[str, Cell] = {}
+    for model in models or grid.models:
+        for entry in grid.methods:
+            entry = MethodEntry(method=entry) if isinstance(entry, str) else entry
+            for point in sweep_points(entry):
+                label = " ".join([entry.label or entry.method] + [f"{k}={v}" for k, v in point.items()])
+                for amount in amounts(entry, grid):
+                    values = {**grid.config, **entry.config, "model": model, "method": entry.method,
+                              "options": {**entry.options, **point}, **amount}
+                    try:
+                        cfg = CompressConfig(**values)
+                    except ValidationError as exc:
+                        raise UserError(f"grid method {label!r}: {validation_message(exc)}") from exc
+                    cell = Cell(label, cfg, tuple(grid.tasks), grid.eval)
+                    cells.setdefault(cell.key, cell)
+    return list(cells.values())

@@ -1,0 +1,219 @@
+"""Merging feed-forward sublayers (Verma et al.): align, average and tie a window of adjacent FFs.
+
+For a window of k+1 adjacent layers, each FF sublayer's hidden neurons are permuted to match an
+anchor's (correlation of their activations, linear assignment), the aligned sublayers are averaged,
+and every layer of the window then uses that ONE module: k FF sublayers' parameters are gone from
+memory and, saved as one copy plus a tie map, from disk. The window is the best of a sliding-window
+search scored by perplexity on calibration windows (features are collected once for all windows).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from compress_eval.errors import UserError
+from compress_eval.methods import alignment
+from compress_eval.methods.base import CompressionRecord, Compressor
+from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, render_window_scores
+from compress_eval.methods.recovery import RecoveryOptions, fine_tune
+from compress_eval.methods.registry import register_method
+from compress_eval.models.adapters import Adapter
+from compress_eval.scoring.ppl import window_nll
+from compress_eval.scoring.prefix import PrefixStates
+
+
+class MergeOptions(RecoveryOptions):
+    num_merge: int | None = Field(None, ge=1, description="FF sublayers removed: a window of num_merge+1 layers")
+    ff_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of FF sublayers removed, e.g. 0.333")
+    anchor: Literal["first", "middle", "last"] = Field("first", description="layer the others are aligned to")
+    permute: bool = Field(True, description="align neurons before averaging (--no-permute: the paper's vanilla)")
+    features: Literal["product", "up"] = Field(
+        "product", description="SwiGLU neuron features: act(gate)*up (paper appendix) or up_proj output (code)")
+    window: str = Field("auto", description="'auto' (sliding-window search) or first-last layer, e.g. 10-16")
+    window_stride: int = Field(1, ge=1, description="score every n-th start of the sliding search (1: all)")
+    feature_tokens: int = Field(10_000, ge=2, description="calibration tokens for the neuron correlations")
+    score_samples: int | None = Field(None, ge=1, description="calibration windows scoring each candidate (default all)")
+    cka_tokens: int = Field(1024, ge=2, description="tokens for the FF-output CKA chart")
+    untied_export: bool = Field(False, description="store every layer's copy (plain checkpoint for --model hf)")
+
+    @field_validator("ff_fraction", mode="before")
+    @classmethod
+    def _fraction_syntax(cls, v):
+        """Accept 1/3 as well as 0.333 (the paper states its ratios as fractions)."""
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*/\s*\d+\s*", v):
+            num, den = (int(x) for x in v.split("/"))
+            return num / den if den else v
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window_syntax(cls, v):
+        if v != "auto" and not re.fullmatch(r"\d+-\d+", v):
+            raise ValueError(f"window must be 'auto' or FIRST-LAST (e.g. 10-16), got {v!r}")
+        if v != "auto" and int(v.split("-")[1]) <= int(v.split("-")[0]):
+            raise ValueError(f"window {v}: LAST must be greater than FIRST")
+        return v
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.num_merge is not None and self.ff_fraction is not None:
+            raise ValueError("give num_merge or ff_fraction, not both")
+        if self.window == "auto" and self.num_merge is None and self.ff_fraction is None:
+            raise ValueError("give --num-merge K, --ff-fraction F or an explicit --window FIRST-LAST")
+        return self
+
+    def window_size(self, num_layers: int) -> int:
+        """Number of FF sublayers in the merged window (removed ones + the one kept)."""
+        if self.window != "auto":
+            first, last = map(int, self.window.split("-"))
+            removed = last - first
+            if (self.num_merge not in (None, removed)
+                    or (self.ff_fraction is not None and self._from_fraction(num_layers) != removed)):
+                raise UserError(f"window {self.window} removes {removed} FF sublayers, which contradicts "
+                                f"--num-merge/--ff-fraction: give only one of them")
+        elif self.num_merge is not None:
+            removed = self.num_merge
+        else:
+            removed = self._from_fraction(num_layers)
+        if not 1 <= removed < num_layers:
+            raise UserError(f"merging away {removed} of {num_layers} FF sublayers is impossible: "
+                            f"use 1..{num_layers - 1}")
+        return removed + 1
+
+    def _from_fraction(self, num_layers: int) -> int:
+        return math.ceil(round(num_layers * self.ff_fraction, 6))
+
+
+def anchor_index(first: int, size: int, anchor: str) -> int:
+    return {"first": first, "middle": first + (size - 1) // 2, "last": first + size - 1}[anchor]
+
+
+def align_window(features: alignment.FFFeatures, layers: range, anchor: int, permute: bool, device=None):
+    """Per layer of the window: (permutation onto the anchor or None, mean matched correlation)."""
+    plan = {}
+    for j in layers:
+        if j == anchor:
+            plan[j] = (None, 1.0)
+            continue
+        za, zb = features.hidden[anchor], features.hidden[j]
+        if permute:
+            plan[j] = alignment.match_neurons(alignment.correlation(za, zb, device))
+        else:  # vanilla: neurons paired by index; the same quality measure, for comparison
+            plan[j] = (None, alignment.identity_correlation(za, zb))
+    return plan
+
+
+@torch.no_grad()
+def merged_ff(adapter: Adapter, layers: range, plan: dict) -> torch.nn.Module:
+    """One FF module whose every tensor is the mean of the window's aligned tensors (fp32 math)."""
+    blocks = adapter.blocks
+    states = [alignment.aligned_ff_state(adapter, blocks[j], plan[j][0]) for j in layers]
+    mean = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+    module = copy.deepcopy(adapter.mlp(blocks[layers[0]]))
+    module.load_state_dict(mean)
+    return module
+
+
+def tie_window(adapter: Adapter, layers: range, module: torch.nn.Module) -> dict[str, str]:
+    """Make every layer of the window use ``module``; the tie map {module path: canonical path}."""
+    for j in layers:
+        adapter.set_mlp(adapter.blocks[j], module)
+    path = f"{adapter.family.blocks}.{{}}.mlp".format
+    return {path(j): path(layers[0]) for j in layers[1:]}
+
+
+class WindowScorer:
+    """Calibration perplexity of the model with one window's FFs replaced by a merged module.
+
+    Blocks before the window are untouched, so each candidate runs only from the cached hidden
+    state entering its first block (the same saving as the layer-removal scorers).
+    """
+
+    def __init__(self, adapter: Adapter, windows: torch.Tensor):
+        self.adapter = adapter
+        self.prefix = PrefixStates(adapter, windows, batch_size=1, store="cpu")
+
+    @torch.no_grad()
+    def ppl(self, layers: range, module: torch.nn.Module) -> float:
+        blocks = self.adapter.blocks
+        originals = [self.adapter.mlp(blocks[j]) for j in layers]
+        for j in layers:
+            self.adapter.set_mlp(blocks[j], module)
+        try:
+            nll, tokens = 0.0, 0
+            for b, ids in enumerate(self.prefix.input_ids):
+                hidden = self.prefix.runner.run(self.prefix.entering(layers[0], b), start=layers[0])
+                ids = ids.to(hidden.device)
+                nll += window_nll(self.prefix.runner.logits(hidden), ids).sum().item()
+                tokens += ids.numel() - ids.size(0)
+        finally:
+            for j, original in zip(layers, originals):
+                self.adapter.set_mlp(blocks[j], original)
+        return math.exp(nll / tokens)
+
+
+@register_method
+class MergeFF(Compressor):
+    name = "merge"
+    options_class = MergeOptions
+    summary = "align (permute), average and tie a window of adjacent FF sublayers (Verma et al.)"
+
+    def compress(self, adapter, calib) -> CompressionRecord:
+        o: MergeOptions = self.options
+        if any(v is not None for v in (self.cfg.sparsity, self.cfg.num_blocks, self.cfg.blocks)):
+            raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge or --ff-fraction "
+                            "instead of --sparsity/--num-blocks/--blocks")
+        n = adapter.num_blocks
+        size = o.window_size(n)
+        if o.window == "auto":
+            starts = list(range(0, n - size + 1, o.window_stride))
+        else:
+            starts = [int(o.window.split("-")[0])]
+            if starts[0] + size > n:
+                raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
+        device = next(adapter.model.parameters()).device
+        features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
+        scorer = WindowScorer(adapter, calib[: o.score_samples])
+        candidates, best = [], None
+        for s in starts:
+            layers = range(s, s + size)
+            plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute, device)
+            ppl = scorer.ppl(layers, merged_ff(adapter, layers, plan))
+            candidates.append({"window": [s, s + size - 1], "calib_ppl": round(ppl, 4)})
+            if best is None or ppl < best[0]:
+                best = (ppl, layers, plan)
+        del scorer
+        _, layers, plan = best
+        module = merged_ff(adapter, layers, plan)
+        tie_map = tie_window(adapter, layers, module)
+        ff_params = sum(p.numel() for p in module.parameters())
+        recovery = fine_tune(adapter.model, calib, o, seed=self.cfg.seed)
+        if o.untied_export:  # every layer gets its own copy: larger, but plain transformers loads it
+            for j in layers[1:]:
+                adapter.set_mlp(adapter.blocks[j], copy.deepcopy(module))
+            tie_map = {}
+        cka = linear_cka_matrix(features.outputs)
+        window = [layers[0], layers[-1]]
+        details = {
+            "window": window,
+            "window_size": len(layers),
+            "ff_removed": len(layers) - 1,
+            "ff_params_removed": ff_params * (len(layers) - 1) if not o.untied_export else 0,
+            "anchor": anchor_index(layers[0], len(layers), o.anchor),
+            "permute": o.permute,
+            "features": o.features,
+            "feature_tokens": features.hidden[0].size(0),
+            "mean_matched_correlation": {str(j): round(plan[j][1], 4) for j in layers},
+            "candidates": candidates,
+            "ff_output_cka": [[round(v, 4) for v in row] for row in cka.tolist()],
+            "recovery": recovery,
+        }
+        artifacts = {"ffmerge_windows.png": render_window_scores(candidates, window),
+                     "ffmerge_cka.png": render_cka(cka, window)}
+        return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)

@@ -1,0 +1,221 @@
+"""Recovery fine-tune after compression: full, LoRA, or QLoRA (nf4 base), on calibration windows.
+
+A plain function over (model, token windows, options) so every method that removes or ties
+parameters can heal with the same fine-tune (FF merging, drop-window). Tied modules need nothing
+special: a module shared by several layers is one set of Parameters, so autograd sums the gradients
+of every layer that uses it, and peft wraps the shared linears once (``named_modules`` de-duplicates),
+so their LoRA factors are shared too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress_eval.config import MethodOptions
+from compress_eval.errors import UserError
+from compress_eval.quantize import check_trainable
+
+# Paper defaults: lr 5e-5 for full fine-tunes (GPT-2, ViT, MT), 5e-4 for (Q)LoRA (OLMo-7B).
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "qlora": 5e-4}
+
+
+class RecoveryOptions(MethodOptions):
+    """Recovery fine-tune knobs; a method's options inherit them (``--recover lora --recover-steps 200``)."""
+
+    recover: Literal["none", "full", "lora", "qlora"] = Field(
+        "none", description="fine-tune after compressing: none, full, lora, or qlora (nf4 base + LoRA)")
+    recover_steps: int = Field(100, ge=1, description="optimizer steps")
+    recover_lr: float | None = Field(None, gt=0, description="peak learning rate (default 5e-5 full, 5e-4 LoRA)")
+    recover_seqlen: int | None = Field(None, ge=2, description="tokens per training sequence (default: calibration seqlen)")
+    recover_batch_size: int = Field(1, ge=1, description="sequences per step")
+    recover_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then 1/sqrt decay)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
+    lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
+
+
+def training_sequences(windows: torch.Tensor, seqlen: int | None) -> torch.Tensor:
+    """Cut (n, L) windows into (m, seqlen) sequences (the tail of each window is dropped)."""
+    seqlen = seqlen or windows.size(1)
+    if seqlen > windows.size(1):
+        raise UserError(f"--recover-seqlen {seqlen} exceeds the calibration windows ({windows.size(1)} tokens): "
+                        f"lower it or raise --seqlen")
+    per = windows.size(1) // seqlen
+    return windows[:, : per * seqlen].reshape(-1, seqlen)
+
+
+def inverse_sqrt_schedule(step: int, warmup: int) -> float:
+    """Linear warm-up to 1, then 1/sqrt decay (the paper's inv_sqrt schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return math.sqrt(max(warmup, 1) / (step + 1))
+
+
+def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Replace every linear (GPT-2's Conv1D too; not ``skip``) by a bitsandbytes Linear4bit in
+    place, with the QLoRA settings of the quantization stage's ``bnb_config("nf4", double_quant)``.
+
+    In place rather than the stage's save-and-reload, so modules shared by a tie stay one module
+    and each is quantized once. Returns the number of linears converted.
+    """
+    import bitsandbytes as bnb
+
+    from compress_eval.quantize import bnb_config
+
+    config = bnb_config("nf4", double_quant=True, model_dtype=next(model.parameters()).dtype)
+    count = 0
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            conv1d = type(child).__name__ == "Conv1D"
+            if not (type(child) is nn.Linear or conv1d) or child in skip:
+                continue
+            weight = child.weight.data.t() if conv1d else child.weight.data  # as (out, in)
+            q = bnb.nn.Linear4bit(weight.size(1), weight.size(0), bias=child.bias is not None,
+                                  compute_dtype=config.bnb_4bit_compute_dtype,
+                                  quant_type=config.bnb_4bit_quant_type,
+                                  compress_statistics=config.bnb_4bit_use_double_quant, device="meta")
+            q.weight = bnb.nn.Params4bit(weight.contiguous().to("cpu"), requires_grad=False,
+                                         quant_type=config.bnb_4bit_quant_type,
+                                         compress_statistics=config.bnb_4bit_use_double_quant)
+            q.was_conv1d = conv1d
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, child_name, q.to(child.weight.device))
+            count += 1
+    return count
+
+
+def merge_lora_(model: nn.Module) -> None:
+    """Fold every LoRA layer into a plain ``nn.Linear`` (dequantizing an nf4 base first), in place.
+
+    For QLoRA the result is dequant(nf4 W) + scale * B A: exactly the function that was trained.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, LoraLayer):
+                continue
+            base = child.get_base_layer()
+            weight = _dense_weight(base)
+            for adapter_name in child.active_adapters:
+                weight = weight + child.get_delta_weight(adapter_name).to(weight)
+            if _is_4bit(base):
+                dense = _dense_module(base, weight)
+            else:  # nn.Linear, or GPT-2's Conv1D (peft's delta is then already in its (in, out) layout)
+                dense = base
+                dense.weight.data.copy_(weight)
+            setattr(parent, child_name, dense)
+
+
+def _dense_module(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A plain module of the family's own type (Linear, or GPT-2's Conv1D) holding ``weight`` (out, in)."""
+    if base.was_conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(base.out_features, base.in_features).to(weight)
+        dense.weight.data.copy_(weight.t())
+    else:
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None).to(weight)
+        dense.weight.data.copy_(weight)
+    if base.bias is not None:
+        dense.bias.data.copy_(base.bias.data)
+    return dense
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    if _is_4bit(module):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(module.weight.data, module.weight.quant_state).to(module.compute_dtype)
+    return module.weight.data
+
+
+def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0,
+              log=None) -> dict:
+    """Next-token fine-tune of ``model`` in place on ``windows``; returns a summary for the manifest."""
+    if options.recover == "none":
+        return {}
+    mode = options.recover
+    check_trainable(model, mode)
+    lr = options.recover_lr or DEFAULT_LR[mode]
+    sequences = training_sequences(windows, options.recover_seqlen)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    trainable = _prepare(model, options)
+    n_trainable = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=options.recover_weight_decay)
+    warmup = max(1, round(options.recover_steps * options.recover_warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_schedule(s, warmup))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(sequences.size(0), generator=generator)
+    losses = []
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(options.recover_steps):
+            idx = [int(order[(step * options.recover_batch_size + j) % len(order)])
+                   for j in range(options.recover_batch_size)]
+            ids = sequences[idx].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 4))
+            if log and (step + 1) % max(1, options.recover_steps // 5) == 0:
+                log(f"recovery {mode} step {step + 1}/{options.recover_steps} loss {losses[-1]}")
+    finally:
+        model.train(was_training)
+    if mode in ("lora", "qlora"):
+        merge_lora_(model)
+        if hasattr(model, "peft_config"):  # left by peft's injection; the model is plain again
+            del model.peft_config
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"mode": mode, "steps": options.recover_steps, "lr": lr, "seqlen": sequences.size(1),
+            "batch_size": options.recover_batch_size, "trainable_params": n_trainable,
+            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _prepare(model: nn.Module, options: RecoveryOptions) -> list[nn.Parameter]:
+    """Make the parameters to train trainable (and only those); for (Q)LoRA inject the adapters."""
+    for p in model.parameters():
+        p.requires_grad_(options.recover == "full")
+    if options.recover == "full":
+        return [p for p in model.parameters()]
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if options.recover == "qlora":
+        to_nf4_(model, skip=(model.get_output_embeddings(),))
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                        target_modules=_linear_names(model), bias="none")
+    inject_adapter_in_model(config, model)
+    trainable = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear but the LM head (peft's "all-linear", also for GPT-2's Conv1D)."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if module is not head and kind in ("Linear", "Linear4bit", "Conv1D"):
+            names.add(name.rpartition(".")[2])
+    return sorted(names)

@@ -1,0 +1,221 @@
+"""The leaderboard: every run directory as a row (method x sparsity), every task as a column, with
+deltas against the dense reference of the same model; as markdown, CSV, HTML and a Pareto plot.
+
+Deltas are only given where they mean something: a perplexity is compared with the reference's
+only when both were measured with the same window length and number of windows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress_eval.results.store import LOCK_DIR, Run, RunError, read_run
+
+PPL_ORDER = ["wikitext2_ppl", "c4_ppl"]
+ACC_ORDER = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]  # FuseGPT's Table II
+AVG_ACC = "avg_acc"
+
+
+@dataclass
+class Board:
+    rows: list[Run]
+    metrics: list[str]  # column order: perplexities, accuracies, then their mean
+    problems: list[tuple[Path, str]] = field(default_factory=list)  # skipped directories and why
+    deltas: dict[tuple[int, str], float] = field(default_factory=dict)  # (row index, metric) -> delta
+
+
+def is_ppl(metric: str) -> bool:
+    return metric.endswith("_ppl")
+
+
+def collect(runs_dir: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every readable run under ``runs_dir`` (itself, or its sub-directories), and the rest with why."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return [], [(runs_dir, "not a directory")]
+    candidates = [runs_dir] if (runs_dir / "compress_eval.json").exists() else sorted(
+        p for p in runs_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != LOCK_DIR
+        and (exclude is None or p.resolve() != Path(exclude).resolve()))
+    runs, problems = [], []
+    for path in candidates:
+        try:
+            runs.append(read_run(path))
+        except RunError as exc:
+            problems.append((path, str(exc)))
+    return runs, problems
+
+
+def metric_order(runs: list[Run]) -> list[str]:
+    present = {m for r in runs for m in r.metrics}
+    ppl = [m for m in PPL_ORDER if m in present] + sorted(m for m in present if is_ppl(m) and m not in PPL_ORDER)
+    acc = [m for m in ACC_ORDER if m in present] + sorted(m for m in present - set(ppl) if m not in ACC_ORDER)
+    return ppl + acc + ([AVG_ACC] if acc else [])
+
+
+def add_mean_accuracy(runs: list[Run], acc_metrics: list[str]) -> None:
+    """Mean accuracy over the task columns, for the runs that have every one of them."""
+    for run in runs:
+        if acc_metrics and all(m in run.metrics for m in acc_metrics):
+            run.metrics[AVG_ACC] = sum(run.metrics[m] for m in acc_metrics) / len(acc_metrics)
+
+
+def sort_key(run: Run):
+    return (run.model, not run.reference, run.label, run.sparsity or 0.0, run.path.name)
+
+
+def reference_value(run: Run, metric: str, references: list[Run]) -> float | None:
+    """The dense model's value of ``metric``, measured under the same protocol as ``run``'s."""
+    for ref in references:
+        if ref.model == run.model and metric in ref.metrics and ref.protocol.get(metric) == run.protocol.get(metric):
+            return ref.metrics[metric]
+    return None
+
+
+def build(runs_dir: Path, exclude: Path | None = None) -> Board:
+    runs, problems = collect(runs_dir, exclude)
+    metrics = metric_order(runs)
+    add_mean_accuracy(runs, [m for m in metrics if not is_ppl(m) and m != AVG_ACC])
+    rows = sorted(runs, key=sort_key)
+    board = Board(rows, metrics, problems)
+    references = [r for r in rows if r.reference]
+    for i, run in enumerate(rows):
+        for metric in metrics:
+            ref = reference_value(run, metric, references)
+            if not run.reference and ref is not None and metric in run.metrics:
+                board.deltas[(i, metric)] = run.metrics[metric] - ref
+    return board
+
+
+# --- cells as text -------------------------------------------------------------------------------
+
+def metric_title(metric: str) -> str:
+    if metric == AVG_ACC:
+        return "avg acc (%)"
+    return f"{metric.removesuffix('_ppl')} ppl" if is_ppl(metric) else f"{metric} (%)"
+
+
+def shown(metric: str, value: float) -> float:
+    """Accuracies are shown in percent, as the papers print them."""
+    return value if is_ppl(metric) else 100 * value
+
+
+def metric_text(board: Board, i: int, metric: str) -> str:
+    value = board.rows[i].metrics.get(metric)
+    if value is None:
+        return "-"
+    text = f"{shown(metric, value):.2f}"
+    delta = board.deltas.get((i, metric))
+    return text if delta is None else f"{text} ({shown(metric, delta):+.2f})"
+
+
+def sparsity_text(run: Run) -> str:
+    if run.reference:
+        return "0%"
+    blocks = f"{run.removed_blocks}/{run.blocks_before} blocks" if run.removed_blocks else ""
+    if run.sparsity is None:
+        return blocks or "-"
+    return f"{100 * run.sparsity:.4g}%" + (f" ({blocks})" if blocks else "")
+
+
+def method_text(run: Run) -> str:
+    return "dense (none)" if run.reference and run.label == "none" else run.label
+
+
+HEAD = ["model", "method", "sparsity", "params kept", "weights (MB)"]
+
+
+def row_cells(board: Board, i: int) -> list[str]:
+    run = board.rows[i]
+    megabytes = run.bytes_after / 1e6
+    return [run.model, method_text(run), sparsity_text(run), f"{100 * run.params_kept:.1f}%",
+            f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.2f}"] + [metric_text(board, i, m) for m in board.metrics]
+
+
+def markdown(board: Board) -> str:
+    head = HEAD + [metric_title(m) for m in board.metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row_cells(board, i)) + " |" for i in range(len(board.rows))]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(board: Board, path: Path) -> None:
+    """Raw numbers (accuracies as fractions), one row per run, with the deltas beside them."""
+    fields = ["run", "model", "method", "label", "sparsity", "removed_blocks", "blocks_before", "params_before",
+              "params_after", "params_kept", "weight_bytes_before", "weight_bytes_after"]
+    for metric in board.metrics:
+        fields += [metric, f"{metric}_delta"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        for i, r in enumerate(board.rows):
+            row = [r.path.name, r.model, r.method, r.label, r.sparsity, r.removed_blocks, r.blocks_before,
+                   r.params_before, r.params_after, round(r.params_kept, 6), r.bytes_before, r.bytes_after]
+            for metric in board.metrics:
+                row += [r.metrics.get(metric), board.deltas.get((i, metric))]
+            writer.writerow(["" if v is None else v for v in row])
+
+
+# --- Pareto plot ---------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
+    """Points that no other point beats on both size (smaller) and quality."""
+    sign = 1 if lower_is_better else -1
+    front, best = [], math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], sign * p[1])):
+        if sign * y < best:
+            front.append((x, y))
+            best = sign * y
+    return front
+
+
+def plot_metrics(board: Board) -> list[str]:
+    """The perplexity shown first in the table and the mean accuracy, where runs have them."""
+    ppl = [m for m in board.metrics if is_ppl(m)][:1]
+    return ppl + [m for m in board.metrics if m == AVG_ACC]
+
+
+def pareto_png(board: Board, path: Path) -> Path | None:
+    """Quality vs parameters kept and vs bytes of weights; dashed: each model's Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    metrics = plot_metrics(board)
+    if not metrics:
+        return None
+    axes_x = [("parameters kept (%)", lambda r: 100 * r.params_kept), ("weights (MB)", lambda r: r.bytes_after / 1e6)]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4.5 * len(metrics)), squeeze=False)
+    labels = sorted({method_text(r) for r in board.rows})
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    models = sorted({r.model for r in board.rows})
+    markers = {m: "os^Dvp*"[i % 7] for i, m in enumerate(models)}
+    for (metric, ax_row) in zip(metrics, axes):
+        for ax, (xlabel, x_of) in zip(ax_row, axes_x):
+            for model in models:
+                runs = [r for r in board.rows if r.model == model and metric in r.metrics]
+                for r in runs:
+                    ax.scatter(x_of(r), shown(metric, r.metrics[metric]), color=colors[method_text(r)],
+                               marker=markers[model], s=50, edgecolor="black", linewidth=0.5, zorder=3)
+                front = pareto_front([(x_of(r), shown(metric, r.metrics[metric])) for r in runs], is_ppl(metric))
+                if front:
+                    ax.plot(*zip(*front), linestyle="--", color="gray", linewidth=1, zorder=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric_title(metric) + (" (log)" if is_ppl(metric) else ""))
+            if is_ppl(metric):
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[lab], label=lab) for lab in labels]
+    handles += [plt.Line2D([], [], marker=markers[m], linestyle="", color="gray", label=m) for m in models]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.5 * len(metrics))))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,149 @@
+import csv
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from compress_eval.cli.app import app
+from compress_eval.results.leaderboard import build, markdown, pareto_front
+from compress_eval.results.store import RunError, lm_eval_accuracies, read_run
+
+L = 30  # blocks of the fixture model
+
+
+def make_run(root: Path, name: str, method: str, removed: int = 0, sparsity=None, ppl=None, acc=None,
+             seqlen=512, windows=20, options=None, label=None, model="smollm2-135m") -> Path:
+    """A run directory as the pipeline and the evaluations write it (only the fields we read)."""
+    path = root / name
+    path.mkdir(parents=True)
+    manifest = {"base_model": {"name": model}, "method": method, "blocks_before": L,
+                "config": {"model": model, "method": method, "sparsity": sparsity, "options": options or {}},
+                "removed_blocks": list(range(removed)), "params_before": 1000, "params_after": 1000 - 20 * removed,
+                "weight_bytes_before": 4_000_000, "weight_bytes_after": 4_000_000 - 80_000 * removed}
+    (path / "compress_eval.json").write_text(json.dumps(manifest))
+    if ppl:
+        (path / "results_ppl.json").write_text(json.dumps(
+            {f"{task}_ppl": {"ppl": v, "tokens": 100, "windows": windows, "seqlen": seqlen} for task, v in ppl.items()}))
+    if acc:
+        results = {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01, "acc_norm,none": a + 0.05}
+                   for t, a in acc.items()}
+        (path / "lm_eval_results.json").write_text(json.dumps({"results": results, "versions": {}}))
+    if label:
+        (path / "cell.json").write_text(json.dumps({"label": label}))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "dense", "none", ppl={"wikitext2": 10.0, "c4": 20.0}, acc={"piqa": 0.70, "hellaswag": 0.40})
+    make_run(root, "sleb25", "sleb", removed=8, sparsity=0.25, ppl={"wikitext2": 15.5, "c4": 26.0},
+             acc={"piqa": 0.65, "hellaswag": 0.30})
+    make_run(root, "drop3", "drop", removed=3, ppl={"wikitext2": 12.25}, label="drop-late")
+    make_run(root, "merge", "merge", options={"permute": False}, ppl={"wikitext2": 11.0}, seqlen=256)
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "compress_eval.json").write_text("{not json")
+    make_run(root, "unfinished", "shortgpt", removed=8, sparsity=0.25)  # compressed, never evaluated
+    bad = make_run(root, "bad-results", "sleb", removed=8, sparsity=0.25)
+    (bad / "results_ppl.json").write_text(json.dumps({"wikitext2_ppl": {"tokens": 3}}))
+    (root / "notes").mkdir()  # not a run at all
+    return root
+
+
+EXPECTED = """\
+| model | method | sparsity | params kept | weights (MB) | wikitext2 ppl | c4 ppl | piqa (%) | hellaswag (%) | avg acc (%) |
+|---|---|---|---|---|---|---|---|---|---|
+| smollm2-135m | dense (none) | 0% | 100.0% | 4.00 | 10.00 | 20.00 | 70.00 | 45.00 | 57.50 |
+| smollm2-135m | drop-late | 10% (3/30 blocks) | 94.0% | 3.76 | 12.25 (+2.25) | - | - | - | - |
+| smollm2-135m | merge permute=False | - | 100.0% | 4.00 | 11.00 | - | - | - | - |
+| smollm2-135m | sleb | 25% (8/30 blocks) | 84.0% | 3.36 | 15.50 (+5.50) | 26.00 (+6.00) | 65.00 (-5.00) | 35.00 (-10.00) | 50.00 (-7.50) |
+"""
+
+
+def test_table_rows_deltas_and_skipped_directories(runs):
+    board = build(runs)
+    assert markdown(board) == EXPECTED
+    skipped = {path.name: why for path, why in board.problems}
+    assert set(skipped) == {"corrupt", "unfinished", "bad-results", "notes"}
+    assert "not valid JSON" in skipped["corrupt"] and "no results" in skipped["unfinished"]
+    assert "lack a field" in skipped["bad-results"] and "no compress_eval.json" in skipped["notes"]
+
+
+def test_cli_writes_every_output_and_reports_skips(runs):
+    result = CliRunner().invoke(app, ["leaderboard", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert EXPECTED in result.stdout
+    assert result.stderr.count("skipped ") == 4
+    out = runs / "leaderboard"
+    assert (out / "leaderboard.md").read_text() == EXPECTED
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "leaderboard.csv"))}
+    assert float(rows["sleb25"]["wikitext2_ppl_delta"]) == pytest.approx(5.5)
+    assert float(rows["sleb25"]["hellaswag"]) == pytest.approx(0.35)  # acc_norm, raw fraction
+    assert rows["merge"]["wikitext2_ppl_delta"] == ""  # other window length than the reference
+    html = (out / "leaderboard.html").read_text()
+    assert html.count("<tr") == 5 and "corrupt" in html and 'src="pareto.png"' in html
+    assert "http" not in html  # static: nothing fetched from a CDN
+    # a second run ignores its own output directory
+    again = CliRunner().invoke(app, ["leaderboard", str(runs)])
+    assert again.stderr.count("skipped ") == 4
+
+
+def test_missing_runs_dir_is_a_user_error(tmp_path):
+    result = CliRunner().invoke(app, ["leaderboard", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_one_run_directory_alone(runs):
+    board = build(runs / "sleb25")
+    assert [r.path.name for r in board.rows] == ["sleb25"] and not board.deltas
+
+
+def test_lm_eval_accuracy_choice():
+    results = {"results": {"piqa": {"acc,none": 0.7, "acc_norm,none": 0.72},
+                           "arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.35},
+                           "wikitext": {"word_perplexity,none": 20.0}}}
+    assert lm_eval_accuracies(results) == {"piqa": 0.7, "arc_challenge": 0.35}
+
+
+def test_read_run_rejects_non_object_results(runs):
+    (runs / "dense" / "lm_eval_results.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a JSON object"):
+        read_run(runs / "dense")
+
+
+def test_pareto_front():
+    points = [(100, 10.0), (90, 12.0), (90, 11.0), (80, 30.0), (85, 40.0), (70, 25.0)]
+    assert pareto_front(points, lower_is_better=True) == [(70, 25.0), (90, 11.0), (100, 10.0)]
+    assert pareto_front([(1, 0.5), (2, 0.4), (3, 0.6)], lower_is_better=False) == [(1, 0.5), (3, 0.6)]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_html_renders_and_sorts_in_headless_chromium(runs, tmp_path):
+    assert CliRunner().invoke(app, ["leaderboard", str(runs)]).exit_code == 0
+    page = (runs / "leaderboard" / "leaderboard.html").resolve().as_uri()
+    def rows_in_order(names, sort):  # the page's own script sorts on load as the URL asks
+        dom = chromium("--dump-dom", f"{page}#sort={sort}").stdout
+        positions = [dom.find(f">{name}<") for name in names]
+        return -1 not in positions and positions == sorted(positions), dom
+
+    # column 5 is wikitext2 ppl, descending; column 2 sparsity, ascending, the run without one last
+    ok, dom = rows_in_order(["sleb", "drop-late", "merge permute=False", "dense (none)"], "-5")
+    assert ok and 'aria-sort="descending"' in dom
+    assert rows_in_order(["dense (none)", "drop-late", "sleb", "merge permute=False"], "2")[0]
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", "--window-size=1200,900", page)
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
