@@ -117,18 +117,20 @@ def display_name(lm_eval_task: str) -> str:
     return lm_eval_task.removeprefix(OFFLINE_PREFIX)
 
 
+# The files that decide a checkpoint's answers (results files written beside them do not).
+MODEL_FILES = ("config.json", "compress_eval.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+
+
 def cache_key(name_or_dir: str, dtype, device) -> str:
-    """What identifies a model's answers: its weights (files, sizes, times) or name, dtype, device.
+    """What identifies a model's answers: its files (name, size, time) or its name; dtype; device.
 
     lm-eval's request cache is keyed by the request text only, so every model needs its own.
     """
     source = resolve(name_or_dir)
     parts = [source.kind, source.location, str(dtype), str(device).split(":")[0]]
     if source.kind == "local":
-        for f in sorted(Path(source.location).iterdir()):
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        files = {f for pattern in MODEL_FILES for f in Path(source.location).glob(pattern)}
+        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(files)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
