@@ -147,14 +147,14 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from compress_eval.lm_eval_plugin import MODEL_TYPE, TASKS_DIR
+    from compress_eval.lm_eval_plugin import MODEL_TYPE, tasks_dir
 
     start = time.perf_counter()
     root = resolve_data_dir(data_dir)
     model_args = {"pretrained": name_or_dir, "dtype": dtype}
     metadata = {**model_args, **({"data_dir": str(root)} if root else {})}
     # Offline, every task is ours: skipping lm-eval's own index saves its scan of ~15k task files.
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=root is None, metadata=metadata)
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=root is None, metadata=metadata)
     results = simple_evaluate(
         model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in tasks],
         num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,

@@ -19,6 +19,17 @@ MODEL_TYPE = "compressed"
 # Our task YAMLs (offline benchmarks, papers' perplexity); lm-eval finds them via --include_path.
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
+
+def tasks_dir() -> str:
+    """Our task directory, for lm-eval's include_path (it lives beside the package in a checkout)."""
+    if not TASKS_DIR.is_dir():
+        from compress_eval.errors import UserError
+
+        raise UserError(f"task directory {TASKS_DIR} is missing: install compress-eval from a source checkout "
+                        f"(pip install -e .) so tasks/ sits beside the package")
+    return str(TASKS_DIR)
+
+
 # HFLM options that build the model another way; ours is always the checkpoint as saved.
 UNSUPPORTED = ("peft", "delta", "autogptq", "gptqmodel", "gguf_file", "parallelize", "tp_plan")
 # What HFLM always hands to model creation, set or not (the rest would be from_pretrained kwargs).

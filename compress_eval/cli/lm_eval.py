@@ -11,15 +11,18 @@ import sys
 
 import typer
 
+from compress_eval.cli.common import user_errors
+
 
 def with_our_tasks(args: list[str]) -> list[str]:
-    from compress_eval.lm_eval_plugin import TASKS_DIR
+    from compress_eval.lm_eval_plugin import tasks_dir
 
     if not args or any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         return args
-    return [*args, "--include_path", str(TASKS_DIR)]
+    return [*args, "--include_path", tasks_dir()]
 
 
+@user_errors
 def lm_eval_command(ctx: typer.Context) -> None:
     """Run lm-evaluation-harness with all its flags; `--model compressed` loads our checkpoints."""
     import compress_eval.lm_eval_plugin  # noqa: F401  (registers the model type)
