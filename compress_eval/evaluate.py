@@ -1,31 +1,60 @@
-"""Evaluation of a model or checkpoint on perplexity tasks, with results stored beside it."""
+"""Evaluation of a model or checkpoint, with results stored beside it.
+
+Perplexity tasks run our own loop (the papers' protocol); the benchmarks run through
+lm-evaluation-harness with our ``compressed`` model type, on the offline copies in the data
+directory (tasks ``ce_*`` in ``tasks/``) or, without one, on lm-eval's own Hub tasks.
+"""
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
-from compress_eval.models.registry import load_model
+from compress_eval.models.registry import load_model, resolve
+from compress_eval.paths import cache_dir
+from compress_eval.paths import data_dir as resolve_data_dir
 from compress_eval.scoring.ppl import perplexity
 
 # Short names users type -> our task names. Perplexity tasks are the papers' protocol.
 PPL_TASKS = {"wikitext2": "wikitext2", "wiki": "wikitext2", "wikitext2_ppl": "wikitext2",
              "c4": "c4", "c4_ppl": "c4"}
+# Short names -> lm-eval task names; with a data directory each runs as our offline "ce_" twin.
+LM_EVAL_TASKS = {"piqa": "piqa", "arc_easy": "arc_easy", "arc_e": "arc_easy", "arc_challenge": "arc_challenge",
+                 "arc_c": "arc_challenge", "hellaswag": "hellaswag", "hs": "hellaswag",
+                 "winogrande": "winogrande", "wg": "winogrande"}
+OFFLINE_PREFIX = "ce_"
 RESULTS_FILE = "results_ppl.json"
+LM_EVAL_RESULTS_FILE = "lm_eval_results.json"
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """Canonical task names (``wikitext2``, ``c4``, lm-eval names), in order, without repeats."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
-        raise UserError("no tasks given: use e.g. --tasks wikitext2,c4")
-    unknown = [t for t in names if t not in PPL_TASKS]
-    if unknown:
-        raise UserError(f"unknown task {unknown[0]!r}: perplexity tasks are {', '.join(sorted(PPL_TASKS))}")
-    return names
+        raise UserError("no tasks given: use e.g. --tasks wiki,c4,piqa,arc_e")
+    out = []
+    for name in names:
+        canonical = PPL_TASKS.get(name) or LM_EVAL_TASKS.get(name)
+        if canonical is None:
+            close = difflib.get_close_matches(name, list(PPL_TASKS) + list(LM_EVAL_TASKS), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"unknown task {name!r}: {hint}tasks are {', '.join(sorted(PPL_TASKS | LM_EVAL_TASKS))}; "
+                            f"any other lm-eval task runs with `compress-eval lm-eval --model compressed ...`")
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(perplexity tasks, lm-eval tasks) of canonical names."""
+    return [t for t in tasks if t in PPL_TASKS], [t for t in tasks if t not in PPL_TASKS]
 
 
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
@@ -47,13 +76,119 @@ def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=No
     return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
 
 
+def _write_json(path: Path, data: dict) -> Path:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
 def store_results(directory: str | Path, results: dict) -> Path:
-    """Merge ``results`` into the run directory's results file, atomically (temp file + rename)."""
+    """Merge perplexity ``results`` into the run directory's results file."""
     path = Path(directory) / RESULTS_FILE
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(results)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(merged, fh, indent=2)
-    os.replace(tmp, path)
-    return path
+    return _write_json(path, merged)
+
+
+def store_lm_eval_results(directory: str | Path, results: dict) -> Path:
+    """Save lm-eval's results JSON in the run directory, in lm-eval's own schema.
+
+    A later evaluation on other tasks adds its tasks: the per-task sections (``results``,
+    ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
+    """
+    path = Path(directory) / LM_EVAL_RESULTS_FILE
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in results.items():
+        if key != "samples":
+            merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
+                else value
+    return _write_json(path, merged)
+
+
+def lm_eval_task_name(task: str, data_dir) -> str:
+    """Our offline twin of an lm-eval task when there is a data directory, else lm-eval's own."""
+    return OFFLINE_PREFIX + task if resolve_data_dir(data_dir) is not None else task
+
+
+def display_name(lm_eval_task: str) -> str:
+    return lm_eval_task.removeprefix(OFFLINE_PREFIX)
+
+
+# The files that decide a checkpoint's answers (results files written beside them do not).
+MODEL_FILES = ("config.json", "compress_eval.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+
+
+def cache_key(name_or_dir: str, dtype, device) -> str:
+    """What identifies a model's answers: its files (name, size, time) or its name; dtype; device.
+
+    lm-eval's request cache is keyed by the request text only, so every model needs its own.
+    """
+    source = resolve(name_or_dir)
+    parts = [source.kind, source.location, str(dtype), str(device).split(":")[0]]
+    if source.kind == "local":
+        files = {f for pattern in MODEL_FILES for f in Path(source.location).glob(pattern)}
+        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(files)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def lm_eval_cache(name_or_dir: str, dtype, device) -> str:
+    """The sqlite path prefix of this model's lm-eval request cache (lm-eval appends ``_rank0.db``)."""
+    folder = cache_dir() / "lm-eval" / cache_key(name_or_dir, dtype, device)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / "requests")
+
+
+def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limit=None, num_fewshot=None,
+                     batch_size="1", device="cpu", dtype="auto") -> dict:
+    """lm-eval's results dict for ``tasks`` (canonical names) on an already built ``compressed`` model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from compress_eval.lm_eval_plugin import MODEL_TYPE, tasks_dir
+
+    start = time.perf_counter()
+    root = resolve_data_dir(data_dir)
+    model_args = {"pretrained": name_or_dir, "dtype": dtype}
+    metadata = {**model_args, **({"data_dir": str(root)} if root else {})}
+    # Offline, every task is ours: skipping lm-eval's own index saves its scan of ~15k task files.
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=root is None, metadata=metadata)
+    results = simple_evaluate(
+        model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in tasks],
+        num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
+        use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False)
+    results["config"]["model"] = MODEL_TYPE
+    # The field lm-eval's own CLI writes (as a string) in its results file.
+    results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))
+    return results
+
+
+def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None):
+    """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too)."""
+    from compress_eval.lm_eval_plugin import CompressedLM
+    from compress_eval.models.registry import default_device
+
+    return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=device or default_device(),
+                        dtype=dtype or "auto")
+
+
+def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
+                   batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None,
+                   progress: bool = True) -> tuple[dict, dict | None]:
+    """(perplexity results, lm-eval results or None) for canonical task names; the model loads once.
+
+    ``batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
+    """
+    ppl_tasks, lm_tasks = split_tasks(tasks)
+    ppl_batch = int(batch_size) if str(batch_size).isdigit() else 1
+    if not lm_tasks:
+        return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
+                        progress), None
+    lm = build_lm(name_or_dir, batch_size, device, dtype)
+    ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
+                       progress) if ppl_tasks else {}
+    lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
+                                  str(lm.device), dtype or "auto")
+    return ppl, lm_results

@@ -87,10 +87,12 @@ def compress_command(
     out: Path = typer.Option(None, "--out", "-o", help="output directory (must not exist)"),
     recipe: Path = typer.Option(None, help="YAML recipe (CompressConfig keys); flags override it"),
     options: list[str] = typer.Option(None, "--set", help="method option key=value (repeatable)"),
-    then_eval: str = typer.Option(None, help="tasks to evaluate the result on, e.g. wikitext2,c4"),
+    then_eval: str = typer.Option(None, help="tasks to evaluate the result on, e.g. wiki,c4,piqa,arc_e"),
     eval_seqlen: int = typer.Option(2048, help="window length of perplexity tasks"),
     max_windows: int = typer.Option(None, help="perplexity tasks: score only the first N windows"),
     batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
+    limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
+    num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples"),
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
@@ -110,7 +112,8 @@ def compress_command(
     path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
     if tasks:
-        run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype)
+        run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
+                       limit=limit, num_fewshot=num_fewshot)
 
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}

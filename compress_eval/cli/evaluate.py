@@ -9,34 +9,83 @@ from rich.console import Console
 from rich.table import Table
 
 from compress_eval.cli.common import DataDir, Device, Dtype, user_errors
-from compress_eval.evaluate import evaluate, parse_tasks, store_results
+from compress_eval.errors import UserError
+from compress_eval.evaluate import (display_name, evaluate_tasks, parse_tasks, store_lm_eval_results,
+                                    store_results)
 from compress_eval.models.checkpoint import read_manifest
 
+METRICS = ("acc", "acc_norm")
 
-def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype) -> dict:
-    results = evaluate(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype)
+
+def parse_batch_size(value: str | int) -> str:
+    text = str(value)
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise UserError(f"--batch-size must be a positive integer or auto, got {text!r}")
+
+
+def parse_limit(value: float | None) -> int | float | None:
+    """lm-eval's --limit: N documents per task, or a fraction of each task when below 1."""
+    if value is None:
+        return None
+    if value <= 0:
+        raise UserError(f"--limit must be positive, got {value}")
+    return int(value) if value >= 1 and float(value).is_integer() else value
+
+
+def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
+    """One row per task and metric: value, stderr, documents, seconds."""
+    table = Table("task", "metric", "value", "± stderr", "n", "seconds", title=title)
+    for task, r in ppl.items():
+        table.add_row(task, "ppl", f"{r['ppl']:.4f}", "", f"{r['windows']} x {r['seqlen']}", f"{r['seconds']:.1f}")
+    if lm_results:
+        seconds = lm_results.get("total_evaluation_time_seconds", "")
+        for i, (task, r) in enumerate(lm_results["results"].items()):
+            n = lm_results.get("n-samples", {}).get(task, {}).get("effective", "")
+            for metric in METRICS:
+                if f"{metric},none" in r:
+                    stderr = r.get(f"{metric}_stderr,none")
+                    table.add_row(display_name(task), metric, f"{r[f'{metric},none']:.4f}",
+                                  f"{stderr:.4f}" if isinstance(stderr, float) else "", str(n),
+                                  f"{float(seconds):.1f} (all lm-eval)" if i == 0 and metric == "acc" else "")
+    return table
+
+
+def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
+                   limit=None, num_fewshot=None) -> tuple[dict, dict | None]:
+    """Evaluate, store the results in a checkpoint directory, print the summary table."""
+    ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
+                                     device, dtype, parse_limit(limit), num_fewshot)
     if Path(target).is_dir() and read_manifest(target) is not None:
-        store_results(target, results)
-    table = Table("task", "ppl", "windows", "seconds", "tokens/s", title=str(target))
-    for task, r in results.items():
-        table.add_row(task, f"{r['ppl']:.4f}", str(r["windows"]), f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.0f}")
-    Console(width=120).print(table)
-    return results
+        if ppl:
+            store_results(target, ppl)
+        if lm_results:
+            store_lm_eval_results(target, lm_results)
+    Console(width=120).print(summary_table(str(target), ppl, lm_results))
+    return ppl, lm_results
 
 
 @user_errors
 def eval_command(
     model: str = typer.Argument(..., help="alias, Hub id, local model or checkpoint directory"),
-    tasks: str = typer.Option(..., help="comma-separated tasks, e.g. wikitext2,c4"),
+    tasks: str = typer.Option(..., help="comma-separated tasks: wiki, c4, piqa, arc_e, arc_c, hs, wg "
+                                        "(or their full names)"),
     seqlen: int = typer.Option(2048, min=2, help="window length of perplexity tasks"),
     max_windows: int = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows"),
-    batch_size: int = typer.Option(1, min=1),
+    limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
+    num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples (default: task's own)"),
+    batch_size: str = typer.Option("1", help="batch size, or auto (lm-eval finds the largest that fits)"),
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
 ) -> None:
-    """Evaluate a model or checkpoint; results are stored in the checkpoint directory."""
-    run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype)
+    """Evaluate a model or checkpoint; results are stored in the checkpoint directory.
+
+    Perplexity (wiki, c4) is the papers' protocol; the benchmarks run through lm-evaluation-harness
+    (offline copies from the data directory when one is set, else lm-eval's Hub tasks).
+    """
+    run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype,
+                   limit, num_fewshot)
 
 
 def register(app: typer.Typer) -> None:
