@@ -171,3 +171,24 @@ def test_materialized_checkpoint_loads_with_plain_transformers(tiny_model_dir, d
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["fuse", "mi"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, method):
+    calib = torch.randint(0, VOCAB, (4, 12))
+    options = {**FAST, "collapse": True} if method == "fuse" else {}
+
+    def run(num_blocks, **extra):
+        model = tiny_model("llama")
+        cfg = make_config(model="tiny", method=method, num_blocks=num_blocks, options={**options, **extra})
+        return model, get_method(cfg).compress(get_adapter(model), calib)
+
+    whole, whole_record = run(2)
+    run(1, resume=str(tmp_path / "state"))  # "interrupted" after the first removal
+    resumed, resumed_record = run(2, resume=str(tmp_path / "state"))
+    assert resumed_record.removed_blocks == whole_record.removed_blocks
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(ids).logits, whole(ids).logits, rtol=0, atol=0)
+    with pytest.raises(Exception, match="different run"):
+        run(2, resume=str(tmp_path / "state"), **({"epochs": 2} if method == "fuse" else {"mi_samples": 1}))

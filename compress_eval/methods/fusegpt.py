@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress_eval.config import MethodOptions
+from compress_eval.errors import UserError
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.fusion import fuse_linear, frozen_weight, materialize_block
+from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import embed_inputs
 from compress_eval.scoring.prefix import PrefixStates, batches
@@ -54,6 +56,8 @@ class MIOptions(MethodOptions):
     profile: Literal["default", "paper", "cpu"] = "default"
     mi_samples: int | None = Field(None, ge=1, description="calibration windows used for MI (default all)")
     batch_size: int | None = Field(None, ge=1, description="batch size of scoring and fine-tuning")
+    resume: str | None = Field(None, description="state directory: written after every removal, "
+                                                 "continued from when it already holds a state")
 
     @model_validator(mode="after")
     def _fill_from_profile(self):
@@ -242,6 +246,28 @@ class IterativeFusion(Compressor):
         return losses
 
     # --- the loop --------------------------------------------------------------------------------
+    def loop_state(self, adapter, total: int) -> tuple[LoopState | None, dict]:
+        """The resume directory's state (model cut and loaded to it), or a fresh state."""
+        o, cfg = self.options, self.cfg
+        fresh = {"alive": list(range(adapter.num_blocks)), "iterations": [], "ranks": {}, "files": {}}
+        if o.resume is None:
+            return None, fresh
+        if self.training is not None and not o.collapse:
+            raise UserError("--resume needs collapsed fusions: add --collapse (or drop --resume)")
+        fingerprint = {"method": self.name, "model": cfg.model, "seed": cfg.seed, "calib_data": cfg.calib_data,
+                       "calib_samples": cfg.calib_samples, "seqlen": cfg.seqlen,
+                       "options": o.model_dump(exclude={"resume"})}
+        store = LoopState(o.resume, fingerprint)
+        saved = store.load()
+        if saved is None:
+            return store, fresh
+        if len(saved["iterations"]) > total:
+            raise UserError(f"--resume {o.resume} already removed {len(saved['iterations'])} blocks, "
+                            f"more than the {total} asked for: raise the sparsity or use a new directory")
+        store.restore(adapter, saved)
+        progress(f"[{self.name}] resuming from {o.resume} after {len(saved['iterations'])} removals")
+        return store, saved
+
     def compress(self, adapter, calib) -> CompressionRecord:
         o = self.options
         model = adapter.model
@@ -249,10 +275,10 @@ class IterativeFusion(Compressor):
         model.requires_grad_(False)
         original = adapter.num_blocks
         total = self.cfg.blocks_to_remove(original)
-        alive = list(range(original))  # original index of every current block
-        iterations, ranks = [], {}
+        store, state = self.loop_state(adapter, total)
+        alive, iterations, ranks = state["alive"], state["iterations"], state["ranks"]  # alive: original indices
         mi_calib = calib if o.mi_samples is None else calib[: o.mi_samples]
-        for k in range(total):
+        for k in range(len(iterations), total):
             started = time.perf_counter()
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + k)
             prefix = PrefixStates(adapter, mi_calib, o.batch_size)
@@ -261,6 +287,7 @@ class IterativeFusion(Compressor):
             label = f"block {k + 1}/{total}"
             progress(f"[{self.name}] {label}: removing block {alive[f]} (MI {mi[f]:.5g})")
             it = {"removed": alive[f], "mi": {str(alive[i]): round(s, 8) for i, s in enumerate(mi)}}
+            changed = {}
             if self.training is not None:
                 group = partial_group(f, adapter.num_blocks, o.group_size)
                 inputs, targets = self.group_io(prefix, calib, group, reuse=mi_calib is calib)
@@ -273,11 +300,14 @@ class IterativeFusion(Compressor):
                 if o.collapse:
                     for j in group:
                         materialize_block(adapter, adapter.blocks[j])
+                changed = {alive[j]: adapter.blocks[j] for j in group if j != f}
                 it.update(group=[alive[j] for j in group], epoch_losses=[round(x, 8) for x in losses])
             adapter.keep_blocks([i for i in range(adapter.num_blocks) if i != f])
             alive.pop(f)
             it["seconds"] = round(time.perf_counter() - started, 2)
             iterations.append(it)
+            if store is not None:
+                state = store.save({**state, "alive": alive, "iterations": iterations, "ranks": ranks}, changed, k)
         for block in adapter.blocks:
             materialize_block(adapter, block)
         details = {"profile": o.profile, "iterations": iterations, "clamped_ranks": ranks,
