@@ -130,9 +130,10 @@ def main() -> None:
         if args.budget_min is not None and time.perf_counter() - begun > 60 * args.budget_min:
             print(f"budget of {args.budget_min} min spent: skipping {spec} at {sparsity}", flush=True)
             continue
+        passed = {k: v for k, v in vars(args).items()
+                  if k not in ("variants", "sparsity", "one", "out", "budget_min") and v is not None}
         cmd = [sys.executable, __file__, "--one", spec, "--sparsity", str(sparsity)] + [
-            a for k, v in vars(args).items() if k not in ("variants", "sparsity", "one", "out", "budget_min") and v is not None
-            for a in (f"--{k.replace('_', '-')}", str(v))]
+            a for k, v in passed.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         if proc.returncode:

@@ -13,7 +13,6 @@ output with the block, and collapses the result into plain weights. Methods:
 
 from __future__ import annotations
 
-import io
 import math
 import resource
 import sys
@@ -31,6 +30,8 @@ from compress_eval.methods.fusion import fuse_linear, frozen_weight, materialize
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import embed_inputs
+from compress_eval.scoring.chart import importance_chart
+from compress_eval.scoring.importance import token_cosines
 from compress_eval.scoring.prefix import PrefixStates, batches
 
 # Profiles fill every option left unset; calibration (samples, seqlen) too when not given.
@@ -84,11 +85,8 @@ class FuseOptions(MIOptions):
 def macro_influence(prefix: PrefixStates) -> list[float]:
     """MI_i = 1 - mean_{n,t} cos(H_t, H^(-i)_t) for every block i of the current model."""
     tokens = sum(prefix.final(b).shape[0] * prefix.final(b).shape[1] for b in range(prefix.num_batches))
-
-    def cos_sum(h_without, b):
-        return F.cosine_similarity(prefix.final(b).float(), h_without.float(), dim=-1).sum().item()
-
-    return [1.0 - s / tokens for s in prefix.score_each_removal(cos_sum)]
+    cos_sums = prefix.score_each_removal(lambda h, b: token_cosines(prefix.final(b), h).sum().item())
+    return [1.0 - s / tokens for s in cos_sums]
 
 
 def partial_group(f: int, num_blocks: int, size: int) -> list[int]:
@@ -121,29 +119,6 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
-
-
-def mi_chart(iterations: list[dict], num_blocks: int) -> bytes:
-    """MI of every block (original index) at every iteration, the removed block marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    cmap = plt.get_cmap("viridis")
-    for k, it in enumerate(iterations):
-        xs = [int(i) for i in it["mi"]]
-        color = cmap(k / max(1, len(iterations) - 1))
-        ax.plot(xs, list(it["mi"].values()), marker=".", color=color, label=f"iter {k + 1}")
-        ax.plot([it["removed"]], [it["mi"][str(it["removed"])]], marker="x", color="red", markersize=9)
-    ax.set(xlabel="block (original index)", ylabel="Macro Influence (log)", yscale="log",
-           xlim=(-0.5, num_blocks - 0.5), title="Macro Influence per iteration (x = removed)")
-    ax.legend(fontsize=7, ncol=2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 class IterativeFusion(Compressor):
@@ -315,7 +290,10 @@ class IterativeFusion(Compressor):
                    **peak_memory_mb(device)}
         removed = sorted(set(range(original)) - set(alive))
         return CompressionRecord(removed_blocks=removed, details=details,
-                                 artifacts={"macro_influence.png": mi_chart(iterations, original)})
+                                 artifacts={"macro_influence.png": importance_chart(
+                                     [{"blocks": [int(i) for i in it["mi"]], "scores": list(it["mi"].values()),
+                                       "removed": [it["removed"]]} for it in iterations],
+                                     f"FuseGPT Macro Influence ({self.name})", "Macro Influence")})
 
 
 @register_method
