@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -6,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compress_eval.config import make_config
+from compress_eval.errors import UserError
 from compress_eval.methods.fusegpt import kl_over_batch, partial_group
 from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear, materialize_block
 from compress_eval.methods.registry import get_method
@@ -94,8 +96,8 @@ def test_partial_group_is_shifted_at_the_edges():
     assert partial_group(2, 4, 8) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
-@pytest.mark.parametrize("method", ["mi", "mi-ft", "mi-lowrank", "fuse"])
+@pytest.mark.parametrize("family, method", [("llama", "fuse"), ("gemma3_text", "fuse"), ("gpt2", "fuse"),
+                                            ("llama", "mi"), ("llama", "mi-ft"), ("gpt2", "mi-lowrank")])
 def test_iterative_fusion_removes_ceil_l_times_s_blocks(family, method):
     model = tiny_model(family)
     calib = torch.randint(0, VOCAB, (4, 12))
@@ -155,22 +157,36 @@ def test_profiles_fill_unset_values_and_calibration():
     assert (cfg.calib_samples, cfg.seqlen) == (4, 2048)
 
 
-def test_materialized_checkpoint_loads_with_plain_transformers(tiny_model_dir, data_dir, tmp_path):
+def test_cli_fuse_writes_a_plain_checkpoint_that_transformers_loads(tiny_model_dir, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
-    from compress_eval.pipeline import compress, save
+    from compress_eval.cli.app import app
+    from compress_eval.models.checkpoint import load_checkpoint
 
-    cfg = make_config(model=str(tiny_model_dir), method="fuse", sparsity=0.25, calib_samples=4, seqlen=16,
-                      device="cpu", options=FAST)
-    model, tok, manifest, record = compress(cfg, data_dir, log=lambda m: None)
-    out = save(model, tok, manifest, record, tmp_path / "fused")
+    out = tmp_path / "fused"
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "fuse", "--sparsity", "0.25",
+                                      "--calib-samples", "4", "--seqlen", "16", "--loss", "kl-batch",
+                                      "--epochs", "1", "--batch-size", "2", "--group-size", "3",
+                                      "--lora-rank", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    assert manifest["method_options"]["loss"] == "kl-batch" and manifest["details"]["peak_rss_mb"] > 0
     assert (out / "macro_influence.png").exists()
-    assert manifest["details"]["peak_rss_mb"] > 0
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert reloaded.config.num_hidden_layers == 3
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_checkpoint(out)
+    assert plain.config.num_hidden_layers == 3
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits)
+    assert plain.generate(ids[:, :3], max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+def test_resume_of_uncollapsed_fusion_is_a_user_error(tmp_path):
+    cfg = make_config(model="tiny", method="fuse", sparsity=0.25,
+                      options={**FAST, "collapse": False, "resume": str(tmp_path)})
+    with pytest.raises(UserError, match="--collapse"):
+        get_method(cfg).compress(get_adapter(tiny_model("llama")), torch.randint(0, VOCAB, (4, 12)))
 
 
 @pytest.mark.parametrize("method", ["fuse", "mi"])
