@@ -52,11 +52,13 @@ Loss = Literal["kl-batch", "mse", "kd-logits"]
 
 
 class MIOptions(MethodOptions):
-    """Macro-Influence removal; unset values come from ``profile``."""
+    """Macro-Influence removal. Options left unset (None) take the value of ``profile``."""
 
     profile: Literal["default", "paper", "cpu"] = "default"
     mi_samples: int | None = Field(None, ge=1, description="calibration windows used for MI (default all)")
     batch_size: int | None = Field(None, ge=1, description="batch size of scoring and fine-tuning")
+    cache_store: Literal["device", "cpu"] = Field(
+        "device", description="where the cached hidden states live (cpu leaves accelerator memory to the runs)")
     resume: str | None = Field(None, description="state directory: written after every removal, "
                                                  "continued from when it already holds a state")
 
@@ -78,7 +80,7 @@ class FuseOptions(MIOptions):
     epochs: int | None = Field(None, ge=1)
     lr_coef: float | None = Field(None, gt=0, description="learning rate of coefficients / low-rank terms")
     lr_lora: float | None = Field(None, gt=0, description="learning rate of LoRA and norm weights")
-    loss: Loss | None = None
+    loss: Loss | None = Field(None, description="kl-batch (paper), mse on the group output, or kd-logits")
     collapse: bool | None = Field(None, description="write effective weights after every fusion")
 
 
@@ -256,7 +258,7 @@ class IterativeFusion(Compressor):
         for k in range(len(iterations), total):
             started = time.perf_counter()
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + k)
-            prefix = PrefixStates(adapter, mi_calib, o.batch_size)
+            prefix = PrefixStates(adapter, mi_calib, o.batch_size, None if o.cache_store == "device" else "cpu")
             mi = macro_influence(prefix)
             f = min(range(len(mi)), key=mi.__getitem__)
             label = f"block {k + 1}/{total}"
