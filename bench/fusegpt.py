@@ -12,7 +12,8 @@ The full grid of the issue (a long CPU run or a GPU):
         --variants none mi mi-ft:loss=mse mi-lowrank:loss=mse mi-lowrank:loss=kl-batch \
                    fuse:loss=mse fuse:loss=kl-batch fuse:loss=kd-logits sleb shortgpt
 
-A variant is METHOD[:key=value,key=value] with the method's options (e.g. fuse:loss=mse,extra_rank=64).
+A variant is METHOD[:key=value,key=value] with the method's options (e.g. fuse:loss=mse,extra_rank=64);
+``calib_samples=N`` in a variant gives it the first N of the calibration windows (same seed).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def run_one(spec: str, args) -> dict:
         options = {"mi_samples": args.mi_samples, "batch_size": args.batch_size, **options}
         if method != "mi":
             options = {"epochs": args.epochs, **options}
+    calib_samples = options.pop("calib_samples", args.calib_samples)  # e.g. sleb:calib_samples=2
     cfg = make_config(model=args.model, method=method, sparsity=None if method == "none" else args.sparsity,
-                      calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, options=options)
+                      calib_samples=calib_samples, seqlen=args.seqlen, seed=args.seed, options=options)
     model, tokenizer, manifest, _ = compress(cfg, args.data_dir, log=lambda m: print(m, file=sys.stderr))
     row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
            "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
@@ -74,25 +76,24 @@ def run_one(spec: str, args) -> dict:
     details = manifest["details"]
     if "iterations" in details:
         row["iteration_seconds"] = [it["seconds"] for it in details["iterations"]]
-    row["protocol"] = {"calib": f"wikitext2 validation {args.calib_samples} x {args.seqlen}, seed {args.seed}",
+    row["protocol"] = {"calib": f"wikitext2 validation {calib_samples} x {args.seqlen}, seed {args.seed}",
                        "eval": f"first {args.eval_windows} windows of {args.eval_seqlen}"}
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    dense = {r["sparsity"]: r for r in rows if r["method"] == "none"}
+    dense = [r for r in rows if r["method"] == "none"]
     sleb = {r["sparsity"]: r["wikitext2_ppl"] for r in rows if r["method"] == "sleb"}
-    lines = ["| variant | sparsity | WikiText-2 ppl | C4 ppl | x SLEB (wt2) | compress s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | sparsity | calibration | WikiText-2 ppl | C4 ppl | x SLEB (wt2) | compress s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["wikitext2_ppl"])):
         ratio = f"{r['wikitext2_ppl'] / sleb[r['sparsity']]:.2f}" if r["sparsity"] in sleb else "-"
-        lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | "
-                     f"{ratio} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
-    protocol = rows[0]["protocol"] if rows else {}
-    head = [f"# FuseGPT ablation, SmolLM2-135M (CPU, {protocol.get('calib', '')}; "
-            f"ppl on the {protocol.get('eval', '')})", ""]
+        calib = r["protocol"]["calib"].removeprefix("wikitext2 validation ") if r["method"] != "none" else "-"
+        lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {calib} | {r['wikitext2_ppl']:.2f} | "
+                     f"{r['c4_ppl']:.2f} | {ratio} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    head = [f"# FuseGPT ablation, SmolLM2-135M (CPU; ppl on the {rows[0]['protocol']['eval']})", ""] if rows else []
     if dense:
-        head.append(f"Dense: WikiText-2 {dense[0.0]['wikitext2_ppl']:.2f}, C4 {dense[0.0]['c4_ppl']:.2f}.\n")
+        head.append(f"Dense: WikiText-2 {dense[0]['wikitext2_ppl']:.2f}, C4 {dense[0]['c4_ppl']:.2f}.\n")
     return "\n".join(head + lines) + "\n"
 
 
