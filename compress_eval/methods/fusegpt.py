@@ -41,7 +41,7 @@ PROFILES: dict[str, dict] = {
                   lora_rank=128, extra_rank=0, epochs=20, batch_size=8, lr_coef=1e-3, lr_lora=9.65e-6,
                   loss="kl-batch", collapse=False),
     # SmolLM2-135M at 25 % in <= 30 min on 2 CPU cores.
-    "cpu": dict(calib_samples=16, seqlen=256, mi_samples=None, group_size=8, coef_rank=64, lora_rank=64,
+    "cpu": dict(calib_samples=16, seqlen=256, mi_samples=2, group_size=8, coef_rank=64, lora_rank=64,
                 extra_rank=0, epochs=5, batch_size=4, lr_coef=1e-3, lr_lora=9.65e-6, loss="mse",
                 collapse=True),
 }
