@@ -145,7 +145,9 @@ def main() -> None:
         rows = [r for r in rows if (r["label"], r["sparsity"]) != (row["label"], row["sparsity"])] + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(rows))
+        md = out.with_suffix(".md")
+        notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written, kept
+        md.write_text(markdown(rows) + (f"\n## Notes{notes}" if notes else ""))
         print(json.dumps({k: row[k] for k in ("label", "sparsity", "wikitext2_ppl", "c4_ppl", "seconds",
                                                 "peak_rss_mb")}), flush=True)
 
