@@ -7,7 +7,7 @@ a full forward pass. Over all candidates that is about half the naive cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -49,15 +49,20 @@ class PrefixStates:
         return self.states[i][b].to(self.device)
 
     @torch.no_grad()
-    def final_without(self, skip: int, b: int) -> torch.Tensor:
-        """H for batch b with block ``skip`` replaced by the identity, from the cached X_skip."""
-        return self.runner.run(self.entering(skip, b), start=skip + 1)
+    def final_without(self, skip: int, b: int, width: int = 1) -> torch.Tensor:
+        """H for batch b with blocks ``skip``..``skip+width-1`` replaced by the identity, from the
+        cached X_skip (only the suffix after them runs)."""
+        return self.runner.run(self.entering(skip, b), start=skip + width)
 
     def final(self, b: int) -> torch.Tensor:
         return self.entering(self.adapter.num_blocks, b)
 
     @torch.no_grad()
-    def score_each_removal(self, score: Callable[[torch.Tensor, int], float]) -> list[float]:
-        """For every block i: sum over batches of ``score(H_without_i, b)``."""
-        return [sum(score(self.final_without(i, b), b) for b in range(self.num_batches))
-                for i in range(self.adapter.num_blocks)]
+    def score_each_removal(self, score: Callable[[torch.Tensor, int], float],
+                           candidates: Iterable[int] | None = None, width: int = 1) -> list[float]:
+        """For each candidate i (default: every possible start): sum over batches of
+        ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped."""
+        if candidates is None:
+            candidates = range(self.adapter.num_blocks - width + 1)
+        return [sum(score(self.final_without(i, b, width), b) for b in range(self.num_batches))
+                for i in candidates]

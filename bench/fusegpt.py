@@ -1,0 +1,156 @@
+"""FuseGPT ablation on SmolLM2-135M: fuse (per loss) vs mi-lowrank vs mi-ft vs mi vs sleb / shortgpt.
+
+Every variant sees the same calibration windows (WikiText-2 validation, seed 0), seqlen and seed;
+each runs in its own process so its peak RSS is its own. Rows are merged into
+bench/results/fusegpt_smollm2.json (key: label + sparsity) and the markdown table is rewritten.
+
+The full grid of the issue (a long CPU run or a GPU):
+
+    COMPRESS_EVAL_DATA_DIR=../shared/data flock /tmp/compress-eval-locks/heavy.lock \
+    python3 bench/fusegpt.py --sparsity 0.2 0.25 0.3 \
+        --calib-samples 16 --seqlen 256 --epochs 10 --eval-windows 100 \
+        --variants none mi mi-ft:loss=mse mi-lowrank:loss=mse mi-lowrank:loss=kl-batch \
+                   fuse:loss=mse fuse:loss=kl-batch fuse:loss=kd-logits sleb shortgpt
+
+A variant is METHOD[:key=value,key=value] with the method's options (e.g. fuse:loss=mse,extra_rank=64);
+``calib_samples=N`` in a variant gives it the first N of the calibration windows (same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+NAME = "fusegpt_smollm2"
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    from compress_eval.cli.compress import scalar
+
+    method, _, rest = spec.partition(":")
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        options[key] = scalar(value)
+    return method, options
+
+
+def run_one(spec: str, args) -> dict:
+    """Compress and evaluate one variant in this process; returns its row."""
+    import torch
+
+    from compress_eval.config import make_config
+    from compress_eval.data.calibration import eval_windows
+    from compress_eval.pipeline import compress, peak_rss_mb
+    from compress_eval.scoring.ppl import perplexity
+
+    torch.set_num_threads(args.threads)
+    method, options = parse_variant(spec)
+    from compress_eval.methods.registry import available_methods
+
+    calibrated = available_methods()[method].needs_calibration
+    if calibrated and method in ("mi", "mi-ft", "mi-lowrank", "fuse"):
+        options = {"mi_samples": args.mi_samples, "batch_size": args.batch_size, **options}
+        if method != "mi":
+            options = {"epochs": args.epochs, **options}
+    calib_samples = options.pop("calib_samples", args.calib_samples)  # e.g. sleb:calib_samples=2
+    cfg = make_config(model=args.model, method=method, sparsity=None if method == "none" else args.sparsity,
+                      calib_samples=calib_samples, seqlen=args.seqlen, seed=args.seed, options=options)
+    model, tokenizer, manifest, _ = compress(cfg, args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
+           "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
+           "seconds": manifest["timings_s"].get("compress", 0.0) + manifest["timings_s"].get("calibrate", 0.0)}
+    for dataset in ("wikitext2", "c4"):
+        windows = eval_windows(tokenizer, dataset, args.eval_seqlen, args.data_dir, args.eval_windows)
+        result = perplexity(model, windows)
+        row[f"{dataset}_ppl"] = round(result.ppl, 3)
+        row[f"{dataset}_eval_seconds"] = round(result.seconds, 1)
+    row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    details = manifest["details"]
+    if "iterations" in details:
+        row["iteration_seconds"] = [it["seconds"] for it in details["iterations"]]
+    row["protocol"] = {"calib": f"wikitext2 validation {calib_samples} x {args.seqlen}, seed {args.seed}",
+                       "eval": f"first {args.eval_windows} windows of {args.eval_seqlen}"}
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    dense = [r for r in rows if r["method"] == "none"]
+    sleb = {r["sparsity"]: r["wikitext2_ppl"] for r in rows if r["method"] == "sleb"}
+    lines = ["| variant | sparsity | calibration | WikiText-2 ppl | C4 ppl | x SLEB (wt2) | compress s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["wikitext2_ppl"])):
+        ratio = f"{r['wikitext2_ppl'] / sleb[r['sparsity']]:.2f}" if r["sparsity"] in sleb else "-"
+        calib = r["protocol"]["calib"].removeprefix("wikitext2 validation ") if r["method"] != "none" else "-"
+        lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {calib} | {r['wikitext2_ppl']:.2f} | "
+                     f"{r['c4_ppl']:.2f} | {ratio} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    head = [f"# FuseGPT ablation, SmolLM2-135M (CPU; ppl on the {rows[0]['protocol']['eval']})", ""] if rows else []
+    if dense:
+        head.append(f"Dense: WikiText-2 {dense[0]['wikitext2_ppl']:.2f}, C4 {dense[0]['c4_ppl']:.2f}.\n")
+    return "\n".join(head + lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--variants", nargs="+", default=["mi", "mi-lowrank:loss=mse", "fuse:loss=mse",
+                                                          "fuse:loss=kl-batch"])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--mi-samples", type=int, default=None, help="windows for MI (default all)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-windows", type=int, default=50)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=os.environ.get("COMPRESS_EVAL_DATA_DIR"),
+                        help="shared/data layout (default: $COMPRESS_EVAL_DATA_DIR)")
+    parser.add_argument("--out", default=str(RESULTS / f"{NAME}.json"))
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="start no new variant after this many minutes (rows so far are kept)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        args.sparsity = args.sparsity[0]
+        print("ROW " + json.dumps(run_one(args.one, args)), flush=True)
+        return
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    begun = time.perf_counter()
+    for sparsity, spec in [(s, v) for s in args.sparsity for v in args.variants]:
+        if args.budget_min is not None and time.perf_counter() - begun > 60 * args.budget_min:
+            print(f"budget of {args.budget_min} min spent: skipping {spec} at {sparsity}", flush=True)
+            continue
+        passed = {k: v for k, v in vars(args).items()
+                  if k not in ("variants", "sparsity", "one", "out", "budget_min") and v is not None}
+        cmd = [sys.executable, __file__, "--one", spec, "--sparsity", str(sparsity)] + [
+            a for k, v in passed.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            print(f"{spec} at {sparsity} failed (exit {proc.returncode}); see its stderr above", flush=True)
+            continue
+        row = json.loads(next(line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")))
+        row["wall_seconds"] = round(time.perf_counter() - start, 1)
+        rows = [r for r in rows if (r["label"], r["sparsity"]) != (row["label"], row["sparsity"])] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        md = out.with_suffix(".md")
+        notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written, kept
+        md.write_text(markdown(rows) + (f"\n## Notes{notes}" if notes else ""))
+        print(json.dumps({k: row[k] for k in ("label", "sparsity", "wikitext2_ppl", "c4_ppl", "seconds",
+                                                "peak_rss_mb")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

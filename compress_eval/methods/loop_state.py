@@ -1,0 +1,62 @@
+"""Resumable state of an iterative block-removal loop (FuseGPT's ``--resume DIR``).
+
+After each finished iteration the loop writes the blocks it changed (one safetensors file per block,
+named by original index and iteration) and then replaces ``state.json`` atomically; the state is
+whatever ``state.json`` names, so a crash mid-write leaves the previous iteration's state intact.
+The per-iteration random generators are seeded by (seed, iteration), so a resumed run gives the
+same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from compress_eval.errors import UserError
+
+STATE = "state.json"
+
+
+class LoopState:
+    def __init__(self, directory: str | Path, fingerprint: dict):
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict | None:
+        """The saved state, or None for a fresh start; a state of another run is an error."""
+        path = self.dir / STATE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            diff = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
+            raise UserError(f"--resume {self.dir}: the saved state is of a different run (differs in "
+                            f"{', '.join(diff)}); use a new directory or the same settings")
+        return state
+
+    def restore(self, adapter, state: dict) -> None:
+        """Cut the freshly loaded model to the saved blocks and load the changed ones."""
+        alive = state["alive"]
+        adapter.keep_blocks(alive)
+        for orig, name in state["files"].items():
+            adapter.blocks[alive.index(int(orig))].load_state_dict(load_file(self.dir / name))
+
+    def save(self, state: dict, changed: dict[int, object], iteration: int) -> dict:
+        """Write the changed blocks (original index -> module), then state.json; returns the new state."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        files = {orig: name for orig, name in state.get("files", {}).items() if int(orig) in state["alive"]}
+        for orig, block in changed.items():
+            name = f"block{orig}-iter{iteration}.safetensors"
+            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, self.dir / name)
+            files[str(orig)] = name
+        state = {**state, "files": files, "fingerprint": self.fingerprint}
+        tmp = self.dir / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.dir / STATE)
+        for stale in self.dir.glob("block*.safetensors"):
+            if stale.name not in files.values():
+                stale.unlink()
+        return state

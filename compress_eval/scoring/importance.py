@@ -1,0 +1,99 @@
+"""Block importance for depth pruning, from cached prefix states.
+
+* ShortGPT's Block Influence, BI_i = 1 - mean_{n,t} cos(X_i, X_{i+1}): a block that barely turns
+  the hidden state matters little. The states come from :class:`PrefixStates` (hooks on the blocks),
+  never from ``output_hidden_states``, whose last entry has the final norm applied.
+* SLEB's calibration loss of the model with block j (or a window of blocks) skipped: the summed
+  token NLL of the calibration windows, each candidate running only its suffix from the cached X_j.
+
+The ``naive_*`` functions compute the same numbers the plain way (hooked full forwards, full
+forwards of a pruned copy); they are the reference for the tests and the speedup benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from compress_eval.models.adapters import get_adapter
+from compress_eval.scoring.prefix import PrefixStates, batches
+from compress_eval.scoring.ppl import model_device, window_nll
+
+
+def token_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos(x_t, y_t) for every token, in fp32 (bf16 cosines of near-parallel states round to 1)."""
+    return F.cosine_similarity(x.float(), y.float(), dim=-1)
+
+
+def block_influence(prefix: PrefixStates) -> list[float]:
+    """BI_i for every block i of the cached model."""
+    scores = []
+    for i in range(prefix.adapter.num_blocks):
+        cos_sum, count = 0.0, 0
+        for b in range(prefix.num_batches):
+            cos = token_cosines(prefix.entering(i, b), prefix.entering(i + 1, b))
+            cos_sum += cos.sum().item()
+            count += cos.numel()
+        scores.append(1.0 - cos_sum / count)
+    return scores
+
+
+def calibration_nll(prefix: PrefixStates, hidden: torch.Tensor, b: int) -> float:
+    """Summed next-token NLL of calibration batch b given its last hidden state H.
+
+    The logits are made one window at a time: a batch of 512-token windows times a 50k-128k
+    vocabulary would otherwise be the largest tensor of the whole scoring.
+    """
+    ids = prefix.input_ids[b].to(prefix.device)
+    return sum(window_nll(prefix.runner.logits(hidden[n: n + 1]), ids[n: n + 1]).item()
+               for n in range(ids.size(0)))
+
+
+def removal_nll(prefix: PrefixStates, candidates=None, width: int = 1) -> list[float]:
+    """Calibration NLL of the model without blocks i..i+width-1, for each candidate start i."""
+    return prefix.score_each_removal(lambda h, b: calibration_nll(prefix, h, b), candidates, width)
+
+
+def calibration_tokens(calib: torch.Tensor) -> int:
+    """Tokens that carry an NLL term (every one but the first of each window)."""
+    return calib.size(0) * (calib.size(1) - 1)
+
+
+@torch.no_grad()
+def naive_removal_nll(model, calib: torch.Tensor, remove: list[int], batch_size: int = 8) -> float:
+    """Calibration NLL of a pruned deep copy of ``model``, by full forward passes."""
+    pruned = copy.deepcopy(model)
+    get_adapter(pruned).remove_blocks(remove)
+    device = model_device(pruned)
+    total = 0.0
+    for ids in batches(calib, batch_size):
+        ids = ids.to(device)
+        total += window_nll(pruned(input_ids=ids, use_cache=False).logits, ids).sum().item()
+    return total
+
+
+@torch.no_grad()
+def naive_block_influence(model, calib: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """BI from full forward passes, block inputs and outputs taken by hooks."""
+    adapter = get_adapter(model)
+    sums = [0.0] * adapter.num_blocks
+    count = 0
+
+    def make_hook(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            sums[i] += token_cosines(x, adapter.block_output(output)).sum().item()
+        return hook
+
+    handles = [block.register_forward_hook(make_hook(i), with_kwargs=True)
+               for i, block in enumerate(adapter.blocks)]
+    try:
+        for ids in batches(calib, batch_size):
+            model(input_ids=ids.to(model_device(model)), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / count for s in sums]
