@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--speedup-samples", type=int, default=2,
                         help="calibration windows for the cached-vs-naive timing (0: skip it)")
     parser.add_argument("--budget-min", type=float, default=None,
-                        help="start no new row after this many minutes (the rows left are listed as cut)")
+                        help="start no row expected to end after this many minutes (rows left out are listed as cut)")
     parser.add_argument("--out", default=str(RESULTS / "baselines_smollm2.json"))
     args = parser.parse_args()
     args.argv = sys.argv[1:]
@@ -169,11 +169,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         write()
 
-    def over_budget() -> bool:
-        return args.budget_min is not None and time.perf_counter() - began > 60 * args.budget_min
+    def over_budget(estimate_s: float) -> bool:
+        """Whether a row expected to take ``estimate_s`` would end past the budget."""
+        return args.budget_min is not None and time.perf_counter() - began + estimate_s > 60 * args.budget_min
 
+    start = time.perf_counter()
     emit({"method": "dense", "sparsity": 0.0, **ppl_row(dense, windows), "seconds": 0.0,
           "peak_rss_mb": round(peak_rss_mb(), 1), "removed_blocks": []})
+    eval_s = time.perf_counter() - start
+    # One full forward over the calibration windows costs about eval_s * calib windows / eval windows;
+    # scoring one candidate from its cached state costs about half of that.
+    forward_s = eval_s * calib.size(0) / sum(w.size(0) for w in windows.values())
     if args.speedup_samples:
         state["speedup"] = prefix_speedup(dense, calib[: args.speedup_samples])
         print(json.dumps(state["speedup"]), flush=True)
@@ -183,7 +189,10 @@ def main() -> None:
     for method in args.methods.split(","):
         for s in sparsities:
             k = blocks_for(s, num_layers)
-            if over_budget():
+            k_max = max(blocks_for(x, num_layers) for x in sparsities)
+            scoring = {"shortgpt": 1, "drop-window": (num_layers - k + 1) / 2,
+                       "sleb": 0 if sleb_run else k_max * num_layers / 2}.get(method, 0) * forward_s
+            if over_budget(eval_s + scoring):
                 state["cut"].append(f"{method} {s:.0%}")
                 write()
                 continue
@@ -192,7 +201,6 @@ def main() -> None:
                 removed = record.removed_blocks
             else:
                 if sleb_run is None:
-                    k_max = max(blocks_for(x, num_layers) for x in sparsities)
                     _, record, _, rss = compress_copy(dense, "sleb", k_max, calib)
                     sleb_run = (record, rss)
                 record, rss = sleb_run

@@ -25,3 +25,14 @@ def test_baselines_bench_on_tiny_model(tiny_model_dir, data_dir, tmp_path, monke
     assert speedup["same_choice"] and speedup["max_relative_difference"] < 1e-5
     table = out.with_suffix(".md").read_text()
     assert "| sleb | 50% | 1,2 |" in table and "Prefix caching" in table
+
+
+def test_rows_that_would_overrun_the_budget_are_cut_and_listed(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", [str(BENCH), "--model", str(tiny_model_dir), "--sparsities", "0.25",
+                                      "--methods", "sleb,shortgpt", "--seqlen", "16", "--calib-samples", "2",
+                                      "--speedup-samples", "0", "--wikitext-windows", "2", "--c4-windows", "2",
+                                      "--budget-min", "0", "--out", str(out)])
+    runpy.run_path(str(BENCH), run_name="__main__")
+    assert [r["method"] for r in json.loads(out.read_text())] == ["dense"]
+    assert "Cut by the time budget (0.0 min): sleb 25%, shortgpt 25%." in out.with_suffix(".md").read_text()
