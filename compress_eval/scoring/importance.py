@@ -61,17 +61,27 @@ def calibration_tokens(calib: torch.Tensor) -> int:
     return calib.size(0) * (calib.size(1) - 1)
 
 
-@torch.no_grad()
-def naive_removal_nll(model, calib: torch.Tensor, remove: list[int], batch_size: int = 8) -> float:
-    """Calibration NLL of a pruned deep copy of ``model``, by full forward passes."""
+def pruned_copy(model, remove: list[int]):
+    """A deep copy of ``model`` without the given blocks (current indices)."""
     pruned = copy.deepcopy(model)
     get_adapter(pruned).remove_blocks(remove)
-    device = model_device(pruned)
+    return pruned
+
+
+@torch.no_grad()
+def full_forward_nll(model, calib: torch.Tensor, batch_size: int = 8) -> float:
+    """Summed next-token NLL of the calibration windows by full forward passes."""
+    device = model_device(model)
     total = 0.0
     for ids in batches(calib, batch_size):
         ids = ids.to(device)
-        total += window_nll(pruned(input_ids=ids, use_cache=False).logits, ids).sum().item()
+        total += window_nll(model(input_ids=ids, use_cache=False).logits, ids).sum().item()
     return total
+
+
+def naive_removal_nll(model, calib: torch.Tensor, remove: list[int], batch_size: int = 8) -> float:
+    """Calibration NLL of a pruned deep copy of ``model``, by full forward passes."""
+    return full_forward_nll(pruned_copy(model, remove), calib, batch_size)
 
 
 @torch.no_grad()
