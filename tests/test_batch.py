@@ -158,24 +158,6 @@ def test_a_bad_cell_fails_alone(tiny_model_dir, data_dir, tmp_path):
     assert not (tmp_path / "runs2" / outcomes[0].cell).exists()  # refused before compressing
 
 
-def test_concurrent_batches_in_threads_write_each_cell_once(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)
-    calls = count_compressions(monkeypatch)
-    outcomes = {}
-
-    def batch(name, order):
-        outcomes[name] = run_cells(order, runs, log=lambda m: None)
-
-    threads = [threading.Thread(target=batch, args=("a", cells)), threading.Thread(target=batch, args=("b", cells[::-1]))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    statuses = [o.status for result in outcomes.values() for o in result]
-    assert statuses.count("ran") == 3 and statuses.count("skipped") == 3
-    assert sorted(calls) == sorted(c.name for c in cells) and finished(runs, cells)
-
-
 def test_a_busy_cell_is_waited_for(tiny_model_dir, data_dir, tmp_path):
     runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)[:1]
     held, release = threading.Event(), threading.Event()

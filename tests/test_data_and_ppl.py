@@ -8,7 +8,7 @@ from compress_eval.data.calibration import calibration_windows, eval_windows
 from compress_eval.data.corpora import corpus_text
 from compress_eval.errors import UserError
 from compress_eval.scoring.ppl import perplexity, window_nll
-from conftest import TEXT, tiny_model
+from conftest import tiny_model
 
 
 def test_wikitext_rows_are_joined_like_the_papers(data_dir):

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from compress_eval.config import make_config
 from compress_eval.errors import UserError
 from compress_eval.methods.fusegpt import kl_over_batch, partial_group
-from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear, materialize_block
+from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear
 from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter
 from conftest import VOCAB, tiny_model
@@ -35,7 +35,7 @@ def test_fused_group_at_init_equals_the_group_without_the_block(family):
     adapter = get_adapter(model)
     runner = BlockRunner(adapter, 10)
     h0 = embed_inputs(adapter, torch.randint(0, VOCAB, (3, 10)))
-    f, group = 1, [0, 1, 2]
+    f = 1
     with torch.no_grad():
         expected = runner.run(h0, 0, 3, skip=f)
         gen = torch.Generator().manual_seed(0)
