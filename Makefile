@@ -30,8 +30,8 @@ test-fast:
 	$(PY) -m pytest -q -m "not real_model and not slow"
 
 demo:
-	COMPRESS_EVAL_DATA_DIR=$(DATA) compress-eval run smollm2-135m --method drop --blocks 20,21,22 \
-	  --out runs/demo-drop --then-eval wikitext2 --eval-seqlen 512 --max-windows 20
+	COMPRESS_EVAL_DATA_DIR=$(DATA) compress-eval run smollm2-135m --method shortgpt --sparsity 0.2 \
+	  --out runs/demo-shortgpt --then-eval wikitext2,piqa --eval-seqlen 512 --max-windows 20 --limit 100
 
 # Every benchmark script, one at a time under the machine's heavy-work lock.
 bench:
