@@ -211,3 +211,13 @@ def test_cli_lists_cells_and_rejects_unknown_cell(tiny_model_dir):
     assert listed.stdout.split() == [c.name for c in smoke_cells(tiny_model_dir)]
     bad = cli.invoke(app, ["batch", str(SMOKE), "--cell", "nope"])
     assert bad.exit_code == 2 and "no cell 'nope'" in bad.stderr
+
+
+def test_short_and_offline_lm_eval_names_count_as_finished(tmp_path):
+    from compress_eval.results.store import completed_tasks
+
+    (tmp_path / "lm_eval_results.json").write_text(json.dumps({"results": {"ce_arc_easy": {"acc,none": 0.5},
+                                                                           "piqa": {"acc,none": 0.6}}}))
+    (tmp_path / "results_ppl.json").write_text(json.dumps({"wikitext2_ppl": {"ppl": 30.0}}))
+    tasks = ["arc_e", "arc_easy", "piqa", "hs", "wiki", "c4"]
+    assert completed_tasks(tmp_path, tasks) == {"arc_e", "arc_easy", "piqa", "wiki"}

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress_eval.evaluate import PPL_TASKS, RESULTS_FILE as PPL_FILE
+from compress_eval.evaluate import LM_EVAL_TASKS, PPL_TASKS, RESULTS_FILE as PPL_FILE, display_name
 from compress_eval.models.checkpoint import MANIFEST
 
 LM_EVAL_FILE = "lm_eval_results.json"
@@ -59,10 +59,14 @@ def ppl_key(task: str) -> str:
 
 
 def completed_tasks(run_dir: Path, tasks: list[str]) -> set[str]:
-    """Those of ``tasks`` whose results are stored in ``run_dir``."""
+    """Those of ``tasks`` whose results are stored in ``run_dir``.
+
+    Short names (``arc_e``) count through their lm-eval name, and an offline ``ce_`` twin's result
+    counts for the task it reproduces, so a finished cell is never evaluated again.
+    """
     ppl = read_json(run_dir / PPL_FILE) or {}
-    lm_eval = (read_json(run_dir / LM_EVAL_FILE) or {}).get("results", {})
-    return {t for t in tasks if (t in PPL_TASKS and ppl_key(t) in ppl) or t in lm_eval}
+    lm_eval = {display_name(t) for t in (read_json(run_dir / LM_EVAL_FILE) or {}).get("results", {})}
+    return {t for t in tasks if (t in PPL_TASKS and ppl_key(t) in ppl) or LM_EVAL_TASKS.get(t, t) in lm_eval}
 
 
 @contextlib.contextmanager
