@@ -14,6 +14,11 @@ The full grid of the issue (a long CPU run or a GPU):
 
 A variant is METHOD[:key=value,key=value] with the method's options (e.g. fuse:loss=mse,extra_rank=64);
 ``calib_samples=N`` in a variant gives it the first N of the calibration windows (same seed).
+
+``--baselines FILE`` takes the dense, SLEB and ShortGPT rows from bench/baselines.py's output instead
+of recomputing them (SLEB is the costliest row on a CPU). Both scripts draw calibration and evaluation
+windows with the same functions, so the rows are comparable only when that run used the same
+calibration (samples, seqlen, seed) and evaluation windows as this one: pass the same numbers.
 """
 
 from __future__ import annotations
@@ -67,8 +72,8 @@ def run_one(spec: str, args) -> dict:
     row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
            "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
            "seconds": manifest["timings_s"].get("compress", 0.0) + manifest["timings_s"].get("calibrate", 0.0)}
-    for dataset in ("wikitext2", "c4"):
-        windows = eval_windows(tokenizer, dataset, args.eval_seqlen, args.data_dir, args.eval_windows)
+    for dataset, count in (("wikitext2", args.eval_windows), ("c4", args.c4_windows or args.eval_windows)):
+        windows = eval_windows(tokenizer, dataset, args.eval_seqlen, args.data_dir, count)
         result = perplexity(model, windows)
         row[f"{dataset}_ppl"] = round(result.ppl, 3)
         row[f"{dataset}_eval_seconds"] = round(result.seconds, 1)
@@ -77,8 +82,26 @@ def run_one(spec: str, args) -> dict:
     if "iterations" in details:
         row["iteration_seconds"] = [it["seconds"] for it in details["iterations"]]
     row["protocol"] = {"calib": f"wikitext2 validation {calib_samples} x {args.seqlen}, seed {args.seed}",
-                       "eval": f"first {args.eval_windows} windows of {args.eval_seqlen}"}
+                       "eval": eval_protocol(args)}
     return row
+
+
+def eval_protocol(args) -> str:
+    c4 = args.c4_windows or args.eval_windows
+    return f"first {args.eval_windows} (WikiText-2) / {c4} (C4) windows of {args.eval_seqlen}"
+
+
+def baseline_rows(path: Path, args) -> list[dict]:
+    """bench/baselines.py's dense / SLEB / ShortGPT rows at our sparsities, in this script's row shape."""
+    rows = []
+    for r in json.loads(path.read_text()):
+        if r["method"] not in ("dense", "sleb", "shortgpt") or (r["method"] != "dense" and r["sparsity"] not in args.sparsity):
+            continue
+        method = "none" if r["method"] == "dense" else r["method"]
+        rows.append({**r, "method": method, "label": f"{method} (baselines.py)",
+                     "protocol": {"calib": f"wikitext2 validation {args.calib_samples} x {args.seqlen}, seed {args.seed}",
+                                  "eval": eval_protocol(args), "from": str(path.relative_to(ROOT))}})
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
@@ -97,6 +120,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def write_results(out: Path, rows: list[dict]) -> None:
+    """The JSON rows and the markdown table; a hand-written "## Notes" section of the table is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    md = out.with_suffix(".md")
+    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""
+    md.write_text(markdown(rows) + (f"\n## Notes{notes}" if notes else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -109,6 +141,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=50)
+    parser.add_argument("--c4-windows", type=int, default=None, help="C4 windows (default: --eval-windows)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -117,6 +150,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / f"{NAME}.json"))
     parser.add_argument("--budget-min", type=float, default=None,
                         help="start no new variant after this many minutes (rows so far are kept)")
+    parser.add_argument("--baselines", type=Path, default=None,
+                        help="take dense/sleb/shortgpt rows from this bench/baselines.py output (same protocol!)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -125,6 +160,11 @@ def main() -> None:
         return
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []
+    if args.baselines:
+        imported = baseline_rows(args.baselines.resolve(), args)
+        keys = {(r["label"], r["sparsity"]) for r in imported}
+        rows = [r for r in rows if (r["label"], r["sparsity"]) not in keys] + imported
+        write_results(out, rows)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     begun = time.perf_counter()
     for sparsity, spec in [(s, v) for s in args.sparsity for v in args.variants]:
@@ -132,7 +172,7 @@ def main() -> None:
             print(f"budget of {args.budget_min} min spent: skipping {spec} at {sparsity}", flush=True)
             continue
         passed = {k: v for k, v in vars(args).items()
-                  if k not in ("variants", "sparsity", "one", "out", "budget_min") and v is not None}
+                  if k not in ("variants", "sparsity", "one", "out", "budget_min", "baselines") and v is not None}
         cmd = [sys.executable, __file__, "--one", spec, "--sparsity", str(sparsity)] + [
             a for k, v in passed.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         start = time.perf_counter()
@@ -143,11 +183,7 @@ def main() -> None:
         row = json.loads(next(line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")))
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
         rows = [r for r in rows if (r["label"], r["sparsity"]) != (row["label"], row["sparsity"])] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-        md = out.with_suffix(".md")
-        notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written, kept
-        md.write_text(markdown(rows) + (f"\n## Notes{notes}" if notes else ""))
+        write_results(out, rows)
         print(json.dumps({k: row[k] for k in ("label", "sparsity", "wikitext2_ppl", "c4_ppl", "seconds",
                                                 "peak_rss_mb")}), flush=True)
 

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from compress_eval.config import make_config
 from compress_eval.errors import UserError
-from compress_eval.methods.fusegpt import kl_over_batch, partial_group
+from compress_eval.methods.fusegpt import kl_of_logits, kl_over_batch, partial_group
 from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear
 from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter
@@ -87,6 +87,26 @@ def test_kl_over_batch_equals_a_hand_computation():
             total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
     assert kl_over_batch(s, t).item() == pytest.approx(total / 3, rel=1e-5)
     assert kl_over_batch(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_of_logits_is_the_token_mean_of_kl_over_the_vocabulary():
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    per_token = [sum(pt * math.log(pt / ps) for ps, pt in zip(s[n, i].softmax(-1).tolist(), t[n, i].softmax(-1).tolist()))
+                 for n in range(2) for i in range(3)]
+    assert kl_of_logits(s, t).item() == pytest.approx(sum(per_token) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl-batch", "kd-logits"])
+def test_group_fine_tune_lowers_its_loss(loss):
+    """Each loss trains: with the free term E F too, the group's loss falls over the epochs."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    record = run_method(model, "fuse", torch.randint(0, VOCAB, (8, 12)), sparsity=0.25,
+                        **{**FAST, "epochs": 6, "group_size": 4, "extra_rank": 4, "lr_coef": 1e-2, "loss": loss})
+    losses = record.details["iterations"][0]["epoch_losses"]
+    assert losses[-1] < losses[0]
+    assert "q/extra" in record.details["clamped_ranks"]
 
 
 def test_partial_group_is_shifted_at_the_edges():

@@ -36,3 +36,6 @@ DataDir = typer.Option(None, "--data-dir", help="local data directory (layout of
                        "default: $COMPRESS_EVAL_DATA_DIR, else the Hugging Face Hub")
 Device = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 Dtype = typer.Option(None, help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+EvalSeqlen = typer.Option(2048, min=2, help="window length of perplexity tasks (the papers use 2048; "
+                          "512 for quick CPU runs)")
+MaxWindows = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows (quick partial run)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress_eval.cli.common import DataDir, Device, Dtype, int_list, user_errors
+from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, int_list, user_errors
 from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
@@ -88,8 +88,8 @@ def compress_command(
     recipe: Path = typer.Option(None, help="YAML recipe (CompressConfig keys); flags override it"),
     options: list[str] = typer.Option(None, "--set", help="method option key=value (repeatable)"),
     then_eval: str = typer.Option(None, help="tasks to evaluate the result on, e.g. wiki,c4,piqa,arc_e"),
-    eval_seqlen: int = typer.Option(2048, help="window length of perplexity tasks"),
-    max_windows: int = typer.Option(None, help="perplexity tasks: score only the first N windows"),
+    eval_seqlen: int = EvalSeqlen,
+    max_windows: int = MaxWindows,
     batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples"),

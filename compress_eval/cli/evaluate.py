@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress_eval.cli.common import DataDir, Device, Dtype, user_errors
+from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, user_errors
 from compress_eval.errors import UserError
 from compress_eval.evaluate import (display_name, evaluate_tasks, parse_tasks, store_lm_eval_results,
                                     store_results)
@@ -70,8 +70,8 @@ def eval_command(
     model: str = typer.Argument(..., help="alias, Hub id, local model or checkpoint directory"),
     tasks: str = typer.Option(..., help="comma-separated tasks: wiki, c4, piqa, arc_e, arc_c, hs, wg "
                                         "(or their full names)"),
-    seqlen: int = typer.Option(2048, min=2, help="window length of perplexity tasks"),
-    max_windows: int = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows"),
+    seqlen: int = EvalSeqlen,
+    max_windows: int = MaxWindows,
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples (default: task's own)"),
     batch_size: str = typer.Option("1", help="batch size, or auto (lm-eval finds the largest that fits)"),

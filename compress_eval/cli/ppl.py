@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from compress_eval.cli.common import DataDir, Device, Dtype, user_errors
+from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, user_errors
 from compress_eval.evaluate import PPL_TASKS, evaluate
 
 
@@ -12,8 +12,8 @@ from compress_eval.evaluate import PPL_TASKS, evaluate
 def ppl_command(
     model: str = typer.Argument(..., help="alias, Hub id, local model or checkpoint directory"),
     dataset: str = typer.Option("wikitext2", help="wikitext2 or c4"),
-    seqlen: int = typer.Option(2048, min=2, help="window length (the papers use 2048; 512 for quick CPU runs)"),
-    max_windows: int = typer.Option(None, min=1, help="score only the first N windows (quick partial run)"),
+    seqlen: int = EvalSeqlen,
+    max_windows: int = MaxWindows,
     batch_size: int = typer.Option(1, min=1),
     data_dir: str = DataDir,
     device: str = Device,
