@@ -177,6 +177,14 @@ def test_profiles_fill_unset_values_and_calibration():
     assert (cfg.calib_samples, cfg.seqlen) == (4, 2048)
 
 
+@pytest.mark.parametrize("method, options, lr", [("fuse", {}, 5e-3), ("fuse", {"profile": "cpu"}, 5e-3),
+                                                ("fuse", {"lr_coef": 2e-3}, 2e-3), ("fuse", {"profile": "paper"}, 1e-3),
+                                                ("mi-lowrank", {}, 1e-3)])
+def test_fuse_profile_override_replaces_the_profiles_value_never_the_users(method, options, lr):
+    cfg = make_config(model="tiny", method=method, sparsity=0.25, options=options)
+    assert get_method(cfg).options.lr_coef == lr
+
+
 def test_cli_fuse_writes_a_plain_checkpoint_that_transformers_loads(tiny_model_dir, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
