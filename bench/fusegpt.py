@@ -120,6 +120,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def mi_speedup(args) -> dict:
+    """Macro Influence of every block of the dense model: cached prefix states vs pruned full copies."""
+    import torch
+
+    from compress_eval.data.calibration import calibration_windows
+    from compress_eval.methods.fusegpt import macro_influence
+    from compress_eval.models.adapters import get_adapter
+    from compress_eval.models.registry import load_model
+    from compress_eval.scoring.importance import naive_macro_influence, pruned_copy
+    from compress_eval.scoring.prefix import PrefixStates
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_model(args.model, "cpu")
+    calib = calibration_windows(tokenizer, "wikitext2", args.mi_speedup, args.seqlen, args.seed, args.data_dir)
+    start = time.perf_counter()
+    cached = macro_influence(PrefixStates(get_adapter(model), calib, args.batch_size))
+    cached_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive = naive_macro_influence(model, calib, args.batch_size)
+    naive_s = time.perf_counter() - start
+    start = time.perf_counter()  # the naive side's deep copies, timed alone and taken out of it
+    for i in range(len(cached)):
+        pruned_copy(model, [i])
+    copies_s = time.perf_counter() - start
+    return {"what": f"MI of all {len(cached)} blocks of the dense model, {calib.size(0)} x {calib.size(1)} tokens, "
+                    f"{args.threads} threads; naive = full forwards of pruned copies (the copies' time excluded)",
+            "cached_seconds": round(cached_s, 2), "naive_seconds": round(naive_s - copies_s, 2),
+            "copies_seconds": round(copies_s, 2), "speedup": round((naive_s - copies_s) / cached_s, 2),
+            "max_abs_difference": max(abs(c - n) for c, n in zip(cached, naive)),
+            "same_choice": cached.index(min(cached)) == naive.index(min(naive))}
+
+
 def write_results(out: Path, rows: list[dict]) -> None:
     """The JSON rows and the markdown table; a hand-written "## Notes" section of the table is kept."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +184,15 @@ def main() -> None:
                         help="start no new variant after this many minutes (rows so far are kept)")
     parser.add_argument("--baselines", type=Path, default=None,
                         help="take dense/sleb/shortgpt rows from this bench/baselines.py output (same protocol!)")
+    parser.add_argument("--mi-speedup", type=int, metavar="N", default=None,
+                        help="only time MI from cached prefix states vs naive on N calibration windows")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mi_speedup:
+        result = mi_speedup(args)
+        print(json.dumps(result), flush=True)
+        RESULTS.joinpath(f"{NAME}_mi_speedup.json").write_text(json.dumps(result, indent=1) + "\n")
+        return
     if args.one:
         args.sparsity = args.sparsity[0]
         print("ROW " + json.dumps(run_one(args.one, args)), flush=True)

@@ -6,6 +6,8 @@
 * SLEB's calibration loss of the model with block j (or a window of blocks) skipped: the summed
   token NLL of the calibration windows, each candidate running only its suffix from the cached X_j.
 
+FuseGPT's Macro Influence (``methods/fusegpt.py``) is scored from the same cache.
+
 The ``naive_*`` functions compute the same numbers the plain way (hooked full forwards, full
 forwards of a pruned copy); they are the reference for the tests and the speedup benchmark.
 """
@@ -17,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from compress_eval.models.adapters import get_adapter
+from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter
 from compress_eval.scoring.prefix import PrefixStates, batches
 from compress_eval.scoring.ppl import model_device, window_nll
 
@@ -107,3 +109,22 @@ def naive_block_influence(model, calib: torch.Tensor, batch_size: int = 8) -> li
         for h in handles:
             h.remove()
     return [1.0 - s / count for s in sums]
+
+
+@torch.no_grad()
+def last_states(model, calib: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """The last block's output (before the final norm) per calibration batch: embeddings, every block."""
+    adapter = get_adapter(model)
+    runner = BlockRunner(adapter, calib.size(1))
+    device = model_device(model)
+    return [runner.run(embed_inputs(adapter, ids.to(device))) for ids in batches(calib, batch_size)]
+
+
+def naive_macro_influence(model, calib: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """FuseGPT's MI_i = 1 - mean cos(H, H^(-i)) with H^(-i) from a pruned copy run through every block."""
+    dense = last_states(model, calib, batch_size)
+    scores = []
+    for i in range(get_adapter(model).num_blocks):
+        pruned = last_states(pruned_copy(model, [i]), calib, batch_size)
+        scores.append(1.0 - sum(token_cosines(d, h).sum().item() for d, h in zip(dense, pruned)) / calib.numel())
+    return scores
