@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter
+from compress_eval.models.adapters import get_adapter
 from compress_eval.scoring.prefix import PrefixStates, batches
 from compress_eval.scoring.ppl import model_device, window_nll
 
@@ -113,11 +113,18 @@ def naive_block_influence(model, calib: torch.Tensor, batch_size: int = 8) -> li
 
 @torch.no_grad()
 def last_states(model, calib: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
-    """The last block's output (before the final norm) per calibration batch: embeddings, every block."""
+    """The last block's output (before the final norm) per calibration batch, by full forwards of the
+    decoder (``base_model``: embeddings, every block, final norm; no LM head), taken by a hook."""
     adapter = get_adapter(model)
-    runner = BlockRunner(adapter, calib.size(1))
-    device = model_device(model)
-    return [runner.run(embed_inputs(adapter, ids.to(device))) for ids in batches(calib, batch_size)]
+    states = []
+    handle = adapter.blocks[-1].register_forward_hook(
+        lambda module, args, kwargs, output: states.append(adapter.block_output(output)), with_kwargs=True)
+    try:
+        for ids in batches(calib, batch_size):
+            model.base_model(input_ids=ids.to(model_device(model)), use_cache=False)
+    finally:
+        handle.remove()
+    return states
 
 
 def naive_macro_influence(model, calib: torch.Tensor, batch_size: int = 8) -> list[float]:
