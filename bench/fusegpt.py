@@ -72,7 +72,7 @@ def run_one(spec: str, args) -> dict:
     row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
            "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
            "seconds": manifest["timings_s"].get("compress", 0.0) + manifest["timings_s"].get("calibrate", 0.0)}
-    for dataset, count in (("wikitext2", args.eval_windows), ("c4", args.c4_windows or args.eval_windows)):
+    for dataset, count in (("wikitext2", args.eval_windows), ("c4", args.c4_windows)):
         windows = eval_windows(tokenizer, dataset, args.eval_seqlen, args.data_dir, count)
         result = perplexity(model, windows)
         row[f"{dataset}_ppl"] = round(result.ppl, 3)
@@ -81,14 +81,13 @@ def run_one(spec: str, args) -> dict:
     details = manifest["details"]
     if "iterations" in details:
         row["iteration_seconds"] = [it["seconds"] for it in details["iterations"]]
-    row["protocol"] = {"calib": f"wikitext2 validation {calib_samples} x {args.seqlen}, seed {args.seed}",
-                       "eval": eval_protocol(args)}
+    row["protocol"] = protocol(args, calib_samples)
     return row
 
 
-def eval_protocol(args) -> str:
-    c4 = args.c4_windows or args.eval_windows
-    return f"first {args.eval_windows} (WikiText-2) / {c4} (C4) windows of {args.eval_seqlen}"
+def protocol(args, calib_samples: int) -> dict:
+    return {"calib": f"wikitext2 validation {calib_samples} x {args.seqlen}, seed {args.seed}",
+            "eval": f"first {args.eval_windows} (WikiText-2) / {args.c4_windows} (C4) windows of {args.eval_seqlen}"}
 
 
 def baseline_rows(path: Path, args) -> list[dict]:
@@ -99,8 +98,7 @@ def baseline_rows(path: Path, args) -> list[dict]:
             continue
         method = "none" if r["method"] == "dense" else r["method"]
         rows.append({**r, "method": method, "label": f"{method} (baselines.py)",
-                     "protocol": {"calib": f"wikitext2 validation {args.calib_samples} x {args.seqlen}, seed {args.seed}",
-                                  "eval": eval_protocol(args), "from": str(path.relative_to(ROOT))}})
+                     "protocol": {**protocol(args, args.calib_samples), "from": str(path.relative_to(ROOT))}})
     return rows
 
 
@@ -188,6 +186,7 @@ def main() -> None:
                         help="only time MI from cached prefix states vs naive on N calibration windows")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.c4_windows = args.c4_windows or args.eval_windows
     if args.mi_speedup:
         result = mi_speedup(args)
         print(json.dumps(result), flush=True)

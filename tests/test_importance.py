@@ -45,8 +45,6 @@ def test_cpu_store_and_candidate_subset_give_the_same_scores():
     subset = removal_nll(PrefixStates(get_adapter(model), calib, batch_size=2, store="cpu"), candidates=[2, 0])
     assert subset == pytest.approx([on_device[2], on_device[0]], rel=1e-6)
 
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_macro_influence_equals_pruned_copies(family):
     model, calib = tiny_model(family), calib_windows()
@@ -54,6 +52,7 @@ def test_cached_macro_influence_equals_pruned_copies(family):
     naive = naive_macro_influence(model, calib, batch_size=3)
     assert cached == pytest.approx(naive, rel=1e-4, abs=1e-6)
     assert min(naive) > 0  # every block turns the final states a little: the test is not trivially zero
+
 
 @pytest.mark.real_model
 def test_smollm2_cached_scores_equal_naive():

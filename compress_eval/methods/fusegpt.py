@@ -21,11 +21,11 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
-from compress_eval.config import MethodOptions
 from compress_eval.errors import UserError
 from compress_eval.methods.base import CompressionRecord, Compressor
+from compress_eval.methods.depth_pruning import DepthPruningOptions
 from compress_eval.methods.fusion import fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
@@ -53,25 +53,23 @@ PROFILES["default"] = dict(PROFILES["cpu"])
 Loss = Literal["kl-batch", "mse", "kd-logits"]
 
 
-class MIOptions(MethodOptions):
+class MIOptions(DepthPruningOptions):
     """Macro-Influence removal. Options left unset (None) take the value of ``profile``."""
+
+    # Per profile, values for one method's options class only (a subclass sets them); never the user's.
+    profile_overrides: ClassVar[dict[str, dict]] = {}
 
     profile: Literal["default", "paper", "cpu"] = "default"
     mi_samples: int | None = Field(None, ge=1, description="calibration windows used for MI (default all)")
     batch_size: int | None = Field(None, ge=1, description="batch size of scoring and fine-tuning")
-    cache_store: Literal["device", "cpu"] = Field(
-        "device", description="where the cached hidden states live (cpu leaves accelerator memory to the runs)")
     resume: str | None = Field(None, description="state directory: written after every removal, "
                                                  "continued from when it already holds a state")
 
-    _from_profile: set[str] = PrivateAttr(default_factory=set)  # the keys the profile filled in
-
     @model_validator(mode="after")
     def _fill_from_profile(self):
-        for key, value in PROFILES[self.profile].items():
+        for key, value in {**PROFILES[self.profile], **self.profile_overrides.get(self.profile, {})}.items():
             if key in type(self).model_fields and key not in self.model_fields_set:
                 setattr(self, key, value)
-                self._from_profile.add(key)
         return self
 
 
@@ -133,14 +131,8 @@ class IterativeFusion(Compressor):
 
     options_class = FuseOptions
     training: ClassVar[str | None] = "fuse"  # None | "lora" | "lowrank" | "fuse"
-    # Per profile, values for this method only; they replace the profile's own, never the user's.
-    profile_overrides: ClassVar[dict[str, dict]] = {}
-
     def __init__(self, cfg):
         super().__init__(cfg)
-        for key, value in self.profile_overrides.get(self.options.profile, {}).items():
-            if key in self.options._from_profile:
-                setattr(self.options, key, value)
         # The profile decides the calibration size unless the user gave it.
         for key in ("calib_samples", "seqlen"):
             if key not in cfg.model_fields_set:
@@ -268,7 +260,7 @@ class IterativeFusion(Compressor):
         for k in range(len(iterations), total):
             started = time.perf_counter()
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + k)
-            prefix = PrefixStates(adapter, mi_calib, o.batch_size, None if o.cache_store == "device" else "cpu")
+            prefix = o.prefix_states(adapter, mi_calib)
             mi = macro_influence(prefix)
             f = min(range(len(mi)), key=mi.__getitem__)
             label = f"block {k + 1}/{total}"
@@ -308,14 +300,22 @@ class IterativeFusion(Compressor):
                                      f"FuseGPT Macro Influence ({self.name})", "Macro Influence")})
 
 
+class FuseGPTOptions(FuseOptions):
+    """``fuse``'s options: the cpu and default profiles train its coefficients faster.
+
+    A coefficient step moves W' by (dC D) ⊙ W_f, i.e. |W_f| (~0.03 on SmolLM2) times less than the same
+    step of a free low-rank term: at 1e-3 and 32 steps the fused weights barely enter. 5e-3 measured best
+    on SmolLM2 (one fusion: group MSE 2.26 at 1e-3, 1.48 at 5e-3, unstable at 3e-2).
+    """
+
+    profile_overrides = {"cpu": {"lr_coef": 5e-3}, "default": {"lr_coef": 5e-3}}
+
+
 @register_method
 class FuseGPT(IterativeFusion):
     name = "fuse"
+    options_class = FuseGPTOptions
     training = "fuse"
-    # A coefficient step moves W' by (dC D) ⊙ W_f, i.e. |W_f| (~0.03 on SmolLM2) times less than the same
-    # step of a free low-rank term: at 1e-3 and 32 steps the fused weights barely enter. 5e-3 measured
-    # best on SmolLM2 (one fusion: group MSE 2.26 at 1e-3, 1.48 at 5e-3, unstable at 3e-2).
-    profile_overrides = {"cpu": {"lr_coef": 5e-3}, "default": {"lr_coef": 5e-3}}
     summary = "FuseGPT: remove the lowest-MI block, fuse it into its group, fine-tune, repeat"
 
 
