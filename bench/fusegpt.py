@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.c4_windows = args.c4_windows or args.eval_windows
+    if args.baselines and not args.baselines.is_file():
+        parser.error(f"--baselines {args.baselines}: no such file (run bench/baselines.py first, or drop --baselines)")
     if args.mi_speedup:
         result = mi_speedup(args)
         print(json.dumps(result), flush=True)
