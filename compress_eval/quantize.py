@@ -6,6 +6,14 @@ exactly what ``from_pretrained`` makes: ``save_pretrained`` serializes it, and b
 a plain ``AutoModelForCausalLM.from_pretrained(dir)`` read it back quantized. Modules shared
 through a tie map are written once and re-tied after the reload, so a tied FF sublayer is one
 quantized copy. bitsandbytes >= 0.45 runs all three kinds on CPU as well as CUDA.
+
+4-bit takes a linear only if its in_features is a multiple of 64 (the quantization block) and its
+out_features of 32: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a fused bf16
+kernel in tiles of that shape and fails on others. Other linears stay float (via
+``llm_int8_skip_modules``), decided from the shape and never from this CPU, so a checkpoint behaves
+the same on every machine; the record's ``unquantized`` names them with the reason. LLM.int8() takes
+any shape. The quantized model carries a save hook for a bitsandbytes 0.50 bug on those CPUs (block
+scales left in the repacked layout when a model is saved after inference; see ``_restore_4bit_scales``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,11 @@ from compress_eval.errors import UserError
 
 KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bitsandbytes' 4-bit layout: blocks of FOUR_BIT_BLOCKSIZE weights along in_features (Params4bit's
+# default, kept by transformers), repacked on AVX512-BF16 CPUs in tiles of FOUR_BIT_TILE_ROWS output rows
+# (bitsandbytes.functional._convert_weight_packed_for_cpu: Linear4bit.forward in eval mode, no grad).
+FOUR_BIT_BLOCKSIZE = 64
+FOUR_BIT_TILE_ROWS = 32
 
 
 def compute_dtype_of(name: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
@@ -116,15 +129,80 @@ def quiet_int8_cast_warning() -> None:
         log.addFilter(_first_of_int8_cast_warnings)
 
 
-def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str]) -> list[str] | None:
-    """Transformers' default skips plus the tie map's copies. A copy is stored nowhere (its module is
-    re-tied on load); skipping it lets the loader give it a throwaway float init, where transformers
-    would fail to initialize a missing quantized weight."""
-    if not tie_map:
+def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str],
+                     unquantized: dict[str, str] | None = None) -> list[str] | None:
+    """Transformers' default skips plus the tie map's copies and the ``unquantized`` linears (those
+    ``four_bit_unfit`` names). A copy is stored nowhere (its module is re-tied on load); skipping it
+    lets the loader give it a throwaway float init, where transformers would fail to initialize a
+    missing quantized weight."""
+    if not tie_map and not unquantized:
         return None
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    return sorted(get_keys_to_not_convert(model)) + [re.escape(dst) for dst in tie_map]
+    return (sorted(get_keys_to_not_convert(model)) + [re.escape(dst) for dst in tie_map]
+            + [re.escape(name) for name in unquantized or {}])
+
+
+def four_bit_refusal(in_features: int, out_features: int) -> str | None:
+    """Why bitsandbytes' 4-bit kernels cannot take an ``in_features -> out_features`` linear on every
+    CPU path (see the module docstring), or None when they can. The shape alone decides, not this CPU."""
+    problems = [f"{what} {n} is not a multiple of {m} ({unit})" for what, n, m, unit in
+                (("in_features", in_features, FOUR_BIT_BLOCKSIZE, "the 4-bit block size"),
+                 ("out_features", out_features, FOUR_BIT_TILE_ROWS, "the AVX512-BF16 CPU kernel's tile"))
+                if n % m]
+    return "; ".join(problems) or None
+
+
+def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of what transformers' bitsandbytes integration replaces: a plain
+    ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out)); None for anything else."""
+    if type(module) is torch.nn.Linear:
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
+def four_bit_unfit(model: torch.nn.Module, tie_map: dict[str, str] | None = None) -> tuple[dict[str, str], int]:
+    """({module path: reason} for the linears 4-bit would quantize but cannot, number of linears it
+    would quantize): those transformers skips anyway (lm_head, tie copies) are neither."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skips = ((skip_modules_for(model, tie_map or {}) or get_keys_to_not_convert(model))
+             + list(getattr(model, "_keep_in_fp32_modules", None) or []))
+    unfit, count = {}, 0
+    for name, module in model.named_modules():
+        shape = _linear_shape(module)
+        if shape is None or not should_convert_module(name, skips):
+            continue
+        count += 1
+        if (reason := four_bit_refusal(*shape)) is not None:
+            unfit[name] = reason
+    return unfit, count
+
+
+def _restore_4bit_scales(module, state_dict, prefix, local_metadata) -> None:
+    """A state-dict post-hook for Linear4bit. On AVX512-BF16 CPUs, bitsandbytes 0.50 repacks a 4-bit
+    weight at its first inference and unpacks it when saved, but leaves the block scales of a weight
+    without double quantization in the packed (in_features/64, out_features) bf16 layout: with
+    in_features > 64 the checkpoint, and the model itself from then on, scale the wrong blocks. Put
+    them back in their flat float32 order, in the module and in the state dict (the values stay the
+    bf16-rounded ones inference used)."""
+    state = getattr(module.weight, "quant_state", None)
+    if (state is None or state.nested or state.absmax.dim() != 2
+            or getattr(state, "packing_format_for_cpu", False)):
+        return
+    state.absmax = state.absmax.T.reshape(-1).float()
+    state_dict[prefix + "weight.absmax"] = state.absmax
+
+
+def keep_4bit_scales_on_save(model: torch.nn.Module) -> None:
+    """Hook ``_restore_4bit_scales`` onto every Linear4bit of ``model``, so saving it after inference
+    on an AVX512-BF16 CPU writes (and keeps) the scales that inference used."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.register_state_dict_post_hook(_restore_4bit_scales)
 
 
 def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: str | None = None,
@@ -137,7 +215,13 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
     require_unquantized(model)
     tie_map = tie_map or {}
     device, dtype = next(model.parameters()).device, model.dtype
-    config = bnb_config(kind, double_quant, compute_dtype, dtype, skip_modules_for(model, tie_map))
+    unquantized, linears = four_bit_unfit(model, tie_map) if kind in ("nf4", "fp4") else ({}, 0)
+    if unquantized and len(unquantized) == linears:
+        name, reason = next(iter(unquantized.items()))
+        raise UserError(f"--quantize {kind}: no linear of this model fits bitsandbytes' 4-bit kernels, which need "
+                        f"in_features a multiple of {FOUR_BIT_BLOCKSIZE} and out_features of {FOUR_BIT_TILE_ROWS} "
+                        f"(e.g. {name}: {reason}); use --quantize int8, which takes any shape")
+    config = bnb_config(kind, double_quant, compute_dtype, dtype, skip_modules_for(model, tie_map, unquantized))
     bytes_before, start = stored_weight_bytes(model), time.perf_counter()
     quiet_int8_cast_warning()
     with tempfile.TemporaryDirectory(prefix="compress-eval-quantize-") as tmp:
@@ -147,11 +231,13 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
                                          dtype=dtype, device_map={"": device})
     retie(quantized, tie_map)
     quantized.eval()
+    keep_4bit_scales_on_save(quantized)
     record = {
         "kind": kind,
         "double_quant": bool(double_quant) if kind != "int8" else None,
         "compute_dtype": str(config.bnb_4bit_compute_dtype).removeprefix("torch.") if kind != "int8" else None,
         "bitsandbytes_config": config.to_dict(),
+        "unquantized": unquantized,  # {linear: why it stays float}: shapes the 4-bit kernels refuse
         "weight_bytes_before": bytes_before,
         "weight_bytes_after": stored_weight_bytes(quantized),
         "seconds": round(time.perf_counter() - start, 3),

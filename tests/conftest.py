@@ -16,12 +16,14 @@ TEXT = (
 VOCAB = 96
 
 
-def tiny_config(family: str):
-    """A config with 4 blocks, hidden 32, vocabulary VOCAB, for one adapter family."""
+def tiny_config(family: str, hidden: int = 32, intermediate: int | None = None):
+    """A config with 4 blocks, hidden 32, vocabulary VOCAB, for one adapter family. ``hidden`` and
+    ``intermediate`` (default 2 * hidden; GPT-2's own 4 * hidden) resize it: 4-bit quantization
+    needs linears with in_features a multiple of 64 and out_features of 32 (hidden=64 gives that)."""
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False)
     if family == "llama":
         return tf.LlamaConfig(**common)
@@ -43,19 +45,20 @@ def tiny_config(family: str):
                                      num_attention_heads=2, image_size=16, patch_size=8)
         return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**common), image_token_index=VOCAB - 1)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_inner=intermediate, n_layer=4, n_head=4,
+                             n_positions=256)
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava"]
 
 
-def tiny_model(family: str = "llama", seed: int = 0):
+def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32, intermediate: int | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if family == "llava" else AutoModelForCausalLM
-    model = auto.from_config(tiny_config(family), dtype=torch.float32)
+    model = auto.from_config(tiny_config(family, hidden, intermediate), dtype=torch.float32)
     return model.eval()
 
 
