@@ -13,12 +13,14 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import os
+import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from compress_eval.errors import UserError
 from compress_eval.grid import Cell
+from compress_eval.jsonfile import write_json_atomic
 from compress_eval.models.checkpoint import MANIFEST
 from compress_eval.results import store
 
@@ -31,11 +33,19 @@ class Outcome:
     message: str = ""
 
 
+def finished_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a readable manifest (a corrupt one means the cell is not done)."""
+    try:
+        store.read_manifest(run_dir)
+    except store.RunError:
+        return False
+    return True
+
+
 def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=print) -> Outcome:
     """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
     from compress_eval import pipeline
-    from compress_eval.cli.evaluate import run_evaluation
-    from compress_eval.evaluate import parse_tasks
+    from compress_eval.evaluate import evaluate_and_record, parse_tasks
 
     run_dir = runs_dir / cell.name
     with store.run_lock(runs_dir, cell.name, wait) as held:
@@ -43,20 +53,23 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=
             return Outcome(cell.name, cell.label, "busy")
         try:
             parse_tasks(list(cell.tasks))  # an unknown task fails the cell before its compression
-            store.remove_stale_temp_dirs(runs_dir, cell.name)
             compressed = not (run_dir / MANIFEST).exists()
+            if not compressed and not finished_checkpoint(run_dir):
+                log(f"[{cell.name}] {run_dir / MANIFEST} is corrupt: removing the run to redo it")
+                shutil.rmtree(run_dir)
+                compressed = True
             if compressed:
                 log(f"[{cell.name}] compressing")
                 pipeline.compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
             if not (run_dir / store.CELL_FILE).exists():
-                store.write_json_atomic(run_dir / store.CELL_FILE, cell.record())
+                write_json_atomic(run_dir / store.CELL_FILE, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]
             if not missing:
                 return Outcome(cell.name, cell.label, "ran" if compressed else "skipped")
             log(f"[{cell.name}] evaluating {','.join(missing)}")
             ev, cfg = cell.eval, cell.config
-            run_evaluation(str(run_dir), missing, ev.seqlen, data_dir, ev.max_windows, ev.batch_size,
-                           cfg.device, cfg.dtype)
+            evaluate_and_record(str(run_dir), missing, ev.seqlen, data_dir, ev.max_windows, str(ev.batch_size),
+                                cfg.device, cfg.dtype)
             return Outcome(cell.name, cell.label, "ran" if compressed else "evaluated")
         except UserError as exc:
             return Outcome(cell.name, cell.label, "failed", str(exc))

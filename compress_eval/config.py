@@ -42,7 +42,20 @@ class CompressConfig(BaseModel):
     double_quant: bool = Field(False, description="4-bit: quantize the block scales too (QLoRA)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="4-bit matmul dtype; default the model's dtype")
+    allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_distinct(cls, v):
+        if v is not None:
+            if any(b < 0 for b in v):
+                raise ValueError(f"blocks are indices from 0, got {v}")
+            twice = sorted({b for b in v if v.count(b) > 1})
+            if twice:
+                raise ValueError(f"block {twice[0]} is listed twice in {v}: give each block once")
+        return v
 
     @field_validator("sparsity")
     @classmethod
@@ -101,15 +114,23 @@ def make_config(**values) -> CompressConfig:
 def load_recipe(path: str | Path, **overrides) -> CompressConfig:
     """A YAML recipe (the keys of CompressConfig); command-line values override it."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"recipe {path} not found")
+    if not path.is_file():
+        raise UserError(f"recipe {path} {'is a directory' if path.is_dir() else 'not found'}: give a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text: give a YAML file") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {path} must be a mapping of CompressConfig keys")
-    options = {**data.pop("options", {}), **overrides.pop("options", {})}
+        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UserError(f"recipe {path} must be a mapping of CompressConfig keys (model, method, options, ...)")
+    recipe_options = data.pop("options", None)
+    if recipe_options is None:
+        recipe_options = {}
+    if not isinstance(recipe_options, dict):
+        raise UserError(f"recipe {path}: options must be a mapping of method options (key: value), "
+                        f"got {type(recipe_options).__name__}")
+    options = {**recipe_options, **overrides.pop("options", {})}
     return make_config(**{**data, **{k: v for k, v in overrides.items() if v is not None}, "options": options})
 
 

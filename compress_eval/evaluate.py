@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
+from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
 from compress_eval.models.registry import load_model, resolve
 from compress_eval.paths import cache_dir
 from compress_eval.paths import data_dir as resolve_data_dir
@@ -71,26 +69,26 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
 
 
 def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
-             batch_size: int = 1, device=None, dtype=None, progress: bool = True) -> dict:
-    model, tokenizer, _ = load_model(name_or_dir, device, dtype)
+             batch_size: int = 1, device=None, dtype=None, progress: bool = True, *, allow_pickle: bool = False,
+             trust_remote_code: bool = False) -> dict:
+    model, tokenizer, _ = load_model(name_or_dir, device, dtype, allow_pickle, trust_remote_code)
     return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
 
 
-def _write_json(path: Path, data: dict) -> Path:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
+def _stored(path: Path) -> dict:
+    """What a results file already holds (a corrupt one is an error, never silently replaced)."""
+    try:
+        return read_json_object(path) or {}
+    except JSONFileError as exc:
+        raise UserError(f"{exc}: move it away to evaluate again") from None
 
 
 def store_results(directory: str | Path, results: dict) -> Path:
     """Merge perplexity ``results`` into the run directory's results file."""
     path = Path(directory) / RESULTS_FILE
-    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged = _stored(path)
     merged.update(results)
-    return _write_json(path, merged)
+    return write_json_atomic(path, merged)
 
 
 def store_lm_eval_results(directory: str | Path, results: dict) -> Path:
@@ -100,12 +98,12 @@ def store_lm_eval_results(directory: str | Path, results: dict) -> Path:
     ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
     """
     path = Path(directory) / LM_EVAL_RESULTS_FILE
-    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged = _stored(path)
     for key, value in results.items():
         if key != "samples":
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
                 else value
-    return _write_json(path, merged)
+    return write_json_atomic(path, merged)
 
 
 def lm_eval_task_name(task: str, data_dir) -> str:
@@ -155,28 +153,35 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
     metadata = {**model_args, **({"data_dir": str(root)} if root else {})}
     # Offline, every task is ours: skipping lm-eval's own index saves its scan of ~15k task files.
     manager = TaskManager(include_path=tasks_dir(), include_defaults=root is None, metadata=metadata)
-    results = simple_evaluate(
-        model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in tasks],
-        num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-        use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False)
+    try:
+        results = simple_evaluate(
+            model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in tasks],
+            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
+            use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False)
+    except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
+        raise UserError(f"cannot download the data of {', '.join(tasks)} from the Hugging Face Hub "
+                        f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
+                        f"COMPRESS_EVAL_DATA_DIR=DIR (laid out like shared/data)") from None
     results["config"]["model"] = MODEL_TYPE
     # The field lm-eval's own CLI writes (as a string) in its results file.
     results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))
     return results
 
 
-def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None):
+def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow_pickle: bool = False,
+             trust_remote_code: bool = False):
     """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too)."""
     from compress_eval.lm_eval_plugin import CompressedLM
-    from compress_eval.models.registry import default_device
+    from compress_eval.models.registry import resolve_device
 
-    return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=device or default_device(),
-                        dtype=dtype or "auto")
+    return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
+                        dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
                    batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None,
-                   progress: bool = True) -> tuple[dict, dict | None]:
+                   progress: bool = True, *, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> tuple[dict, dict | None]:
     """(perplexity results, lm-eval results or None) for canonical task names; the model loads once.
 
     ``batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
@@ -185,10 +190,28 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
     ppl_batch = int(batch_size) if str(batch_size).isdigit() else 1
     if not lm_tasks:
         return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
-                        progress), None
-    lm = build_lm(name_or_dir, batch_size, device, dtype)
+                        progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
+    lm = build_lm(name_or_dir, batch_size, device, dtype, allow_pickle=allow_pickle,
+                  trust_remote_code=trust_remote_code)
     ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
                        progress) if ppl_tasks else {}
     lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
                                   str(lm.device), dtype or "auto")
+    return ppl, lm_results
+
+
+def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
+                        batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None, *,
+                        allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[dict, dict | None]:
+    """Evaluate, and store the results in ``target`` when it is one of our checkpoint directories."""
+    from compress_eval.models.checkpoint import read_manifest
+
+    ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
+                                     limit, num_fewshot, allow_pickle=allow_pickle,
+                                     trust_remote_code=trust_remote_code)
+    if Path(target).is_dir() and read_manifest(target) is not None:
+        if ppl:
+            store_results(target, ppl)
+        if lm_results:
+            store_lm_eval_results(target, lm_results)
     return ppl, lm_results

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress_eval.config import CompressConfig, validation_message
 from compress_eval.errors import UserError
+from compress_eval.methods.registry import resolve_config
 
 HASH_CHARS = 12
 
@@ -153,7 +154,7 @@ def expand(grid: Grid, models: list[str] | None = None) -> list[Cell]:
                     values = {**grid.config, **entry.config, "model": model, "method": entry.method,
                               "options": {**entry.options, **point}, **amount}
                     try:
-                        cfg = CompressConfig(**values)
+                        cfg = resolve_config(CompressConfig(**values))
                     except ValidationError as exc:
                         raise UserError(f"grid method {label!r}: {validation_message(exc)}") from exc
                     cell = Cell(label, cfg, tuple(grid.tasks), grid.eval)

@@ -51,23 +51,26 @@ def sync_tied_embeddings(model) -> None:
 
 @register_model(MODEL_TYPE)
 class CompressedLM(HFLM):
-    """``--model compressed --model_args pretrained=DIR_OR_ALIAS[,dtype=...]``."""
+    """``--model compressed --model_args pretrained=DIR_OR_ALIAS[,dtype=...][,allow_pickle=True]``."""
 
-    def __init__(self, pretrained: str, tokenizer=None, **kwargs) -> None:
+    def __init__(self, pretrained: str, tokenizer=None, allow_pickle: bool = False, **kwargs) -> None:
         from transformers import AutoTokenizer
 
+        self.allow_pickle = allow_pickle
         location = local_path_or_id(resolve(pretrained)) if isinstance(pretrained, str) else pretrained
         # HFLM would otherwise look the tokenizer up by name (on the Hub for an alias).
         if tokenizer is None and isinstance(location, str):
-            tokenizer = AutoTokenizer.from_pretrained(location)
+            tokenizer = AutoTokenizer.from_pretrained(location,
+                                                      trust_remote_code=kwargs.get("trust_remote_code", False))
         super().__init__(pretrained=location, tokenizer=tokenizer, **kwargs)
 
-    def _create_model(self, pretrained: str, dtype="auto", **kwargs) -> None:
+    def _create_model(self, pretrained: str, dtype="auto", trust_remote_code=False, **kwargs) -> None:
         chosen = [name for name in UNSUPPORTED if kwargs.get(name)]
         chosen += [name for name in kwargs if name not in UNSUPPORTED + HFLM_PLUMBING]
         if chosen:
             raise ValueError(f"model type {MODEL_TYPE!r} loads checkpoints as saved; model arg {chosen[0]!r} "
                              f"is not supported (use --model hf for it)")
-        model, _, _ = load_model(pretrained, device=str(self.device), dtype=dtype)
+        model, _, _ = load_model(pretrained, device=str(self.device), dtype=dtype, allow_pickle=self.allow_pickle,
+                                 trust_remote_code=bool(trust_remote_code))
         sync_tied_embeddings(model)
         self._model = model

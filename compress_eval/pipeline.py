@@ -15,7 +15,7 @@ import torch
 
 from compress_eval.config import CompressConfig, dump_recipe
 from compress_eval.data.calibration import calibration_windows
-from compress_eval.methods.registry import get_method
+from compress_eval.methods.registry import get_method, resolve_config
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.registry import load_model
@@ -40,14 +40,16 @@ class Timer:
 
 
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print):
-    """Compress ``cfg.model`` in memory. Returns (model, tokenizer, manifest)."""
+    """Compress ``cfg.model`` in memory. Returns (model, tokenizer, manifest, record)."""
     timer = Timer()
+    cfg = resolve_config(cfg)
     method = get_method(cfg)  # validates the method and its options before any heavy work
     if cfg.quantize:
         bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?
     torch.manual_seed(cfg.seed)
     with timer.step("load"):
-        model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype)
+        model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype, cfg.allow_pickle,
+                                              cfg.trust_remote_code)
     require_unquantized(model, cfg.model)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks

@@ -139,6 +139,33 @@ def test_interrupted_cell_leaves_nothing_and_resumes(tiny_model_dir, data_dir, t
     assert finished(runs, cells)
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b"[1]", b"\xff\xfe", b'{"method": "none"}'])
+def test_a_cell_with_a_corrupt_manifest_is_redone(tiny_model_dir, data_dir, tmp_path, damage):
+    runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)[:1]
+    assert [o.status for o in run_cells(cells, runs)] == ["ran"]
+    (runs / cells[0].name / "compress_eval.json").write_bytes(damage)
+    assert [o.status for o in run_cells(cells, runs)] == ["ran"]  # compressed again, not "skipped"
+    assert finished(runs, cells)
+
+
+@pytest.mark.parametrize("profile", ["paper", "cpu", "default"])
+def test_cell_names_are_stable_through_method_resolution(profile):
+    """Resolving a method's profile never changes a cell's identity after expansion (the run dir is
+    chosen and cell.json written under the same name)."""
+    from compress_eval.methods.registry import get_method, resolve_config
+
+    g = grid(methods=[{"method": "fuse", "options": {"profile": profile}, "num_blocks": [1]},
+                      {"method": "mi", "options": {"profile": profile}, "sparsities": [0.25]},
+                      "sleb"], sparsities=[0.25])
+    for cell in expand(g):
+        name, dump = cell.name, cell.config.model_dump()
+        assert resolve_config(cell.config) == cell.config
+        get_method(cell.config)
+        assert cell.name == name and cell.config.model_dump() == dump
+    paper = expand(grid(methods=[{"method": "fuse", "options": {"profile": "paper"}, "num_blocks": [1]}]))[0]
+    assert (paper.config.calib_samples, paper.config.seqlen) == (128, 2048)
+
+
 def test_a_bad_cell_fails_alone(tiny_model_dir, data_dir, tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"models": [str(tiny_model_dir)], "tasks": ["wikitext2"],

@@ -10,7 +10,7 @@ from compress_eval.config import make_config
 from compress_eval.errors import UserError
 from compress_eval.methods.fusegpt import kl_of_logits, kl_over_batch, partial_group
 from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear
-from compress_eval.methods.registry import get_method
+from compress_eval.methods.registry import get_method, resolve_config
 from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter
 from conftest import VOCAB, tiny_model
 
@@ -168,12 +168,14 @@ def test_uncollapsed_loop_fuses_into_fused_blocks_and_materializes_at_the_end():
 
 
 def test_profiles_fill_unset_values_and_calibration():
-    cfg = make_config(model="tiny", method="fuse", sparsity=0.25, options={"profile": "paper", "epochs": 3})
+    given = make_config(model="tiny", method="fuse", sparsity=0.25, options={"profile": "paper", "epochs": 3})
+    cfg = resolve_config(given)
     method = get_method(cfg)
     assert (method.options.epochs, method.options.lora_rank, method.options.loss) == (3, 128, "kl-batch")
     assert (cfg.calib_samples, cfg.seqlen) == (128, 2048)
-    cfg = make_config(model="tiny", method="mi", sparsity=0.25, calib_samples=4, options={"profile": "paper"})
-    get_method(cfg)
+    assert (given.calib_samples, given.seqlen) == (8, 512)  # a new config: the given one is unchanged
+    cfg = resolve_config(make_config(model="tiny", method="mi", sparsity=0.25, calib_samples=4,
+                                     options={"profile": "paper"}))
     assert (cfg.calib_samples, cfg.seqlen) == (4, 2048)
 
 

@@ -147,3 +147,39 @@ def test_html_renders_and_sorts_in_headless_chromium(runs, tmp_path):
     shot = tmp_path / "shot.png"
     chromium(f"--screenshot={shot}", "--window-size=1200,900", page)
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda p: (p / "lm_eval_results.json").write_text('{"results": [1]}'), "not lm-eval's task mapping"),
+    (lambda p: (p / "lm_eval_results.json").write_text('{"results": {"piqa": [1]}, "x": 1}'), None),
+    (lambda p: _edit_manifest(p, blocks_before=0), "blocks_before is 0"),
+    (lambda p: _edit_manifest(p, params_before=0), "params_before is 0"),
+    (lambda p: _edit_manifest(p, params_after="many"), "params_after is 'many'"),
+    (lambda p: _edit_manifest(p, base_model=None), "base_model"),
+    (lambda p: (p / "results_ppl.json").write_text('{"wikitext2_ppl": 3}'), "lack a field"),
+    (lambda p: (p / "compress_eval.json").write_bytes(b"\xff\xfe"), "not UTF-8"),
+])
+def test_one_malformed_run_is_skipped_and_the_rest_built(runs, damage, why):
+    damage(runs / "sleb25")
+    board = build(runs)
+    skipped = {path.name: reason for path, reason in board.problems}
+    if why is None:  # a task without metrics is left out, the run stays
+        assert "sleb25" in {r.path.name for r in board.rows}
+    else:
+        assert why in skipped["sleb25"] and "sleb25" not in {r.path.name for r in board.rows}
+    assert {"dense", "drop3", "merge"} <= {r.path.name for r in board.rows}
+    result = CliRunner().invoke(app, ["leaderboard", str(runs)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+
+
+def _edit_manifest(path: Path, **values) -> None:
+    manifest = json.loads((path / "compress_eval.json").read_text())
+    (path / "compress_eval.json").write_text(json.dumps({**manifest, **values}))
+
+
+def test_a_null_perplexity_is_a_missing_value(runs):
+    (runs / "drop3" / "results_ppl.json").write_text(json.dumps(
+        {"wikitext2_ppl": {"ppl": None, "windows": 20, "seqlen": 512}, "c4_ppl": {"ppl": 30.0, "windows": 20,
+                                                                                  "seqlen": 512}}))
+    row = next(r for r in build(runs).rows if r.path.name == "drop3")
+    assert "wikitext2_ppl" not in row.metrics and row.metrics["c4_ppl"] == 30.0

@@ -39,3 +39,7 @@ Dtype = typer.Option(None, help="auto (fp32 on CPU, bf16 on CUDA), float32, bflo
 EvalSeqlen = typer.Option(2048, min=2, help="window length of perplexity tasks (the papers use 2048; "
                           "512 for quick CPU runs)")
 MaxWindows = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows (quick partial run)")
+AllowPickle = typer.Option(False, "--allow-pickle", help="also read pickle weights (pytorch_model.bin), which can "
+                           "run code when loaded; default: safetensors only")
+TrustRemoteCode = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code "
+                               "(transformers' trust_remote_code)")

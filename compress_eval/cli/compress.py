@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, int_list, user_errors
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
+                                      TrustRemoteCode, int_list, user_errors)
 from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
@@ -51,10 +52,12 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
 
 
 def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                 device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None):
+                 device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None,
+                 allow_pickle=False, trust_remote_code=False):
     values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
                   calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
                   dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
+                  allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None,
                   options=parse_options(options, extra))
     if recipe:
         return load_recipe(recipe, **values)
@@ -96,6 +99,8 @@ def compress_command(
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
+    allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemoteCode,
 ) -> None:
     """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it.
 
@@ -107,13 +112,14 @@ def compress_command(
     from compress_eval.pipeline import compress_to_dir
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                       device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype)
+                       device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
+                       allow_pickle, trust_remote_code)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
     path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
-                       limit=limit, num_fewshot=num_fewshot)
+                       limit=limit, num_fewshot=num_fewshot)  # our checkpoint: always safetensors
 
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}

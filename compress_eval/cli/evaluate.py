@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, user_errors
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
+                                      TrustRemoteCode, user_errors)
 from compress_eval.errors import UserError
-from compress_eval.evaluate import (display_name, evaluate_tasks, parse_tasks, store_lm_eval_results,
-                                    store_results)
-from compress_eval.models.checkpoint import read_manifest
+from compress_eval.evaluate import display_name, evaluate_and_record, parse_tasks
 
 METRICS = ("acc", "acc_norm")
 
@@ -52,17 +49,12 @@ def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
 
 
 def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit=None, num_fewshot=None) -> tuple[dict, dict | None]:
+                   limit=None, num_fewshot=None, allow_pickle=False, trust_remote_code=False) -> None:
     """Evaluate, store the results in a checkpoint directory, print the summary table."""
-    ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
-                                     device, dtype, parse_limit(limit), num_fewshot)
-    if Path(target).is_dir() and read_manifest(target) is not None:
-        if ppl:
-            store_results(target, ppl)
-        if lm_results:
-            store_lm_eval_results(target, lm_results)
+    ppl, lm_results = evaluate_and_record(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
+                                          device, dtype, parse_limit(limit), num_fewshot,
+                                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     Console(width=120).print(summary_table(str(target), ppl, lm_results))
-    return ppl, lm_results
 
 
 @user_errors
@@ -78,6 +70,8 @@ def eval_command(
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
+    allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemoteCode,
 ) -> None:
     """Evaluate a model or checkpoint; results are stored in the checkpoint directory.
 
@@ -85,7 +79,7 @@ def eval_command(
     (offline copies from the data directory when one is set, else lm-eval's Hub tasks).
     """
     run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit, num_fewshot)
+                   limit, num_fewshot, allow_pickle, trust_remote_code)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from compress_eval.cli.common import DataDir, Device, Dtype, EvalSeqlen, MaxWindows, user_errors
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
+                                      TrustRemoteCode, user_errors)
 from compress_eval.evaluate import PPL_TASKS, evaluate
 
 
@@ -18,13 +19,16 @@ def ppl_command(
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
+    allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemoteCode,
 ) -> None:
     """Token perplexity over non-overlapping windows (WikiText-2 test or C4 validation)."""
     if dataset not in PPL_TASKS:
         from compress_eval.errors import UserError
 
         raise UserError(f"unknown dataset {dataset!r}: use wikitext2 or c4")
-    results = evaluate(model, [dataset], seqlen, data_dir, max_windows, batch_size, device, dtype)
+    results = evaluate(model, [dataset], seqlen, data_dir, max_windows, batch_size, device, dtype,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     r = next(iter(results.values()))
     typer.echo(f"{r['windows']} windows x {seqlen} tokens, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s")
     typer.echo(f"{r['ppl']:.4f}")

@@ -30,7 +30,8 @@ def eval_windows(tokenizer, dataset: str, seqlen: int, data_dir: str | Path | No
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise UserError(f"{dataset} has fewer than seqlen={seqlen} tokens: lower --seqlen")
+        raise UserError(f"{dataset} has fewer than seqlen={seqlen} tokens: lower the evaluation window "
+                        f"(--eval-seqlen of run/compress, --seqlen of eval/ppl)")
     return ids[: n * seqlen].view(n, seqlen)
 
 

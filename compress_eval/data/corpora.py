@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from compress_eval.errors import UserError
+from compress_eval.paths import DATA_DIR_ENV
 from compress_eval.paths import data_dir as resolve_data_dir
 
 DATASETS = ("wikitext2", "c4")
@@ -29,6 +30,19 @@ def _local_file(root: Path, rel: str) -> Path:
     return path
 
 
+def hub_dataset(path: str, *args, **kwargs):
+    """``datasets.load_dataset`` for users online; offline (or the Hub unreachable) a one-line error
+    that names the local alternative."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(path, *args, **kwargs)
+    except OSError as exc:  # ConnectionError, a missing file on the Hub, offline mode
+        raise UserError(f"cannot load {path!r} from the Hugging Face Hub ({str(exc).splitlines()[0]}): "
+                        f"use local data with --data-dir DIR or {DATA_DIR_ENV}=DIR (laid out like shared/data)"
+                        ) from None
+
+
 def wikitext2_rows(split: str, data_dir: Path | None) -> list[str]:
     """The rows of ``wikitext-2-raw-v1`` (``test``, ``validation`` or ``train``), empty rows kept."""
     if data_dir is not None:
@@ -37,9 +51,7 @@ def wikitext2_rows(split: str, data_dir: Path | None) -> list[str]:
         path = _local_file(data_dir, f"wikitext2/wikitext-2-raw-v1.{split}.rows.jsonl")
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line)["text"] for line in fh]
-    from datasets import load_dataset
-
-    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    return list(hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
 def c4_documents(split: str, data_dir: Path | None) -> list[str]:
@@ -54,13 +66,11 @@ def c4_documents(split: str, data_dir: Path | None) -> list[str]:
         docs = pq.read_table(_local_file(data_dir, "c4/c4_validation_2k.parquet"), columns=["text"])
         texts = docs.column("text").to_pylist()
         return texts[:C4_EVAL_DOCS] if split == "validation" else texts[C4_EVAL_DOCS:]
-    from datasets import load_dataset
-
     files = {
         "validation": "en/c4-validation.00000-of-00008.json.gz",
         "train": "en/c4-train.00000-of-01024.json.gz",
     }
-    ds = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+    ds = hub_dataset("allenai/c4", data_files={split: files[split]}, split=split)
     texts = ds["text"]
     return list(texts[:C4_EVAL_DOCS]) if split == "validation" else list(texts)
 

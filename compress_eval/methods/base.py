@@ -33,11 +33,18 @@ class Compressor(ABC):
     name: ClassVar[str]
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = True
+    takes_blocks: ClassVar[bool] = False  # explicit --blocks (others choose their blocks themselves)
     summary: ClassVar[str] = ""
 
     def __init__(self, cfg: CompressConfig):
         self.cfg = cfg
         self.options = self.options_class(**cfg.options)
+
+    @classmethod
+    def resolved_config(cls, cfg: CompressConfig) -> CompressConfig:
+        """``cfg`` with what this method decides when the user did not (e.g. a profile's calibration
+        size), as a new config; the identity for methods without such defaults. Must be idempotent."""
+        return cfg
 
     @abstractmethod
     def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:

@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from compress_eval.errors import UserError
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DepthPruningOptions
+from compress_eval.methods.finite import require_finite
 from compress_eval.methods.fusion import fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
@@ -81,8 +82,8 @@ class FuseOptions(MIOptions):
     lora_rank: int | None = Field(None, ge=0, description="rank of the LoRA B A (0 = none)")
     extra_rank: int | None = Field(None, ge=0, description="fuse only: rank of an added free term E F (0 = none)")
     epochs: int | None = Field(None, ge=1)
-    lr_coef: float | None = Field(None, gt=0, description="learning rate of coefficients / low-rank terms")
-    lr_lora: float | None = Field(None, gt=0, description="learning rate of LoRA and norm weights")
+    lr_coef: float | None = Field(None, gt=0, le=1e30, description="learning rate of coefficients / low-rank terms")
+    lr_lora: float | None = Field(None, gt=0, le=1e30, description="learning rate of LoRA and norm weights")
     loss: Loss | None = Field(None, description="kl-batch (paper), mse on the group output, or kd-logits")
     collapse: bool | None = Field(None, description="write effective weights after every fusion")
 
@@ -131,12 +132,13 @@ class IterativeFusion(Compressor):
 
     options_class = FuseOptions
     training: ClassVar[str | None] = "fuse"  # None | "lora" | "lowrank" | "fuse"
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # The profile decides the calibration size unless the user gave it.
-        for key in ("calib_samples", "seqlen"):
-            if key not in cfg.model_fields_set:
-                setattr(cfg, key, PROFILES[self.options.profile][key])
+
+    @classmethod
+    def resolved_config(cls, cfg):
+        """The profile decides the calibration size unless the user gave it."""
+        profile = PROFILES[cls.options_class(**cfg.options).profile]
+        return cfg.model_copy(update={key: profile[key] for key in ("calib_samples", "seqlen")
+                                      if key not in cfg.model_fields_set})
 
     # --- one iteration's pieces ----------------------------------------------------------------
     def group_io(self, prefix: PrefixStates, calib: torch.Tensor, group: list[int], reuse: bool):
@@ -195,11 +197,16 @@ class IterativeFusion(Compressor):
         return kl_of_logits(runner.logits(runner.run(student_out, self.suffix_start, stop)), teacher)
 
     def fine_tune(self, runner, group, f, inputs, targets, coef, slow, gen, label) -> list[float]:
-        """Adam(0.9, 0.95), two learning rates, cosine decay over all steps; returns epoch mean losses."""
+        """Adam(0.9, 0.95), two learning rates, cosine decay over all steps; returns epoch mean losses.
+
+        A NaN/inf loss or trainable weight stops it at that step with a :class:`UserError`."""
         o = self.options
-        groups = [g for g in ({"params": coef, "lr": o.lr_coef}, {"params": slow, "lr": o.lr_lora}) if g["params"]]
+        groups = [g for g in ({"params": coef, "lr": o.lr_coef, "flag": "--lr-coef"},
+                              {"params": slow, "lr": o.lr_lora, "flag": "--lr-lora"}) if g["params"]]
+        lrs = {g.pop("flag"): g["lr"] for g in groups}
         opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
-        steps = o.epochs * math.ceil(inputs.size(0) / o.batch_size)
+        per_epoch = math.ceil(inputs.size(0) / o.batch_size)
+        steps = o.epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         members = [j for j in group if j != f]
         self.suffix_start = group[-1] + 1
@@ -208,7 +215,7 @@ class IterativeFusion(Compressor):
             for epoch in range(o.epochs):
                 order = torch.randperm(inputs.size(0), generator=gen)
                 total = 0.0
-                for idx in batches(order, o.batch_size):
+                for step, idx in enumerate(batches(order, o.batch_size), 1):
                     h = inputs[idx.to(inputs.device)]
                     for j in members:
                         h = runner.run_block(j, h)
@@ -217,7 +224,10 @@ class IterativeFusion(Compressor):
                     loss.backward()
                     opt.step()
                     sched.step()
-                    total += loss.item() * idx.numel()
+                    value = loss.item()
+                    require_finite(value, coef + slow, f"{self.name} fine-tune, {label} epoch {epoch + 1}/"
+                                   f"{o.epochs} step {step}/{per_epoch}", lrs)
+                    total += value * idx.numel()
                 losses.append(total / inputs.size(0))
                 progress(f"[{self.name}] {label} epoch {epoch + 1}/{o.epochs} loss {losses[-1]:.6g}")
         for p in coef + slow:

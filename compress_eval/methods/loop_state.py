@@ -9,13 +9,13 @@ same result as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compress_eval.errors import UserError
+from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
 
 STATE = "state.json"
 
@@ -27,10 +27,16 @@ class LoopState:
 
     def load(self) -> dict | None:
         """The saved state, or None for a fresh start; a state of another run is an error."""
-        path = self.dir / STATE
-        if not path.exists():
+        try:
+            state = read_json_object(self.dir / STATE)
+        except JSONFileError as exc:
+            raise UserError(f"--resume {self.dir}: {exc}; remove the directory to start afresh") from None
+        if state is None:
             return None
-        state = json.loads(path.read_text())
+        if not (isinstance(state.get("fingerprint"), dict) and isinstance(state.get("alive"), list)
+                and isinstance(state.get("iterations"), list) and isinstance(state.get("files", {}), dict)):
+            raise UserError(f"--resume {self.dir}: {STATE} lacks fingerprint/alive/iterations (not a state "
+                            f"this tool wrote); remove the directory to start afresh")
         if state["fingerprint"] != self.fingerprint:
             diff = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
             raise UserError(f"--resume {self.dir}: the saved state is of a different run (differs in "
@@ -42,7 +48,11 @@ class LoopState:
         alive = state["alive"]
         adapter.keep_blocks(alive)
         for orig, name in state["files"].items():
-            adapter.blocks[alive.index(int(orig))].load_state_dict(load_file(self.dir / name))
+            try:
+                adapter.blocks[alive.index(int(orig))].load_state_dict(load_file(self.dir / name))
+            except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
+                raise UserError(f"--resume {self.dir}: cannot restore block {orig} from {name} "
+                                f"({str(exc).splitlines()[0]}); remove the directory to start afresh") from None
 
     def save(self, state: dict, changed: dict[int, object], iteration: int) -> dict:
         """Write the changed blocks (original index -> module), then state.json; returns the new state."""
@@ -53,9 +63,7 @@ class LoopState:
             save_file({k: v.contiguous() for k, v in block.state_dict().items()}, self.dir / name)
             files[str(orig)] = name
         state = {**state, "files": files, "fingerprint": self.fingerprint}
-        tmp = self.dir / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.dir / STATE)
+        write_json_atomic(self.dir / STATE, state)
         for stale in self.dir.glob("block*.safetensors"):
             if stale.name not in files.values():
                 stale.unlink()

@@ -37,14 +37,32 @@ def available_methods() -> dict[str, type[Compressor]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def get_method(cfg: CompressConfig) -> Compressor:
-    """The method instance for a config, with its options validated."""
+def method_class(name: str) -> type[Compressor]:
     methods = available_methods()
-    if cfg.method not in methods:
-        close = difflib.get_close_matches(cfg.method, list(methods), n=3)
+    if name not in methods:
+        close = difflib.get_close_matches(name, list(methods), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown method {cfg.method!r}{hint}: choose one of {', '.join(methods)}")
+        raise UserError(f"unknown method {name!r}{hint}: choose one of {', '.join(methods)}")
+    return methods[name]
+
+
+def resolve_config(cfg: CompressConfig) -> CompressConfig:
+    """The config a run uses and records: the method's own defaults (profiles) filled in, as a new
+    config; done once, before anything hashes or runs it. Invalid methods or options are left for
+    :func:`get_method` to report."""
     try:
-        return methods[cfg.method](cfg)
+        return method_class(cfg.method).resolved_config(cfg)
+    except (UserError, ValidationError):
+        return cfg
+
+
+def get_method(cfg: CompressConfig) -> Compressor:
+    """The method instance for a (resolved) config, with its options validated."""
+    cls = method_class(cfg.method)
+    if cfg.blocks is not None and not cls.takes_blocks:
+        raise UserError(f"--blocks names the blocks of method 'drop'; {cfg.method!r} chooses its own: "
+                        f"give it --num-blocks N or --sparsity S instead (or use --method drop)")
+    try:
+        return cls(cfg)
     except ValidationError as exc:
         raise UserError(f"invalid options for method {cfg.method!r}: {validation_message(exc)}") from exc

@@ -7,7 +7,8 @@ new depth); the manifest records what was done so any result can be re-made.
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -17,27 +18,86 @@ from pathlib import Path
 import torch
 
 from compress_eval.errors import UserError
+from compress_eval.jsonfile import JSONFileError, read_json_object, user_modes, write_json_atomic
 
 MANIFEST = "compress_eval.json"
 FORMAT = "compress-eval/1"
+log = logging.getLogger(__name__)
 
 
 def ensure_new_output(out: str | Path) -> Path:
+    """``out`` if a run may create it: it does not exist yet and its parent can be written (checked
+    by creating and removing a probe directory, before any slow work)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"output directory {out} already exists: choose another --out or remove it")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output directory {out}: {existing} is a file, not a directory; "
+                        f"choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-eval-probe-", dir=existing))
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {existing} is not writable "
+                        f"({exc.strerror or exc}); choose another --out") from None
     return out
+
+
+TEMP_INFIX = ".tmp-"
+
+
+def temp_dirs(out: Path) -> list[Path]:
+    """Temporary directories of writers of ``out`` (named ``.NAME.tmp-PID-XXXX``)."""
+    return sorted(out.parent.glob(f".{out.name}{TEMP_INFIX}*"))
+
+
+def _writer_alive(tmp: Path, out: Path) -> bool:
+    pid = tmp.name[len(f".{out.name}{TEMP_INFIX}"):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # an older naming without a pid: nobody can be writing it any more
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: str | Path) -> list[Path]:
+    """Remove the temp dirs of ``out`` whose writer process is gone (killed by SIGKILL, a crashed
+    machine); those of live writers are left alone. Returns what was removed."""
+    out = Path(out)
+    stale = [tmp for tmp in temp_dirs(out) if not _writer_alive(tmp, out)]
+    for tmp in stale:
+        log.warning("removing %s, left by a killed run", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path):
-    """Yield a temp directory beside ``out`` that becomes ``out`` only if the block succeeds."""
+    """Yield a temp directory beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    The temp dir's name carries this process's id, so a later run can tell a killed writer's
+    leftovers (removed) from a live concurrent writer's (left alone; the second rename fails)."""
     out = ensure_new_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_INFIX}{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        tmp.rename(out)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp's 0700 and some writers' 0600
+            user_modes(path)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if out.exists():
+                raise UserError(f"output directory {out} was created by another run while this one was "
+                                f"writing; nothing of this run was kept: choose another --out") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,18 +142,15 @@ def git_sha() -> str | None:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    with open(Path(directory) / MANIFEST, "w") as fh:
-        json.dump(manifest, fh, indent=2, default=str)
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
 
 
 def read_manifest(directory: str | Path) -> dict | None:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
+    """The manifest of a checkpoint directory, None if it has none; a corrupt one is a UserError."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"corrupt manifest {path}: {exc}; re-run the compression") from exc
+        return read_json_object(Path(directory) / MANIFEST)
+    except JSONFileError as exc:
+        raise UserError(f"corrupt manifest: {exc}; re-run the compression that made it") from None
 
 
 @contextlib.contextmanager
@@ -144,6 +201,10 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
         placement = {"device_map": {"": device}} if device else {}
     model = from_pretrained_tied(auto_model_class(str(directory)), directory, tie_map, dtype=dtype, **placement)
     retie(model, tie_map)
+    if manifest.get("quantization"):
+        from compress_eval.quantize import keep_4bit_scales_on_save
+
+        keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
     return model, manifest
 
 
@@ -152,8 +213,6 @@ def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
     which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
     if not tie_map:
         return cls.from_pretrained(directory, **kwargs)
-    import logging
-
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -165,6 +224,6 @@ def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
     prefixes = tuple(f"{path}." for path in tie_map)
     missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
     if missing:
-        logging.getLogger(__name__).warning("checkpoint %s lacks %d tensors (newly initialized): %s",
+        log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",
                                             directory, len(missing), ", ".join(missing[:5]))
     return model

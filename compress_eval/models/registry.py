@@ -153,6 +153,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to run on: the one named, checked to exist here, or the default."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (or torch is a CPU build); "
+                        f"use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
     """fp32 on CPU (fp16/bf16 matmuls there are slow or unsupported), bf16 on CUDA."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -169,36 +187,67 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 MULTIMODAL = ("llava", "gemma3")  # compressed through their language model; loaded with their own class
+# Weight files that are pickles: loading one can run arbitrary code, so they need --allow-pickle.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def auto_model_class(where: str):
+def auto_model_class(where: str, trust_remote_code: bool = False):
     """AutoModelForCausalLM, or AutoModelForImageTextToText for LLaVA-style models."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model_type = getattr(AutoConfig.from_pretrained(where), "model_type", None)
-    return AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    return AutoModelForImageTextToText if getattr(config, "model_type", None) in MULTIMODAL else AutoModelForCausalLM
 
 
-def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None):
-    """Load (model, tokenizer, source) for a name; the model is in eval mode on ``device``."""
+def require_safetensors(where: str) -> None:
+    """Refuse a local directory whose weights exist only as pickles (``pytorch_model.bin``)."""
+    path = Path(where)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise UserError(f"{where} holds only pickle weights ({pickles[0]}), which can run code when loaded: "
+                        f"convert them to safetensors, or pass --allow-pickle if you trust the files")
+
+
+def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load (model, tokenizer, source) for a name; the model is in eval mode on ``device``.
+
+    Weights load from safetensors only unless ``allow_pickle``; a model's own Python code runs only
+    with ``trust_remote_code`` (both off by default, as the flags of the same names)."""
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
     source = resolve(name)
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     where = local_path_or_id(source)
+    trust = {"trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        require_safetensors(where)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where, **trust)
         if source.kind == "local" and read_manifest(where) is not None:
             model, _ = load_checkpoint(where, dtype=torch_dtype, device=device)  # our checkpoint: re-tie shared modules
         else:
-            model = auto_model_class(where).from_pretrained(where, dtype=torch_dtype)
+            model = auto_model_class(where, trust_remote_code).from_pretrained(
+                where, dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **trust)
+    except SafetensorError as exc:
+        raise UserError(f"cannot read the weights of {where}: {str(exc).splitlines()[0]} (a truncated or "
+                        f"corrupt .safetensors file); save or download the model again") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserError(f"{name!r} needs its own Python code to load: pass --trust-remote-code if you "
+                        f"trust its authors") from None
     except OSError as exc:
+        hint = "" if allow_pickle else " (weights are read from safetensors only: --allow-pickle reads pickles)"
         if source.kind == "hub":
             raise UserError(
                 f"cannot load {name!r} from the Hugging Face Hub ({source.location}): "
-                f"{str(exc).splitlines()[0]}; check the network/HF_TOKEN or give a local directory"
-            ) from exc
-        raise UserError(f"cannot load model from {where}: {str(exc).splitlines()[0]}") from exc
+                f"{str(exc).splitlines()[0]}; check the network/HF_TOKEN or give a local directory{hint}"
+            ) from None
+        raise UserError(f"cannot load model from {where}: {str(exc).splitlines()[0]}{hint}") from None
     model.to(device).eval()
     return model, tokenizer, source

@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress_eval.jsonfile import JSONFileError, read_json_object
 from compress_eval.evaluate import LM_EVAL_TASKS, PPL_TASKS, RESULTS_FILE as PPL_FILE, display_name
 from compress_eval.models.checkpoint import MANIFEST
 
@@ -34,23 +32,10 @@ class RunError(Exception):
 
 def read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, None if the file is absent; RunError if it is not a JSON object."""
-    if not path.exists():
-        return None
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path.name} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path.name} is not a JSON object")
-    return data
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
+        return read_json_object(path)
+    except JSONFileError as exc:
+        raise RunError(str(exc)) from None
 
 
 def ppl_key(task: str) -> str:
@@ -92,12 +77,6 @@ def run_lock(runs_dir: Path, name: str, wait: bool):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def remove_stale_temp_dirs(runs_dir: Path, name: str) -> None:
-    """Temp dirs of ``name`` left by a killed writer (call only while holding the run's lock)."""
-    for tmp in runs_dir.glob(f".{name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @dataclass
 class Run:
     """One run directory as the leaderboard sees it."""
@@ -135,7 +114,10 @@ def default_label(manifest: dict) -> str:
 def lm_eval_accuracies(results: dict) -> dict[str, float]:
     """{task: accuracy} from lm-eval's results JSON (tasks without an accuracy are left out)."""
     out = {}
-    for task, metrics in (results.get("results") or {}).items():
+    per_task = results.get("results") or {}
+    if not isinstance(per_task, dict):
+        raise RunError(f"{LM_EVAL_FILE}: 'results' is a {type(per_task).__name__}, not lm-eval's task mapping")
+    for task, metrics in per_task.items():
         if not isinstance(metrics, dict):
             continue
         names = ["acc_norm,none", "acc,none"] if task in NORMALIZED_ACC_TASKS else ["acc,none", "acc_norm,none"]
@@ -145,18 +127,35 @@ def lm_eval_accuracies(results: dict) -> dict[str, float]:
     return out
 
 
-def read_run(path: Path) -> Run:
-    """Read a run directory; RunError says why it cannot be used."""
+def positive_counts(manifest: dict) -> None:
+    """RunError unless the manifest's counts (what the leaderboard divides by) are positive integers."""
+    for key in ("blocks_before", "params_before", "params_after", "weight_bytes_before", "weight_bytes_after"):
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RunError(f"{MANIFEST}: {key} is {value!r}, not a positive integer")
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a run directory, checked for what a reader relies on; RunError if unusable."""
     manifest = read_json(path / MANIFEST)
     if manifest is None:
         raise RunError(f"no {MANIFEST} (not a run directory, or a compression that never finished)")
+    positive_counts(manifest)
+    if not isinstance(manifest.get("base_model"), dict) or not isinstance(manifest.get("method"), str):
+        raise RunError(f"{MANIFEST}: base_model or method missing")
+    return manifest
+
+
+def read_run(path: Path) -> Run:
+    """Read a run directory; RunError says why it cannot be used."""
+    manifest = read_manifest(path)
     ppl = read_json(path / PPL_FILE) or {}
     lm_eval = read_json(path / LM_EVAL_FILE) or {}
     cell = read_json(path / CELL_FILE) or {}
     try:
         config = manifest.get("config") or {}
         removed = len(manifest.get("removed_blocks") or [])
-        blocks_before = int(manifest["blocks_before"])
+        blocks_before = manifest["blocks_before"]
         sparsity = config.get("sparsity")
         run = Run(
             path=path, model=str(manifest["base_model"]["name"]), method=str(manifest["method"]),
@@ -168,9 +167,11 @@ def read_run(path: Path) -> Run:
             reference=manifest["method"] == "none" and not config.get("quantize"),
         )
         for key, value in ppl.items():
+            if value["ppl"] is None:  # not finite when measured (stored as null)
+                continue
             run.metrics[key] = float(value["ppl"])
             run.protocol[key] = (value.get("seqlen"), value.get("windows"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RunError(f"manifest or results lack a field ({type(exc).__name__}: {exc})") from None
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)

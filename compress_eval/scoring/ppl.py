@@ -55,4 +55,5 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
         logits = model(input_ids=ids, use_cache=False).logits
         total += window_nll(logits, ids).sum().item()
     tokens = windows.size(0) * (windows.size(1) - 1)
-    return PplResult(math.exp(total / tokens), total, tokens, windows.size(0), time.perf_counter() - start)
+    mean = total / tokens
+    return PplResult(math.exp(mean) if mean < 700 else math.inf, total, tokens, windows.size(0), time.perf_counter() - start)

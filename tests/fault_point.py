@@ -1,0 +1,82 @@
+"""Run the CLI with a pause at one named point, so a test (or bench/faults.py) can kill it there.
+
+    python tests/fault_point.py POINT READY_FILE [compress-eval arguments...]
+
+At POINT the process writes READY_FILE and sleeps until it is signalled. Points:
+``method`` (inside the compression method, after it started), ``save`` (inside the checkpoint save,
+weights written, manifest not yet), ``loop-state`` (a FuseGPT --resume state was just written),
+``ppl`` (inside a perplexity evaluation, after its first window), ``none`` (no pause).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def pause_here(ready: Path) -> None:
+    ready.write_text("ready")
+    time.sleep(3600)
+
+
+def install(point: str, ready: Path) -> None:
+    from compress_eval import pipeline
+    from compress_eval.methods import loop_state
+    from compress_eval.models import checkpoint
+    from compress_eval.scoring import ppl
+
+    if point == "method":
+        get_method = pipeline.get_method
+
+        def paused_method(cfg):
+            method = get_method(cfg)
+            compress = method.compress
+
+            def run(adapter, calib):
+                pause_here(ready)
+                return compress(adapter, calib)
+
+            method.compress = run
+            return method
+
+        pipeline.get_method = paused_method
+    elif point == "save":
+        save = checkpoint.save_model_files
+
+        def paused_save(*args, **kwargs):
+            save(*args, **kwargs)
+            pause_here(ready)
+
+        checkpoint.save_model_files = paused_save
+    elif point == "loop-state":
+        save_state = loop_state.LoopState.save
+
+        def paused_state(self, *args, **kwargs):
+            state = save_state(self, *args, **kwargs)
+            pause_here(ready)
+            return state
+
+        loop_state.LoopState.save = paused_state
+    elif point == "ppl":
+        window_nll = ppl.window_nll
+        calls = []
+
+        def paused_nll(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                pause_here(ready)
+            return window_nll(*args, **kwargs)
+
+        ppl.window_nll = paused_nll
+    elif point != "none":
+        raise SystemExit(f"unknown fault point {point!r}")
+
+
+if __name__ == "__main__":
+    point, ready, *args = sys.argv[1:]
+    install(point, Path(ready))
+    from compress_eval.cli.app import main
+
+    sys.argv = ["compress-eval", *args]
+    main()

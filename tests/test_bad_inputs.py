@@ -1,0 +1,326 @@
+"""Bad input through the CLI: one table, each case exits 2 with one ``error:`` line on stderr, no
+traceback, and leaves no output or temporary directory behind. New options join the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compress_eval.cli.app import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- what a case starts from: each returns the path that replaces {model} ------------------------
+
+def plain(tmp: Path, model_dir: Path) -> Path:
+    return model_dir
+
+
+def damaged(name: str, edit):
+    """A copy of the model directory with ``edit(copy)`` applied."""
+
+    def setup(tmp: Path, model_dir: Path) -> Path:
+        target = tmp / name
+        shutil.copytree(model_dir, target)
+        edit(target)
+        return target
+
+    setup.__name__ = name
+    return setup
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _to_pickle(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+
+
+truncated_weights = damaged("truncated", lambda p: _halve(p / "model.safetensors"))
+empty_weights = damaged("empty", lambda p: (p / "model.safetensors").write_bytes(b""))
+pickle_only = damaged("pickled", _to_pickle)
+manifest_list = damaged("manifest-list", lambda p: (p / "compress_eval.json").write_text("[1]"))
+manifest_not_utf8 = damaged("manifest-bytes", lambda p: (p / "compress_eval.json").write_bytes(b"\xff\xfe{\x00"))
+manifest_not_json = damaged("manifest-text", lambda p: (p / "compress_eval.json").write_text('{"method": '))
+no_config = damaged("no-config", lambda p: (p / "config.json").unlink())
+
+
+def recipe(text: str | bytes):
+    """Writes {tmp}/r.yaml with ``text``; the model is the plain one."""
+
+    def setup(tmp, model_dir):
+        target = tmp / "r.yaml"
+        target.write_bytes(text if isinstance(text, bytes) else text.replace("{model}", str(model_dir)).encode())
+        return model_dir
+
+    return setup
+
+
+def resume_state(text: str):
+    def setup(tmp, model_dir):
+        (tmp / "state").mkdir()
+        (tmp / "state" / "state.json").write_text(text)
+        return model_dir
+
+    return setup
+
+
+def regular_file(tmp, model_dir):
+    (tmp / "afile").write_text("not a directory")
+    return model_dir
+
+
+COMPRESS = ["compress", "{model}", "--method", "drop", "--blocks", "1"]
+FUSE = ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--calib-samples", "2", "--seqlen", "16",
+        "--set", "resume={tmp}/state"]
+
+# (id, setup, arguments, a fragment of the one error line). {model}, {tmp} are filled in; every
+# `compress` case gets `--out {tmp}/out` unless it names its own.
+CASES = [
+    # names
+    ("unknown-model", plain, ["compress", "no-such-model", "--method", "drop", "--blocks", "1"], "unknown model"),
+    ("model-typo", plain, ["compress", "smolm2-135m", "--method", "drop", "--blocks", "1"], "did you mean smollm2-135m"),
+    ("unknown-method", plain, ["compress", "{model}", "--method", "nosuch", "--sparsity", "0.5"], "unknown method"),
+    ("no-method", plain, ["compress", "{model}", "--sparsity", "0.5"], "no method given"),
+    ("unknown-task", plain, COMPRESS + ["--then-eval", "mmlux"], "unknown task"),
+    ("unknown-ppl-dataset", plain, ["ppl", "{model}", "--dataset", "ptb"], "unknown dataset"),
+    ("unknown-eval-task", plain, ["eval", "{model}", "--tasks", "wiki,nosuch"], "unknown task"),
+    ("no-eval-task", plain, ["eval", "{model}", "--tasks", ","], "no tasks given"),
+    ("unknown-option", plain, COMPRESS + ["--bogus-flag", "3"], "bogus_flag"),
+    ("set-without-value", plain, COMPRESS + ["--set", "novalue"], "--set expects key=value"),
+    ("unknown-cli-flag", plain, ["ppl", "{model}", "--bogus"], "No such option"),
+    ("missing-argument", plain, ["ppl"], "Missing argument"),
+    # amounts
+    ("sparsity-above-1", plain, ["compress", "{model}", "--method", "sleb", "--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+    ("sparsity-zero", plain, ["compress", "{model}", "--method", "sleb", "--sparsity", "0"], "sparsity must be in (0, 1)"),
+    ("sparsity-negative", plain, ["compress", "{model}", "--method", "sleb", "--sparsity=-0.2"], "sparsity must be in (0, 1)"),
+    ("no-amount", plain, ["compress", "{model}", "--method", "shortgpt"], "needs an amount"),
+    ("two-amounts", plain, ["compress", "{model}", "--method", "shortgpt", "--sparsity", "0.2", "--num-blocks", "1"],
+     "only one of"),
+    ("num-blocks-zero", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "0"], "at least 1"),
+    ("num-blocks-all", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "4"], "would leave none"),
+    ("blocks-all", plain, ["compress", "{model}", "--method", "drop", "--blocks", "0,1,2,3"], "would leave none"),
+    ("blocks-out-of-range", plain, ["compress", "{model}", "--method", "drop", "--blocks", "9"], "out of range"),
+    ("blocks-duplicate", plain, ["compress", "{model}", "--method", "drop", "--blocks", "3,3"], "listed twice"),
+    ("blocks-negative", plain, ["compress", "{model}", "--method", "drop", "--blocks=-1"], "indices from 0"),
+    ("blocks-not-integers", plain, ["compress", "{model}", "--method", "drop", "--blocks", "a,b"], "comma-separated integers"),
+    ("blocks-on-shortgpt", plain, ["compress", "{model}", "--method", "shortgpt", "--blocks", "3"], "chooses its own"),
+    ("blocks-on-fuse", plain, ["compress", "{model}", "--method", "fuse", "--blocks", "1,2"], "chooses its own"),
+    ("drop-without-blocks", plain, ["compress", "{model}", "--method", "drop", "--num-blocks", "1"], "needs --blocks"),
+    # calibration and evaluation settings
+    ("calib-samples-zero", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--calib-samples", "0"],
+     "calib_samples"),
+    ("seqlen-one", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--seqlen", "1"], "seqlen"),
+    ("seqlen-too-long", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--seqlen", "100000"],
+     "lower --seqlen"),
+    ("calib-data-unknown", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--calib-data", "ptb"],
+     "calib_data"),
+    ("eval-seqlen-too-long", plain, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "100000"], "--seqlen of eval"),
+    ("eval-seqlen-one", plain, COMPRESS + ["--then-eval", "wiki", "--eval-seqlen", "1"], "--eval-seqlen"),
+    ("max-windows-zero", plain, ["ppl", "{model}", "--max-windows", "0"], "--max-windows"),
+    ("ppl-batch-size-zero", plain, ["ppl", "{model}", "--batch-size", "0"], "--batch-size"),
+    ("eval-limit-zero", plain, ["eval", "{model}", "--tasks", "piqa", "--limit", "0"], "--limit must be positive"),
+    ("eval-batch-size-zero", plain, ["eval", "{model}", "--tasks", "wiki", "--batch-size", "0"], "--batch-size"),
+    ("eval-fewshot-negative", plain, ["eval", "{model}", "--tasks", "piqa", "--num-fewshot=-1"], "--num-fewshot"),
+    ("data-dir-missing", plain, ["ppl", "{model}", "--data-dir", "{tmp}/missing", "--seqlen", "16"], "does not exist"),
+    ("dtype-unknown", plain, ["ppl", "{model}", "--dtype", "float64", "--seqlen", "16"], "unknown dtype"),
+    ("device-unknown", plain, ["ppl", "{model}", "--device", "nosuch", "--seqlen", "16"], "unknown device"),
+    ("device-tpu", plain, ["ppl", "{model}", "--device", "meta", "--seqlen", "16"], "not supported"),
+    ("compress-device-unknown", plain, COMPRESS + ["--device", "nosuch"], "unknown device"),
+    ("eval-device-unknown", plain, ["eval", "{model}", "--tasks", "wiki", "--device", "nosuch"], "unknown device"),
+    # quantization
+    ("quantize-unknown", plain, COMPRESS + ["--quantize", "int4"], "quantize"),
+    ("double-quant-without-4bit", plain, COMPRESS + ["--double-quant"], "4-bit"),
+    ("compute-dtype-with-int8", plain, COMPRESS + ["--quantize", "int8", "--compute-dtype", "bfloat16"], "4-bit"),
+    ("compute-dtype-unknown", plain, COMPRESS + ["--quantize", "nf4", "--compute-dtype", "fp64"], "compute_dtype"),
+    # method options
+    ("merge-no-amount", plain, ["compress", "{model}", "--method", "merge"], "--num-merge"),
+    ("merge-window-reversed", plain, ["compress", "{model}", "--method", "merge", "--window", "3-2"], "LAST must be greater"),
+    ("merge-window-syntax", plain, ["compress", "{model}", "--method", "merge", "--window", "x"], "FIRST-LAST"),
+    ("merge-num-merge-zero", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "0"], "num_merge"),
+    ("merge-too-many", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "9"], "impossible"),
+    ("merge-ff-fraction-one", plain, ["compress", "{model}", "--method", "merge", "--ff-fraction", "1"], "ff_fraction"),
+    ("merge-with-sparsity", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "1", "--sparsity", "0.2"],
+     "removes FF sublayers"),
+    ("merge-recover-unknown", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "1", "--recover", "x"],
+     "recover"),
+    ("merge-recover-steps-zero", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "1",
+                                         "--recover", "lora", "--recover-steps", "0"], "recover_steps"),
+    ("fuse-epochs-zero", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--epochs", "0"], "epochs"),
+    ("fuse-lr-beyond-float", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--set",
+                                     "lr_coef=1e39"], "lr_coef"),
+    ("recover-lr-beyond-float", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "1", "--recover",
+                                        "full", "--recover-lr", "1e39"], "recover_lr"),
+    ("fuse-profile-unknown", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--profile", "gpu"],
+     "profile"),
+    ("fuse-loss-unknown", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--loss", "l1"], "loss"),
+    ("sleb-batch-size-zero", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--set", "batch_size=0"],
+     "batch_size"),
+    ("unknown-method-option", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--set", "x=1"],
+     "x"),
+    # output directory
+    ("out-exists", plain, COMPRESS + ["--out", "{tmp}"], "already exists"),
+    ("out-under-a-file", regular_file, COMPRESS + ["--out", "{tmp}/afile/out"], "is a file"),
+    ("out-in-proc", plain, COMPRESS + ["--out", "/proc/compress-eval-out"], "not writable"),
+    # files we read
+    ("weights-truncated-compress", truncated_weights, COMPRESS, "truncated or corrupt"),
+    ("weights-truncated-ppl", truncated_weights, ["ppl", "{model}", "--seqlen", "16"], "truncated or corrupt"),
+    ("weights-truncated-eval", truncated_weights, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"],
+     "truncated or corrupt"),
+    ("weights-empty-ppl", empty_weights, ["ppl", "{model}", "--seqlen", "16"], "truncated or corrupt"),
+    ("pickle-compress", pickle_only, COMPRESS, "--allow-pickle"),
+    ("pickle-ppl", pickle_only, ["ppl", "{model}", "--seqlen", "16"], "--allow-pickle"),
+    ("pickle-eval", pickle_only, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"], "--allow-pickle"),
+    ("manifest-list-ppl", manifest_list, ["ppl", "{model}", "--seqlen", "16"], "not a JSON object"),
+    ("manifest-list-eval", manifest_list, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"], "not a JSON object"),
+    ("manifest-list-compress", manifest_list, COMPRESS, "not a JSON object"),
+    ("manifest-not-utf8", manifest_not_utf8, ["ppl", "{model}", "--seqlen", "16"], "not UTF-8"),
+    ("manifest-not-json", manifest_not_json, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"], "not valid JSON"),
+    ("model-dir-without-config", no_config, ["ppl", "{model}", "--seqlen", "16"], "without config.json"),
+    ("recipe-missing", plain, ["compress", "--recipe", "{tmp}/none.yaml"], "not found"),
+    ("recipe-directory", plain, ["compress", "--recipe", "{tmp}"], "is a directory"),
+    ("recipe-not-utf8", recipe(b"\xff\xfemodel: x\n"), ["compress", "--recipe", "{tmp}/r.yaml"], "not UTF-8"),
+    ("recipe-not-yaml", recipe("model: [unclosed\n"), ["compress", "--recipe", "{tmp}/r.yaml"], "not valid YAML"),
+    ("recipe-a-list", recipe("- model\n- method\n"), ["compress", "--recipe", "{tmp}/r.yaml"], "must be a mapping"),
+    ("recipe-options-a-list", recipe("model: {model}\nmethod: sleb\nnum_blocks: 1\noptions: [1, 2]\n"),
+     ["compress", "--recipe", "{tmp}/r.yaml"], "options must be a mapping"),
+    ("recipe-options-a-string", recipe("model: {model}\nmethod: sleb\nnum_blocks: 1\noptions: fast\n"),
+     ["compress", "--recipe", "{tmp}/r.yaml"], "options must be a mapping"),
+    ("recipe-unknown-key", recipe("model: {model}\nmethod: sleb\nnum_blocks: 1\nsparsty: 0.2\n"),
+     ["compress", "--recipe", "{tmp}/r.yaml"], "sparsty"),
+    ("resume-state-not-json", resume_state("{garbage"), FUSE, "--resume"),
+    ("resume-state-a-list", resume_state("[]"), FUSE, "not a JSON object"),
+    ("resume-state-foreign", resume_state('{"a": 1}'), FUSE, "lacks fingerprint"),
+    # other commands
+    ("leaderboard-missing", plain, ["leaderboard", "{tmp}/none"], "not found"),
+    ("batch-grid-missing", plain, ["batch", "{tmp}/none.yaml"], "not found"),
+    ("batch-grid-not-yaml", recipe("models: [unclosed\n"), ["batch", "{tmp}/r.yaml"], "not valid YAML"),
+    ("batch-grid-invalid", recipe("models: []\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml"], "models"),
+    ("batch-jobs-zero", recipe("models: [x]\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml", "--jobs", "0"],
+     "--jobs"),
+]
+
+
+def one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def leftovers(tmp: Path, before: set[Path]) -> list[Path]:
+    """Output or temp dirs a failed run left: anything new named out or *.tmp-* under ``tmp``."""
+    return [p for p in tmp.rglob("*") if p not in before and (p.name == "out" or ".tmp-" in p.name)]
+
+
+def run_case(setup, args: list[str], model_dir: Path, work: Path, env: dict | None = None):
+    """Prepare one case in ``work`` and run it through the CLI in process: (result, leftovers)."""
+    work.mkdir()
+    model = setup(work, model_dir)
+    args = [a.replace("{model}", str(model)).replace("{tmp}", str(work)) for a in args]
+    if args[0] == "compress" and "--out" not in args:
+        args += ["--out", str(work / "out")]
+    before = set(work.rglob("*"))
+    result = CliRunner().invoke(app, args, env=env)
+    return result, leftovers(work, before)
+
+
+@pytest.mark.parametrize("case_id,setup,args,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case_id, setup, args, fragment, tiny_model_dir, data_dir, tmp_path):
+    result, left = run_case(setup, args, tiny_model_dir, tmp_path / "case")
+    one_line_error(result, fragment)
+    assert not left
+
+
+@pytest.mark.parametrize("command", [["ppl", "--seqlen", "16"], ["eval", "--tasks", "piqa", "--limit", "2"]],
+                         ids=["ppl", "lm-eval-task"])
+def test_hub_unreachable_without_data_dir(command, tiny_model_dir, tmp_path):
+    """No data directory and no Hub: one line naming the local alternative (in a fresh process, since
+    the Hub libraries read their offline switch at import)."""
+    env = {k: v for k, v in os.environ.items() if k != "COMPRESS_EVAL_DATA_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "compress_eval", command[0], str(tiny_model_dir), *command[1:]]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--data-dir" in lines[0] and "COMPRESS_EVAL_DATA_DIR" in lines[0], result.stderr
+
+
+def test_then_eval_error_names_the_eval_flag(tiny_model_dir, data_dir, tmp_path):
+    """The checkpoint is complete and kept (`eval` can be re-run on it); the error names --eval-seqlen."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, COMPRESS[:1] + [str(tiny_model_dir)] + COMPRESS[2:] + [
+        "--out", str(out), "--then-eval", "wiki", "--eval-seqlen", "100000"])
+    assert result.exit_code == 2 and "--eval-seqlen" in result.stderr.strip().splitlines()[-1]
+    assert (out / "compress_eval.json").exists() and not (out / "results_ppl.json").exists()
+
+
+def test_allow_pickle_reads_pickle_weights(tiny_model_dir, data_dir, tmp_path):
+    model = pickle_only(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(app, ["ppl", str(model), "--seqlen", "16", "--max-windows", "2", "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+    assert float(result.stdout.strip().splitlines()[-1]) > 1
+
+
+def test_concurrent_writer_to_the_same_out(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """Another run renames its output into place while this one saves: one line, nothing of ours kept,
+    the other run's output untouched."""
+    from compress_eval.models import checkpoint
+
+    out = tmp_path / "out"
+    save = checkpoint.save_model_files
+
+    def racing_save(model, tokenizer, directory, tie_map=None):
+        save(model, tokenizer, directory, tie_map)
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other run")
+
+    monkeypatch.setattr(checkpoint, "save_model_files", racing_save)
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "drop", "--blocks", "1",
+                                      "--out", str(out)])
+    one_line_error(result, "created by another run")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert not checkpoint.temp_dirs(out)
+
+
+def test_output_modes_follow_the_umask(tiny_model_dir, data_dir, tmp_path):
+    """The checkpoint directory and its files get the modes mkdir / open give (not mkdtemp's 0700)."""
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "drop", "--blocks", "1",
+                                          "--out", str(out), "--then-eval", "wiki", "--eval-seqlen", "16",
+                                          "--max-windows", "2"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o755
+    for name in ("compress_eval.json", "results_ppl.json", "model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_results_json_is_strict(tmp_path):
+    """A non-finite metric is stored as null, never as a NaN / Infinity literal."""
+    from compress_eval.evaluate import store_results
+
+    (tmp_path / "compress_eval.json").write_text("{}")
+    store_results(tmp_path, {"wikitext2_ppl": {"ppl": float("nan"), "seqlen": 16, "windows": 2},
+                             "c4_ppl": {"ppl": float("inf"), "seqlen": 16, "windows": 2}})
+    text = (tmp_path / "results_ppl.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict literal {name}"))
+    assert data["wikitext2_ppl"]["ppl"] is None and data["c4_ppl"]["ppl"] is None
