@@ -34,7 +34,7 @@ from compress_eval.config import CompressConfig
 from compress_eval.data.calibration import calibration_windows, eval_windows
 from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.registry import load_model
+from compress_eval.models.loading import load_model
 from compress_eval.scoring.importance import full_forward_nll, pruned_copy, removal_nll
 from compress_eval.scoring.ppl import perplexity
 from compress_eval.scoring.prefix import PrefixStates

@@ -17,8 +17,9 @@ import torch
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.checkpoint import load_checkpoint, write_manifest
-from compress_eval.models.registry import load_model
+from compress_eval.manifest import Manifest
+from compress_eval.models.loading import load_checkpoint
+from compress_eval.models.loading import load_model
 from compress_eval.scoring.ppl import perplexity
 
 
@@ -29,8 +30,9 @@ def reload_delta(model, tokenizer, windows: torch.Tensor, remove: list[int]) -> 
         before = model(windows).logits
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        write_manifest(Path(tmp), {"tie_map": {}})
-        reloaded, _ = load_checkpoint(tmp, dtype=model.dtype)
+        counts = dict(blocks_before=1, params_before=1, params_after=1, weight_bytes_before=1, weight_bytes_after=1)
+        reloaded, _ = load_checkpoint(tmp, Manifest(base_model={"name": "in-memory"}, method="drop", **counts),
+                                      dtype=model.dtype)
         with torch.no_grad():
             after = reloaded.eval()(windows).logits
     return (before - after).abs().max().item()

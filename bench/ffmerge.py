@@ -31,7 +31,7 @@ from compress_eval.data.calibration import calibration_windows, eval_windows
 from compress_eval.methods.recovery import RecoveryOptions, fine_tune
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.registry import load_model
+from compress_eval.models.loading import load_model
 from compress_eval.pipeline import compress, save
 from compress_eval.scoring.ppl import perplexity, window_nll
 from compress_eval.scoring.prefix import PrefixStates
@@ -39,12 +39,12 @@ from compress_eval.scoring.prefix import PrefixStates
 RESULTS = Path(__file__).parent / "results"
 
 
-def checkpoint_bytes(model, tokenizer, manifest=None, record=None) -> int:
-    """Bytes of the safetensors files the pipeline writes for this model."""
+def checkpoint_bytes(model, tokenizer, result=None) -> int:
+    """Bytes of the safetensors files the pipeline writes for this model (``result``: as compressed)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ckpt"
-        if record is not None:
-            save(model, tokenizer, manifest, record, out)
+        if result is not None:
+            save(result, out)
         else:
             out.mkdir()
             checkpoint.save_model_files(model, tokenizer, out)
@@ -132,15 +132,16 @@ def main() -> None:
                                        "feature_tokens": args.feature_tokens, "score_samples": args.score_samples,
                                        "window_stride": args.window_stride})
             t = time.perf_counter()
-            model, tok, manifest, record = compress(cfg, log=print)
+            result = compress(cfg, log=print)
+            model, tok = result.model, result.tokenizer
             compress_s = round(time.perf_counter() - t, 1)
-            d = record.details
+            d = result.manifest.details
             ff_removed = d["ff_removed"]
             extra = {"window": d["window"], "ff_removed": ff_removed,
                      "mean_matched_correlation": round(sum(d["mean_matched_correlation"].values())
                                                        / len(d["mean_matched_correlation"]), 4),
                      "candidates": d["candidates"]}
-            nbytes = checkpoint_bytes(model, tok, manifest, record)
+            nbytes = checkpoint_bytes(model, tok, result)
             record_rows("merge-permute" if permute else "merge-vanilla", fraction, model, tok, calib, nbytes,
                         compress_s, extra)
         model, tok, _ = load_model(args.model)

@@ -53,7 +53,8 @@ def run_one(spec: str, args) -> dict:
 
     from compress_eval.config import make_config
     from compress_eval.data.calibration import eval_windows
-    from compress_eval.pipeline import compress, peak_rss_mb
+    from compress_eval.memory import peak_rss_mb
+    from compress_eval.pipeline import compress
     from compress_eval.scoring.ppl import perplexity
 
     torch.set_num_threads(args.threads)
@@ -68,7 +69,8 @@ def run_one(spec: str, args) -> dict:
     calib_samples = options.pop("calib_samples", args.calib_samples)  # e.g. sleb:calib_samples=2
     cfg = make_config(model=args.model, method=method, sparsity=None if method == "none" else args.sparsity,
                       calib_samples=calib_samples, seqlen=args.seqlen, seed=args.seed, options=options)
-    model, tokenizer, manifest, _ = compress(cfg, args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    result = compress(cfg, args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    model, tokenizer, manifest = result.model, result.tokenizer, result.manifest.model_dump()
     row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
            "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
            "seconds": manifest["timings_s"].get("compress", 0.0) + manifest["timings_s"].get("calibrate", 0.0)}
@@ -77,7 +79,7 @@ def run_one(spec: str, args) -> dict:
         result = perplexity(model, windows)
         row[f"{dataset}_ppl"] = round(result.ppl, 3)
         row[f"{dataset}_eval_seconds"] = round(result.seconds, 1)
-    row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    row["peak_rss_mb"] = peak_rss_mb()
     details = manifest["details"]
     if "iterations" in details:
         row["iteration_seconds"] = [it["seconds"] for it in details["iterations"]]
@@ -125,7 +127,7 @@ def mi_speedup(args) -> dict:
     from compress_eval.data.calibration import calibration_windows
     from compress_eval.methods.fusegpt import macro_influence
     from compress_eval.models.adapters import get_adapter
-    from compress_eval.models.registry import load_model
+    from compress_eval.models.loading import load_model
     from compress_eval.scoring.importance import naive_macro_influence, pruned_copy
     from compress_eval.scoring.prefix import PrefixStates
 

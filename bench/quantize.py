@@ -21,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,10 +29,10 @@ import torch
 from compress_eval.config import make_config
 from compress_eval.data.calibration import eval_windows
 from compress_eval.methods.registry import available_methods
-from compress_eval.models.checkpoint import git_sha
-from compress_eval.models.registry import load_model
+from compress_eval.models.checkpoint import git_sha, weight_bytes
+from compress_eval.models.loading import load_model
 from compress_eval.pipeline import compress, save
-from compress_eval.quantize import quantize_model, stored_weight_bytes
+from compress_eval.quantize import quantize_model
 from compress_eval.scoring.ppl import window_nll
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,7 +40,7 @@ QUANT = {"dense": None, "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4", "fp4": "f
 
 
 def make_variants(names: list[str], model: str, merge_options: dict, log) -> tuple[dict, dict]:
-    """{name: (model, manifest, record)} made through the pipeline, and {name: why not} for the rest."""
+    """{name: Compressed} made through the pipeline, and {name: why not} for the rest."""
     made, missing = {}, {}
     for name in names:
         base, _, quant = name.partition("+")
@@ -51,29 +52,30 @@ def make_variants(names: list[str], model: str, merge_options: dict, log) -> tup
         else:
             cfg = make_config(model=model, method="none", quantize=QUANT[base], double_quant=base == "nf4-dq")
         if base == "merge" and quant and "merge" in made:  # int8 on top of the same merged model
-            merged, manifest, record = made["merge"]
-            quantized, quantization = quantize_model(merged, quant, tie_map=record.tie_map)
-            made[name] = (quantized, {**manifest, "quantization": quantization,
-                                      "weight_bytes_after": quantization["weight_bytes_after"]}, record)
+            merged = made["merge"]
+            quantized, quantization = quantize_model(merged.model, quant, tie_map=merged.manifest.tie_map)
+            manifest = merged.manifest.model_copy(update={"quantization": quantization,
+                                                          "weight_bytes_after": quantization["weight_bytes_after"]})
+            made[name] = replace(merged, model=quantized, manifest=manifest)
             continue
         if quant:
             cfg = cfg.model_copy(update={"quantize": quant})
         log(f"making {name}")
-        compressed, tokenizer, manifest, record = compress(cfg, log=lambda *_: None)
-        made[name] = (compressed, manifest, record)
+        made[name] = compress(cfg, log=lambda *_: None)
     return made, missing
 
 
 @torch.no_grad()
-def reload_check(name, model, tokenizer, manifest, record, ids) -> dict:
+def reload_check(name, result, ids) -> dict:
     """Checkpoint bytes on disk, and whether our loader gives back the very same logits and ties."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
-        save(model, tokenizer, {**manifest, "timings_s": dict(manifest["timings_s"])}, record, out)
+        model, tie_map = result.model, result.manifest.tie_map
+        save(replace(result, manifest=result.manifest.model_copy(deep=True)), out)
         disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         reloaded, _, _ = load_model(str(out), str(ids.device))
         same = torch.equal(reloaded(ids).logits, model(ids).logits)
-        tied = all(reloaded.get_submodule(dst) is reloaded.get_submodule(src) for dst, src in record.tie_map.items())
+        tied = all(reloaded.get_submodule(dst) is reloaded.get_submodule(src) for dst, src in tie_map.items())
     return {"checkpoint_bytes": disk, "reload_identical_logits": same, "reload_tied": tied}
 
 
@@ -100,19 +102,19 @@ def round_robin_ppl(models: dict, windows: torch.Tensor, deadline: float, on_rou
 
 
 def rows_of(made: dict, stats: dict, checks: dict) -> list[dict]:
-    dense_bytes = stored_weight_bytes(made["dense"][0]) if "dense" in made else None
+    dense_bytes = weight_bytes(made["dense"].model) if "dense" in made else None
     rows = []
-    for name, (model, manifest, _) in made.items():
-        s, q = stats[name], manifest.get("quantization") or {}
-        weight_bytes = stored_weight_bytes(model)
+    for name, result in made.items():
+        s, q = stats[name], result.manifest.quantization or {}
+        nbytes = weight_bytes(result.model)
         rows.append({
             "variant": name,
             "quantization": q.get("kind"),
             "double_quant": q.get("double_quant"),
             "compute_dtype": q.get("compute_dtype"),
-            "params": manifest["params_after"],
-            "weight_bytes": weight_bytes,
-            "weight_bytes_vs_dense": round(weight_bytes / dense_bytes, 4) if dense_bytes else None,
+            "params": result.manifest.params_after,
+            "weight_bytes": nbytes,
+            "weight_bytes_vs_dense": round(nbytes / dense_bytes, 4) if dense_bytes else None,
             "ppl": round(float(torch.tensor(s["nll"] / s["tokens"]).exp()), 4) if s["tokens"] else None,
             "windows": s["windows"],
             "tokens_per_s": round(s["tokens"] / s["seconds"], 1) if s["seconds"] else None,
@@ -160,7 +162,7 @@ def main() -> None:
     _, tokenizer, _ = load_model(args.model, "cpu")
     windows = eval_windows(tokenizer, "wikitext2", args.seqlen, max_windows=args.windows or None)
     first = windows[:1, :64]
-    checks = {name: reload_check(name, m, tokenizer, man, rec, first) for name, (m, man, rec) in made.items()}
+    checks = {name: reload_check(name, result, first) for name, result in made.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -179,7 +181,7 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(result))
         print(json.dumps({r["variant"]: (r["ppl"], r["tokens_per_s"]) for r in result["rows"]}), flush=True)
 
-    round_robin_ppl({name: m for name, (m, _, _) in made.items()}, windows, deadline, write)
+    round_robin_ppl({name: result.model for name, result in made.items()}, windows, deadline, write)
     print(out.with_suffix(".md").read_text())
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 
 from compress_eval.errors import UserError
 from compress_eval.grid import Cell
-from compress_eval.jsonfile import write_json_atomic
-from compress_eval.models.checkpoint import MANIFEST
 from compress_eval.results import store
 
 
@@ -36,16 +34,16 @@ class Outcome:
 def finished_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a readable manifest (a corrupt one means the cell is not done)."""
     try:
-        store.read_manifest(run_dir)
+        return store.read_manifest(run_dir) is not None
     except store.RunError:
         return False
-    return True
 
 
 def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=print) -> Outcome:
     """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
     from compress_eval import pipeline
-    from compress_eval.evaluate import evaluate_and_record, parse_tasks
+    from compress_eval.evaluate import evaluate_and_record
+    from compress_eval.tasknames import parse_tasks
 
     run_dir = runs_dir / cell.name
     with store.run_lock(runs_dir, cell.name, wait) as held:
@@ -53,16 +51,16 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=
             return Outcome(cell.name, cell.label, "busy")
         try:
             parse_tasks(list(cell.tasks))  # an unknown task fails the cell before its compression
-            compressed = not (run_dir / MANIFEST).exists()
+            compressed = not (run_dir / store.MANIFEST).exists()
             if not compressed and not finished_checkpoint(run_dir):
-                log(f"[{cell.name}] {run_dir / MANIFEST} is corrupt: removing the run to redo it")
+                log(f"[{cell.name}] {run_dir / store.MANIFEST} is corrupt: removing the run to redo it")
                 shutil.rmtree(run_dir)
                 compressed = True
             if compressed:
                 log(f"[{cell.name}] compressing")
                 pipeline.compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
             if not (run_dir / store.CELL_FILE).exists():
-                write_json_atomic(run_dir / store.CELL_FILE, cell.record())
+                store.write_cell(run_dir, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]
             if not missing:
                 return Outcome(cell.name, cell.label, "ran" if compressed else "skipped")
@@ -111,9 +109,9 @@ def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1, l
 def check_cells(cells: list[Cell]) -> list[str]:
     """Problems that would make cells fail, found without loading a model: unknown methods or
     method options, unknown tasks, unknown models."""
-    from compress_eval.evaluate import parse_tasks
     from compress_eval.methods.registry import get_method
     from compress_eval.models.registry import resolve
+    from compress_eval.tasknames import parse_tasks
 
     problems = []
     for cell in cells:

@@ -22,6 +22,25 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RecoveryOptions(MethodOptions):
+    """The recovery stage after any method (``--recover lora --recover-steps 200``): a fine-tune of the
+    compressed model on the calibration windows, before quantization."""
+
+    recover: Literal["none", "full", "lora", "qlora"] = Field(
+        "none", description="fine-tune after compressing: none, full, lora, or qlora (nf4 base + LoRA)")
+    recover_steps: int = Field(100, ge=1, description="optimizer steps")
+    recover_lr: float | None = Field(None, gt=0, le=1e30,
+                                     description="peak learning rate (default 5e-5 full, 5e-4 LoRA)")
+    recover_seqlen: int | None = Field(None, ge=2,
+                                       description="tokens per training sequence (default: calibration seqlen)")
+    recover_batch_size: int = Field(1, ge=1, description="sequences per step")
+    recover_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then 1/sqrt decay)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
+    lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
+
+
 class CompressConfig(BaseModel):
     """Everything that determines a compressed checkpoint (recorded whole in the manifest)."""
 
@@ -45,6 +64,21 @@ class CompressConfig(BaseModel):
     allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin)")
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
     options: dict[str, Any] = Field(default_factory=dict)
+    recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recovery_out_of_options(cls, data):
+        """``--recover ...`` flags arrive with the method options (and recipes written before
+        recovery was a stage keep them there): they belong to the recovery stage."""
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            options = dict(data["options"])
+            moved = {k: options.pop(k) for k in list(options) if k in RecoveryOptions.model_fields}
+            if moved:
+                given = data.get("recovery") or {}
+                given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
+                data = {**data, "options": options, "recovery": {**given, **moved}}
+        return data
 
     @field_validator("blocks")
     @classmethod

@@ -7,53 +7,19 @@ directory (tasks ``ce_*`` in ``tasks/``) or, without one, on lm-eval's own Hub t
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import time
 from pathlib import Path
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
-from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
-from compress_eval.models.registry import load_model, resolve
+from compress_eval.models.loading import load_model, resolve_device
+from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
 from compress_eval.paths import data_dir as resolve_data_dir
+from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
-
-# Short names users type -> our task names. Perplexity tasks are the papers' protocol.
-PPL_TASKS = {"wikitext2": "wikitext2", "wiki": "wikitext2", "wikitext2_ppl": "wikitext2",
-             "c4": "c4", "c4_ppl": "c4"}
-# Short names -> lm-eval task names; with a data directory each runs as our offline "ce_" twin.
-LM_EVAL_TASKS = {"piqa": "piqa", "arc_easy": "arc_easy", "arc_e": "arc_easy", "arc_challenge": "arc_challenge",
-                 "arc_c": "arc_challenge", "hellaswag": "hellaswag", "hs": "hellaswag",
-                 "winogrande": "winogrande", "wg": "winogrande"}
-OFFLINE_PREFIX = "ce_"
-RESULTS_FILE = "results_ppl.json"
-LM_EVAL_RESULTS_FILE = "lm_eval_results.json"
-
-
-def parse_tasks(tasks: str | list[str]) -> list[str]:
-    """Canonical task names (``wikitext2``, ``c4``, lm-eval names), in order, without repeats."""
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    if not names:
-        raise UserError("no tasks given: use e.g. --tasks wiki,c4,piqa,arc_e")
-    out = []
-    for name in names:
-        canonical = PPL_TASKS.get(name) or LM_EVAL_TASKS.get(name)
-        if canonical is None:
-            close = difflib.get_close_matches(name, list(PPL_TASKS) + list(LM_EVAL_TASKS), n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise UserError(f"unknown task {name!r}: {hint}tasks are {', '.join(sorted(PPL_TASKS | LM_EVAL_TASKS))}; "
-                            f"any other lm-eval task runs with `compress-eval lm-eval --model compressed ...`")
-        if canonical not in out:
-            out.append(canonical)
-    return out
-
-
-def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
-    """(perplexity tasks, lm-eval tasks) of canonical names."""
-    return [t for t in tasks if t in PPL_TASKS], [t for t in tasks if t not in PPL_TASKS]
-
+from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_tasks
 
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
                  max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
@@ -75,48 +41,8 @@ def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=No
     return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
 
 
-def _stored(path: Path) -> dict:
-    """What a results file already holds (a corrupt one is an error, never silently replaced)."""
-    try:
-        return read_json_object(path) or {}
-    except JSONFileError as exc:
-        raise UserError(f"{exc}: move it away to evaluate again") from None
-
-
-def store_results(directory: str | Path, results: dict) -> Path:
-    """Merge perplexity ``results`` into the run directory's results file."""
-    path = Path(directory) / RESULTS_FILE
-    merged = _stored(path)
-    merged.update(results)
-    return write_json_atomic(path, merged)
-
-
-def store_lm_eval_results(directory: str | Path, results: dict) -> Path:
-    """Save lm-eval's results JSON in the run directory, in lm-eval's own schema.
-
-    A later evaluation on other tasks adds its tasks: the per-task sections (``results``,
-    ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
-    """
-    path = Path(directory) / LM_EVAL_RESULTS_FILE
-    merged = _stored(path)
-    for key, value in results.items():
-        if key != "samples":
-            merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
-                else value
-    return write_json_atomic(path, merged)
-
-
-def lm_eval_task_name(task: str, data_dir) -> str:
-    """Our offline twin of an lm-eval task when there is a data directory, else lm-eval's own."""
-    return OFFLINE_PREFIX + task if resolve_data_dir(data_dir) is not None else task
-
-
-def display_name(lm_eval_task: str) -> str:
-    return lm_eval_task.removeprefix(OFFLINE_PREFIX)
-
-
 # The files that decide a checkpoint's answers (results files written beside them do not).
-MODEL_FILES = ("config.json", "compress_eval.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+MODEL_FILES = ("config.json", store.MANIFEST, "tokenizer.json", "tokenizer_config.json", "*.safetensors")
 
 
 def cache_key(name_or_dir: str, dtype, device) -> str:
@@ -172,7 +98,6 @@ def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow
              trust_remote_code: bool = False):
     """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too)."""
     from compress_eval.lm_eval_plugin import CompressedLM
-    from compress_eval.models.registry import resolve_device
 
     return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
                         dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -204,14 +129,12 @@ def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_
                         batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None, *,
                         allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[dict, dict | None]:
     """Evaluate, and store the results in ``target`` when it is one of our checkpoint directories."""
-    from compress_eval.models.checkpoint import read_manifest
-
     ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
                                      limit, num_fewshot, allow_pickle=allow_pickle,
                                      trust_remote_code=trust_remote_code)
-    if Path(target).is_dir() and read_manifest(target) is not None:
+    if Path(target).is_dir() and store.read_manifest(target) is not None:
         if ppl:
-            store_results(target, ppl)
+            store.store_ppl_results(target, ppl)
         if lm_results:
-            store_lm_eval_results(target, lm_results)
+            store.store_lm_eval_results(target, lm_results)
     return ppl, lm_results

@@ -13,7 +13,8 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from compress_eval.models.registry import load_model, local_path_or_id, resolve
+from compress_eval.models.loading import load_model
+from compress_eval.models.registry import local_path_or_id, resolve
 
 MODEL_TYPE = "compressed"
 # Our task YAMLs (offline benchmarks, papers' perplexity); lm-eval finds them via --include_path.

@@ -34,3 +34,11 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
             f"point it at a folder laid out like shared/data (wikitext2/, c4/, ...)"
         )
     return path
+
+
+def data_file(root: Path, rel: str) -> Path:
+    """``root / rel``, which must exist: one check of the data directory's layout for every reader."""
+    path = root / rel
+    if not path.exists():
+        raise UserError(f"missing data file {path}: the data directory must be laid out like shared/data")
+    return path

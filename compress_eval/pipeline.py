@@ -1,4 +1,5 @@
-"""The one path for the data: load -> calibrate -> score/compress -> save -> evaluate -> record.
+"""The one path for the data: load -> calibrate -> compress (score, remove, fuse or merge) -> recover
+-> quantize -> save. Evaluation and recording follow in ``evaluate.evaluate_and_record``.
 
 Each step reads the previous step's output and nothing else; the CLI commands are thin wrappers.
 """
@@ -6,24 +7,24 @@ Each step reads the previous step's output and nothing else; the CLI commands ar
 from __future__ import annotations
 
 import datetime as _dt
-import resource
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from compress_eval.config import CompressConfig, dump_recipe
 from compress_eval.data.calibration import calibration_windows
+from compress_eval.manifest import BaseModelRef, Manifest
+from compress_eval.memory import peak_rss_mb
+from compress_eval.methods.recovery import fine_tune
 from compress_eval.methods.registry import get_method, resolve_config
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.registry import load_model
+from compress_eval.models.loading import load_model
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from compress_eval.results import store
 
 
 class Timer:
@@ -39,8 +40,18 @@ class Timer:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print):
-    """Compress ``cfg.model`` in memory. Returns (model, tokenizer, manifest, record)."""
+@dataclass
+class Compressed:
+    """A compressed model in memory, with what the checkpoint directory will hold beside it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    manifest: Manifest
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (charts)
+
+
+def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
+    """Compress ``cfg.model`` in memory: method, then the recovery and quantization stages."""
     timer = Timer()
     cfg = resolve_config(cfg)
     method = get_method(cfg)  # validates the method and its options before any heavy work
@@ -54,64 +65,57 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
+    recover = cfg.recovery.recover != "none"
     calib = None
-    if method.needs_calibration:
+    if method.needs_calibration or recover:
         with timer.step("calibrate"):
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
                                         cfg.seed, data_dir)
     log(f"compressing {cfg.model} ({blocks_before} blocks) with {cfg.method}")
     with timer.step("compress"):
         record = method.compress(adapter, calib)
-    blocks_after, params_after = adapter.num_blocks, checkpoint.parameter_count(model)  # packed 4-bit would halve it
-    weight_bytes_after, quantization = checkpoint.weight_bytes(model), None
+    recovery = None
+    if recover:
+        with timer.step("recover"):
+            recovery = fine_tune(model, calib, cfg.recovery, seed=cfg.seed, log=log)
+    record = method.finish(adapter, record)
+    params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte
+    quantization = None
     if cfg.quantize:
         log(f"quantizing to {cfg.quantize} with bitsandbytes")
         with timer.step("quantize"):
             model, quantization = quantize_model(model, cfg.quantize, cfg.double_quant, cfg.compute_dtype,
                                                  record.tie_map)
-        weight_bytes_after = quantization["weight_bytes_after"]  # scales and codebooks included
-    manifest = {
-        "format": checkpoint.FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {"name": cfg.model, "kind": source.kind, "location": source.location},
-        "method": cfg.method,
-        "config": cfg.model_dump(),
-        "method_options": method.options.model_dump(),
-        "recipe": dump_recipe(cfg),
-        "seed": cfg.seed,
-        "blocks_before": blocks_before,
-        "blocks_after": blocks_after,
-        "removed_blocks": record.removed_blocks,
-        "tie_map": record.tie_map,
-        "params_before": params_before,
-        "params_after": params_after,
-        "weight_bytes_before": bytes_before,
-        "weight_bytes_after": weight_bytes_after,
-        "quantization": quantization,
-        "details": record.details,
-        "timings_s": timer.seconds,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "versions": checkpoint.package_versions(),
-        "git_sha": checkpoint.git_sha(),
-    }
-    return model, tokenizer, manifest, record
+    manifest = Manifest(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        base_model=BaseModelRef(name=cfg.model, kind=source.kind, location=source.location),
+        method=cfg.method, config=cfg.model_dump(mode="json"), method_options=method.options.model_dump(mode="json"),
+        recipe=dump_recipe(cfg), seed=cfg.seed,
+        blocks_before=blocks_before, blocks_after=adapter.num_blocks, removed_blocks=record.removed_blocks,
+        tie_map=record.tie_map,
+        params_before=params_before, params_after=params_after,
+        weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
+        quantization=quantization, recovery=recovery, details=record.details, timings_s=timer.seconds,
+        peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(), git_sha=checkpoint.git_sha(),
+    )
+    return Compressed(model, tokenizer, manifest, record.artifacts)
 
 
-def save(model, tokenizer, manifest: dict, record, out: str | Path) -> Path:
+def save(result: Compressed, out: str | Path) -> Path:
     """Write the checkpoint atomically: weights, tokenizer, manifest, recipe and charts."""
     out = Path(out)
     start = time.perf_counter()
+    manifest = result.manifest
     with checkpoint.atomic_output_dir(out) as tmp:
-        checkpoint.save_model_files(model, tokenizer, tmp, manifest["tie_map"])
-        for name, content in record.artifacts.items():
+        checkpoint.save_model_files(result.model, result.tokenizer, tmp, manifest.tie_map)
+        for name, content in result.artifacts.items():
             (tmp / name).write_bytes(content)
-        (tmp / "recipe.yaml").write_text(manifest["recipe"])
-        manifest["timings_s"]["save"] = round(time.perf_counter() - start, 3)
-        checkpoint.write_manifest(tmp, manifest)
+        store.write_recipe(tmp, manifest.recipe)
+        manifest.timings_s["save"] = round(time.perf_counter() - start, 3)
+        store.write_manifest(tmp, manifest)
     return out
 
 
 def compress_to_dir(cfg: CompressConfig, out: str | Path, data_dir: str | Path | None = None, log=print) -> Path:
     checkpoint.ensure_new_output(out)  # fail before the slow part, not after it
-    model, tokenizer, manifest, record = compress(cfg, data_dir, log)
-    return save(model, tokenizer, manifest, record, out)
+    return save(compress(cfg, data_dir, log), out)

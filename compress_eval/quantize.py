@@ -18,16 +18,19 @@ scales left in the repacked layout when a model is saved after inference; see ``
 
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 import time
 import torch
 
 from compress_eval.errors import UserError
+from compress_eval.models.adapters import is_conv1d, is_linear, out_in
+from compress_eval.models.checkpoint import weight_bytes
+from compress_eval.models.loading import (DTYPES, auto_model_class, copies_detached, from_pretrained_tied,
+                                          keep_4bit_scales_on_save, quiet_int8_cast_warning, retie)
 
 KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 # bitsandbytes' 4-bit layout: blocks of FOUR_BIT_BLOCKSIZE weights along in_features (Params4bit's
 # default, kept by transformers), repacked on AVX512-BF16 CPUs in tiles of FOUR_BIT_TILE_ROWS output rows
 # (bitsandbytes.functional._convert_weight_packed_for_cpu: Linear4bit.forward in eval mode, no grad).
@@ -102,33 +105,6 @@ def check_trainable(model: torch.nn.Module, how: str) -> None:
                         f"use LoRA on the quantized base (QLoRA), or fine-tune first and quantize last")
 
 
-def stored_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct tensors in the state dict: what a checkpoint holds, quantization
-    scales and codebooks included (they are not parameters, so ``weight_bytes`` misses them)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        key = (t.data_ptr(), t.nbytes)
-        if key not in seen:
-            seen.add(key)
-            total += t.nbytes
-    return total
-
-
-def _first_of_int8_cast_warnings(record: logging.LogRecord) -> bool:
-    """LLM.int8() logs on every matmul that fp32/bf16 inputs are cast to fp16; keep the first."""
-    if "inputs will be cast" not in record.getMessage():
-        return True
-    seen = getattr(_first_of_int8_cast_warnings, "seen", False)
-    _first_of_int8_cast_warnings.seen = True
-    return not seen
-
-
-def quiet_int8_cast_warning() -> None:
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _first_of_int8_cast_warnings not in log.filters:
-        log.addFilter(_first_of_int8_cast_warnings)
-
-
 def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str],
                      unquantized: dict[str, str] | None = None) -> list[str] | None:
     """Transformers' default skips plus the tie map's copies and the ``unquantized`` linears (those
@@ -156,11 +132,10 @@ def four_bit_refusal(in_features: int, out_features: int) -> str | None:
 def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of what transformers' bitsandbytes integration replaces: a plain
     ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out)); None for anything else."""
-    if type(module) is torch.nn.Linear:
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return tuple(module.weight.shape)
-    return None
+    if not is_linear(module):
+        return None
+    out_features, in_features = out_in(module.weight, is_conv1d(module)).shape
+    return in_features, out_features
 
 
 def four_bit_unfit(model: torch.nn.Module, tie_map: dict[str, str] | None = None) -> tuple[dict[str, str], int]:
@@ -182,36 +157,10 @@ def four_bit_unfit(model: torch.nn.Module, tie_map: dict[str, str] | None = None
     return unfit, count
 
 
-def _restore_4bit_scales(module, state_dict, prefix, local_metadata) -> None:
-    """A state-dict post-hook for Linear4bit. On AVX512-BF16 CPUs, bitsandbytes 0.50 repacks a 4-bit
-    weight at its first inference and unpacks it when saved, but leaves the block scales of a weight
-    without double quantization in the packed (in_features/64, out_features) bf16 layout: with
-    in_features > 64 the checkpoint, and the model itself from then on, scale the wrong blocks. Put
-    them back in their flat float32 order, in the module and in the state dict (the values stay the
-    bf16-rounded ones inference used)."""
-    state = getattr(module.weight, "quant_state", None)
-    if (state is None or state.nested or state.absmax.dim() != 2
-            or getattr(state, "packing_format_for_cpu", False)):
-        return
-    state.absmax = state.absmax.T.reshape(-1).float()
-    state_dict[prefix + "weight.absmax"] = state.absmax
-
-
-def keep_4bit_scales_on_save(model: torch.nn.Module) -> None:
-    """Hook ``_restore_4bit_scales`` onto every Linear4bit of ``model``, so saving it after inference
-    on an AVX512-BF16 CPU writes (and keeps) the scales that inference used."""
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.register_state_dict_post_hook(_restore_4bit_scales)
-
-
 def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: str | None = None,
                    tie_map: dict[str, str] | None = None):
     """(quantized model, record for the manifest). The model is saved to a temporary directory
     (``TMPDIR``) and reloaded quantized onto its own device; ``model`` itself is left unchanged."""
-    from compress_eval.models.checkpoint import copies_detached, from_pretrained_tied, retie
-    from compress_eval.models.registry import auto_model_class
-
     require_unquantized(model)
     tie_map = tie_map or {}
     device, dtype = next(model.parameters()).device, model.dtype
@@ -222,7 +171,7 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
                         f"in_features a multiple of {FOUR_BIT_BLOCKSIZE} and out_features of {FOUR_BIT_TILE_ROWS} "
                         f"(e.g. {name}: {reason}); use --quantize int8, which takes any shape")
     config = bnb_config(kind, double_quant, compute_dtype, dtype, skip_modules_for(model, tie_map, unquantized))
-    bytes_before, start = stored_weight_bytes(model), time.perf_counter()
+    bytes_before, start = weight_bytes(model), time.perf_counter()
     quiet_int8_cast_warning()
     with tempfile.TemporaryDirectory(prefix="compress-eval-quantize-") as tmp:
         with copies_detached(model, tie_map):
@@ -239,7 +188,7 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
         "bitsandbytes_config": config.to_dict(),
         "unquantized": unquantized,  # {linear: why it stays float}: shapes the 4-bit kernels refuse
         "weight_bytes_before": bytes_before,
-        "weight_bytes_after": stored_weight_bytes(quantized),
+        "weight_bytes_after": weight_bytes(quantized),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return quantized, record

@@ -40,6 +40,8 @@ def tiny_config(family: str, hidden: int = 32, intermediate: int | None = None):
         return tf.Qwen3Config(**common)
     if family == "olmo2":
         return tf.Olmo2Config(**common, eos_token_id=0, pad_token_id=0)
+    if family == "starcoder2":
+        return tf.Starcoder2Config(**common, bos_token_id=0, eos_token_id=0)
     if family == "llava":
         vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=16, patch_size=8)
@@ -50,7 +52,7 @@ def tiny_config(family: str, hidden: int = 32, intermediate: int | None = None):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava", "starcoder2"]
 
 
 def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32, intermediate: int | None = None):
@@ -74,6 +76,14 @@ def tiny_tokenizer():
                                   initial_alphabet=[])
     tok.train_from_iterator([TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def stub_manifest(**fields):
+    """A valid manifest for a checkpoint written by a test itself (counts are placeholders)."""
+    from compress_eval.manifest import Manifest
+
+    counts = dict(blocks_before=4, params_before=1, params_after=1, weight_bytes_before=1, weight_bytes_after=1)
+    return Manifest(base_model={"name": "test"}, method="none", **{**counts, **fields})
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def test_remove_blocks_then_forward_generate_and_reload(family, tmp_path):
     out_nocache = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(out, out_nocache)
 
-    from compress_eval.models.registry import auto_model_class
+    from compress_eval.models.loading import auto_model_class
 
     model.save_pretrained(tmp_path / "m")
     reloaded = auto_model_class(str(tmp_path / "m")).from_pretrained(tmp_path / "m").eval()
@@ -64,3 +64,72 @@ def test_linear_weight_is_out_by_in(family):
     up_role = "up" if adapter.is_gated_mlp else "fc1"
     w = adapter.linear_weight(block, up_role)
     assert w.shape[1] == 32 and w.shape[0] in (64, 128)
+
+
+def _extra_tiny_model(model_type: str):
+    """Tiny models of the FAMILIES rows conftest has no config for (gemma, gemma2, multimodal gemma3)."""
+    import transformers as tf
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if model_type == "gemma3":
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=16, patch_size=8)
+        config = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**text, sliding_window=8).to_dict(),
+                                 vision_config=vision, mm_tokens_per_image=4)
+        return tf.AutoModelForImageTextToText.from_config(config).eval()
+    config = tf.GemmaConfig(**text) if model_type == "gemma" else tf.Gemma2Config(**text, sliding_window=8)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["gemma", "gemma2", "gemma3"])
+def test_norm_parameters_are_those_the_old_name_matching_found(family):
+    model = _extra_tiny_model(family) if family in ("gemma", "gemma2", "gemma3") else tiny_model(family)
+    adapter = get_adapter(model)
+    for block in adapter.blocks:
+        matched = [p for name, module in block.named_modules()
+                   if "norm" in type(module).__name__.lower() or "ln_" in name.rsplit(".", 1)[-1]
+                   for p in module.parameters(recurse=False)]
+        found = adapter.norm_parameters(block)
+        assert [id(p) for p in found] == [id(p) for p in matched]
+        assert found or family == "olmo"  # OLMo's LayerNorms have no parameters
+
+
+def test_every_family_row_is_covered_by_a_tiny_model():
+    from compress_eval.models.adapters import FAMILIES as ROWS
+
+    assert set(ROWS) == set(FAMILIES) | {"gemma", "gemma2", "gemma3"}
+
+
+def test_multimodal_families_come_from_the_table():
+    from compress_eval.models.adapters import FAMILIES as ROWS
+    from compress_eval.models.adapters import is_multimodal
+
+    assert sorted(m for m in ROWS if is_multimodal(m)) == ["gemma3", "llava"]
+    assert not is_multimodal(None) and not is_multimodal("mamba")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llava", "starcoder2"])
+def test_mlp_path_names_the_blocks_mlp_and_its_linears(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    mlp = adapter.mlp(adapter.blocks[2])
+    assert model.get_submodule(adapter.mlp_path(2)) is mlp
+    for role in adapter.family.mlp_linears:
+        assert mlp.get_submodule(adapter.mlp_linear_path(role)) is adapter.linear(adapter.blocks[2], role)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_out_in_view_and_its_inverse(family):
+    from compress_eval.models.adapters import from_out_in, is_conv1d, is_linear, out_in
+
+    adapter = get_adapter(tiny_model(family))
+    module = adapter.linear(adapter.blocks[0], "o")
+    assert is_linear(module) and is_conv1d(module) == adapter.family.conv1d
+    assert not is_linear(adapter.final_norm)
+    fc = adapter.linear(adapter.blocks[0], "down" if adapter.is_gated_mlp else "fc2")  # hidden 32 out, d_ff in
+    w = adapter.weight_out_in(fc)
+    assert w.shape[0] == 32 and w.shape[1] > 32
+    assert torch.equal(w, out_in(fc.weight, is_conv1d(fc)))
+    assert torch.equal(from_out_in(w, adapter.family.conv1d), fc.weight)

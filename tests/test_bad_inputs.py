@@ -315,10 +315,9 @@ def test_output_modes_follow_the_umask(tiny_model_dir, data_dir, tmp_path):
 
 def test_results_json_is_strict(tmp_path):
     """A non-finite metric is stored as null, never as a NaN / Infinity literal."""
-    from compress_eval.evaluate import store_results
+    from compress_eval.results.store import store_ppl_results
 
-    (tmp_path / "compress_eval.json").write_text("{}")
-    store_results(tmp_path, {"wikitext2_ppl": {"ppl": float("nan"), "seqlen": 16, "windows": 2},
+    store_ppl_results(tmp_path, {"wikitext2_ppl": {"ppl": float("nan"), "seqlen": 16, "windows": 2},
                              "c4_ppl": {"ppl": float("inf"), "seqlen": 16, "windows": 2}})
     text = (tmp_path / "results_ppl.json").read_text()
     assert "NaN" not in text and "Infinity" not in text

@@ -121,19 +121,19 @@ def test_resume_skips_finished_cells_and_evaluates_missing_tasks(tiny_model_dir,
 
 
 def test_interrupted_cell_leaves_nothing_and_resumes(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from compress_eval.models import checkpoint
+    from compress_eval.results import store
 
     runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)[:1]
-    real = checkpoint.write_manifest
+    real = store.write_manifest
 
     def ctrl_c(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "write_manifest", ctrl_c)
+    monkeypatch.setattr(store, "write_manifest", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_cells(cells, runs)
     assert not (runs / cells[0].name).exists() and not list(runs.glob(".*.tmp-*"))
-    monkeypatch.setattr(checkpoint, "write_manifest", real)
+    monkeypatch.setattr(store, "write_manifest", real)
     (runs / f".{cells[0].name}.tmp-killed").mkdir()  # what a kill -9 during the save leaves behind
     assert [o.status for o in run_cells(cells, runs)] == ["ran"]
     assert finished(runs, cells)

@@ -84,12 +84,12 @@ def test_existing_output_dir_is_refused_untouched(tiny_model_dir, data_dir, tmp_
 
 
 def test_failure_during_save_leaves_no_output(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from compress_eval.models import checkpoint
+    from compress_eval.results import store
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_manifest", boom)
+    monkeypatch.setattr(store, "write_manifest", boom)
     out = tmp_path / "out"
     result = invoke("compress", tiny_model_dir, "--method", "drop", "--blocks", "1", "--out", out)
     assert result.exit_code != 0

@@ -12,7 +12,7 @@ from compress_eval.config import CompressConfig
 from compress_eval.errors import UserError
 from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.checkpoint import load_checkpoint
+from compress_eval.models.loading import load_checkpoint
 from compress_eval.scoring.importance import naive_block_influence, naive_removal_nll
 from conftest import VOCAB, tiny_config
 

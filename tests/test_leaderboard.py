@@ -152,9 +152,9 @@ def test_html_renders_and_sorts_in_headless_chromium(runs, tmp_path):
 @pytest.mark.parametrize("damage,why", [
     (lambda p: (p / "lm_eval_results.json").write_text('{"results": [1]}'), "not lm-eval's task mapping"),
     (lambda p: (p / "lm_eval_results.json").write_text('{"results": {"piqa": [1]}, "x": 1}'), None),
-    (lambda p: _edit_manifest(p, blocks_before=0), "blocks_before is 0"),
-    (lambda p: _edit_manifest(p, params_before=0), "params_before is 0"),
-    (lambda p: _edit_manifest(p, params_after="many"), "params_after is 'many'"),
+    (lambda p: _edit_manifest(p, blocks_before=0), "blocks_before: Input should be greater than 0"),
+    (lambda p: _edit_manifest(p, params_before=0), "params_before: Input should be greater than 0"),
+    (lambda p: _edit_manifest(p, params_after="many"), "params_after: Input should be a valid integer"),
     (lambda p: _edit_manifest(p, base_model=None), "base_model"),
     (lambda p: (p / "results_ppl.json").write_text('{"wikitext2_ppl": 3}'), "lack a field"),
     (lambda p: (p / "compress_eval.json").write_bytes(b"\xff\xfe"), "not UTF-8"),

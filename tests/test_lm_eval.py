@@ -8,10 +8,12 @@ from typer.testing import CliRunner
 
 from compress_eval.cli.app import app
 from compress_eval.errors import UserError
-from compress_eval.evaluate import cache_key, evaluate, parse_tasks
+from compress_eval.evaluate import cache_key, evaluate
+from compress_eval.tasknames import parse_tasks
 from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
-from compress_eval.models.checkpoint import MANIFEST, load_checkpoint
-from conftest import SHARED_DATA, tiny_model, tiny_tokenizer
+from compress_eval.models.loading import load_checkpoint
+from compress_eval.results import store
+from conftest import SHARED_DATA, stub_manifest, tiny_model, tiny_tokenizer
 
 OFFLINE = ["ce_piqa", "ce_arc_easy", "ce_arc_challenge", "ce_hellaswag", "ce_winogrande"]
 
@@ -108,7 +110,7 @@ def test_model_type_keeps_ties_and_the_tie_map(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    (path / MANIFEST).write_text(json.dumps({"tie_map": {"model.layers.3.mlp": "model.layers.2.mlp"}}))
+    store.write_manifest(path, stub_manifest(tie_map={"model.layers.3.mlp": "model.layers.2.mlp"}))
     lm = CompressedLM(pretrained=str(path), device="cpu")
     reference, _ = load_checkpoint(path)
     assert lm.model.lm_head.weight is not lm.model.model.embed_tokens.weight

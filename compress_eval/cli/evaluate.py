@@ -9,7 +9,8 @@ from rich.table import Table
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
                                       TrustRemoteCode, user_errors)
 from compress_eval.errors import UserError
-from compress_eval.evaluate import display_name, evaluate_and_record, parse_tasks
+from compress_eval.evaluate import evaluate_and_record
+from compress_eval.tasknames import display_name, parse_tasks
 
 METRICS = ("acc", "acc_norm")
 

@@ -6,7 +6,8 @@ import typer
 
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
                                       TrustRemoteCode, user_errors)
-from compress_eval.evaluate import PPL_TASKS, evaluate
+from compress_eval.evaluate import evaluate
+from compress_eval.tasknames import PPL_TASKS
 
 
 @user_errors

@@ -13,16 +13,10 @@ import json
 from pathlib import Path
 
 from compress_eval.errors import UserError
+from compress_eval.paths import data_file
 from compress_eval.paths import data_dir as resolve_data_dir
 
 BENCHMARKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
-
-
-def _file(root: Path, rel: str) -> Path:
-    path = root / rel
-    if not path.exists():
-        raise UserError(f"missing data file {path}: the data directory must be laid out like shared/data")
-    return path
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -36,8 +30,8 @@ def _labels(path: Path) -> list[int]:
 
 def piqa(root: Path) -> list[dict]:
     """PIQA validation (original files): goal, sol1, sol2 and the 0/1 label from the .lst file."""
-    rows = _jsonl(_file(root, "piqa/valid.jsonl"))
-    labels = _labels(_file(root, "piqa/valid-labels.lst"))
+    rows = _jsonl(data_file(root, "piqa/valid.jsonl"))
+    labels = _labels(data_file(root, "piqa/valid-labels.lst"))
     if len(rows) != len(labels):
         raise UserError(f"piqa: {len(rows)} questions but {len(labels)} labels in {root / 'piqa'}")
     return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in zip(rows, labels)]
@@ -45,7 +39,7 @@ def piqa(root: Path) -> list[dict]:
 
 def arc(root: Path, subset: str) -> list[dict]:
     """ARC test (llm-foundry form): the question without its "Question: " prefix, choices, gold index."""
-    rows = _jsonl(_file(root, f"arc/{subset}.test.llm-foundry.jsonl"))
+    rows = _jsonl(data_file(root, f"arc/{subset}.test.llm-foundry.jsonl"))
     return [{"question": r["query"].removeprefix("Question: "), "choices": r["choices"], "gold": r["gold"]}
             for r in rows]
 
@@ -70,7 +64,7 @@ def _clean(text: str) -> str:
 
 def hellaswag(root: Path) -> list[dict]:
     """HellaSwag validation (extracted text form: 6 lines per item, query / label / 4 endings)."""
-    with bz2.open(_file(root, "hellaswag/hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as fh:
+    with bz2.open(data_file(root, "hellaswag/hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     lines = lines[:len(lines) - len(lines) % 6]
     docs = []
@@ -86,8 +80,8 @@ def winogrande(root: Path) -> list[dict]:
 
     The gold index is checked against the original answer file, so a misaligned copy is an error.
     """
-    rows = _jsonl(_file(root, "winogrande/winogrande.dev.llm-foundry.jsonl"))
-    answers = _labels(_file(root, "winogrande/dev-labels.lst"))
+    rows = _jsonl(data_file(root, "winogrande/winogrande.dev.llm-foundry.jsonl"))
+    answers = _labels(data_file(root, "winogrande/dev-labels.lst"))
     if len(rows) != len(answers) or any(r["gold"] != a - 1 for r, a in zip(rows, answers)):
         raise UserError(f"winogrande: {root / 'winogrande'} has gold indexes that disagree with dev-labels.lst")
     return [{"options": r["context_options"], "continuation": r["continuation"], "gold": r["gold"]} for r in rows]

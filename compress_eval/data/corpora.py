@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from compress_eval.errors import UserError
-from compress_eval.paths import DATA_DIR_ENV
+from compress_eval.paths import DATA_DIR_ENV, data_file
 from compress_eval.paths import data_dir as resolve_data_dir
 
 DATASETS = ("wikitext2", "c4")
@@ -21,13 +21,6 @@ C4_EVAL_DOCS = 1100
 def _check_dataset(name: str) -> None:
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-
-
-def _local_file(root: Path, rel: str) -> Path:
-    path = root / rel
-    if not path.exists():
-        raise UserError(f"missing data file {path}: the data directory must be laid out like shared/data")
-    return path
 
 
 def hub_dataset(path: str, *args, **kwargs):
@@ -48,7 +41,7 @@ def wikitext2_rows(split: str, data_dir: Path | None) -> list[str]:
     if data_dir is not None:
         if split == "train":
             split = "validation"  # raw train is not available offline; validation stays disjoint from test
-        path = _local_file(data_dir, f"wikitext2/wikitext-2-raw-v1.{split}.rows.jsonl")
+        path = data_file(data_dir, f"wikitext2/wikitext-2-raw-v1.{split}.rows.jsonl")
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line)["text"] for line in fh]
     return list(hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
@@ -63,7 +56,7 @@ def c4_documents(split: str, data_dir: Path | None) -> list[str]:
     if data_dir is not None:
         import pyarrow.parquet as pq
 
-        docs = pq.read_table(_local_file(data_dir, "c4/c4_validation_2k.parquet"), columns=["text"])
+        docs = pq.read_table(data_file(data_dir, "c4/c4_validation_2k.parquet"), columns=["text"])
         texts = docs.column("text").to_pylist()
         return texts[:C4_EVAL_DOCS] if split == "validation" else texts[C4_EVAL_DOCS:]
     files = {

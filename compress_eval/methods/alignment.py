@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from compress_eval.models.adapters import Adapter
+from compress_eval.models.adapters import Adapter, from_out_in, out_in
 
 STD_FLOOR = 1e-7  # the paper's clip of the standard deviation (dead neurons would divide by 0)
 
@@ -121,27 +121,22 @@ def match_neurons(corr: torch.Tensor) -> tuple[torch.Tensor, float]:
     return perm, float(corr[torch.arange(corr.size(0)), perm].mean())
 
 
-def _neuron_dim(adapter: Adapter, role: str, reads_neurons: bool) -> int:
-    """Which weight dimension indexes the hidden neurons (GPT-2's Conv1D stores (in, out))."""
-    out_dim, in_dim = (1, 0) if adapter.family.conv1d else (0, 1)
-    return in_dim if reads_neurons else out_dim
-
-
 def aligned_ff_state(adapter: Adapter, block: nn.Module, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The FF sublayer's state dict with its hidden neurons reordered by ``perm`` (None: as is)."""
     mlp = adapter.mlp(block)
     state = {k: v.detach() for k, v in mlp.state_dict().items()}
     if perm is None:
         return state
-    mlp_prefix = adapter.family.mlp_linears  # role -> "mlp.<name>"
+    conv1d = adapter.family.conv1d
     writers, reader = ff_roles(adapter)
     out = dict(state)
     for role in writers + [reader]:
-        name = mlp_prefix[role].split(".", 1)[1]
+        name = adapter.mlp_linear_path(role)
         reads = role == reader
-        w = state[f"{name}.weight"]
+        w = out_in(state[f"{name}.weight"], conv1d)
         idx = perm.to(w.device)
-        out[f"{name}.weight"] = w.index_select(_neuron_dim(adapter, role, reads), idx)
+        # The neurons index the reader's inputs and the writers' outputs (rows and bias).
+        out[f"{name}.weight"] = from_out_in(w.index_select(1 if reads else 0, idx), conv1d)
         if not reads and f"{name}.bias" in state:
             out[f"{name}.bias"] = state[f"{name}.bias"].index_select(0, idx)
     return out

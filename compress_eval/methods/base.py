@@ -49,3 +49,7 @@ class Compressor(ABC):
     @abstractmethod
     def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:
         """Compress ``adapter.model`` in place."""
+
+    def finish(self, adapter: Adapter, record: CompressionRecord) -> CompressionRecord:
+        """What the method does after the recovery stage (before quantization); nothing by default."""
+        return record

@@ -4,13 +4,11 @@ blocks after the window, from the cached state entering block s."""
 
 from __future__ import annotations
 
-import math
-
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
 from compress_eval.scoring.chart import importance_chart
-from compress_eval.scoring.importance import calibration_tokens, removal_nll
+from compress_eval.scoring.importance import removal_ppl
 
 
 @register_method
@@ -22,8 +20,7 @@ class DropWindow(Compressor):
     def compress(self, adapter, calib) -> CompressionRecord:
         k = self.cfg.blocks_to_remove(adapter.num_blocks)
         starts = list(range(adapter.num_blocks - k + 1))
-        nll = removal_nll(self.options.prefix_states(adapter, calib), starts, width=k)
-        ppl = [math.exp(n / calibration_tokens(calib)) for n in nll]
+        nll, ppl = removal_ppl(self.options.prefix_states(adapter, calib), starts, width=k)
         best = starts[lowest(nll, 1)[0]]
         removed = list(range(best, best + k))
         adapter.remove_blocks(removed)

@@ -10,6 +10,7 @@ search scored by perplexity on calibration windows (features are collected once 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import math
 import re
 from typing import Literal
@@ -17,18 +18,17 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from compress_eval.config import MethodOptions
 from compress_eval.errors import UserError
 from compress_eval.methods import alignment
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, render_window_scores
-from compress_eval.methods.recovery import RecoveryOptions, fine_tune
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import Adapter
-from compress_eval.scoring.ppl import window_nll
 from compress_eval.scoring.prefix import PrefixStates
 
 
-class MergeOptions(RecoveryOptions):
+class MergeOptions(MethodOptions):
     num_merge: int | None = Field(None, ge=1, description="FF sublayers removed: a window of num_merge+1 layers")
     ff_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of FF sublayers removed, e.g. 0.333")
     anchor: Literal["first", "middle", "last"] = Field("first", description="layer the others are aligned to")
@@ -124,8 +124,7 @@ def tie_window(adapter: Adapter, layers: range, module: torch.nn.Module) -> dict
     """Make every layer of the window use ``module``; the tie map {module path: canonical path}."""
     for j in layers:
         adapter.set_mlp(adapter.blocks[j], module)
-    path = f"{adapter.family.blocks}.{{}}.mlp".format
-    return {path(j): path(layers[0]) for j in layers[1:]}
+    return {adapter.mlp_path(j): adapter.mlp_path(layers[0]) for j in layers[1:]}
 
 
 class WindowScorer:
@@ -146,16 +145,10 @@ class WindowScorer:
         for j in layers:
             self.adapter.set_mlp(blocks[j], module)
         try:
-            nll, tokens = 0.0, 0
-            for b, ids in enumerate(self.prefix.input_ids):
-                hidden = self.prefix.runner.run(self.prefix.entering(layers[0], b), start=layers[0])
-                ids = ids.to(hidden.device)
-                nll += window_nll(self.prefix.runner.logits(hidden), ids).sum().item()
-                tokens += ids.numel() - ids.size(0)
+            return self.prefix.ppl(self.prefix.suffix_nll(layers[0]))
         finally:
             for j, original in zip(layers, originals):
                 self.adapter.set_mlp(blocks[j], original)
-        return math.exp(nll / tokens)
 
 
 @register_method
@@ -193,11 +186,6 @@ class MergeFF(Compressor):
         module = merged_ff(adapter, layers, plan)
         tie_map = tie_window(adapter, layers, module)
         ff_params = sum(p.numel() for p in module.parameters())
-        recovery = fine_tune(adapter.model, calib, o, seed=self.cfg.seed)
-        if o.untied_export:  # every layer gets its own copy: larger, but plain transformers loads it
-            for j in layers[1:]:
-                adapter.set_mlp(adapter.blocks[j], copy.deepcopy(module))
-            tie_map = {}
         cka = linear_cka_matrix(features.outputs)
         window = [layers[0], layers[-1]]
         details = {
@@ -212,8 +200,16 @@ class MergeFF(Compressor):
             "mean_matched_correlation": {str(j): round(plan[j][1], 4) for j in layers},
             "candidates": candidates,
             "ff_output_cka": [[round(v, 4) for v in row] for row in cka.tolist()],
-            "recovery": recovery,
         }
         artifacts = {"ffmerge_windows.png": render_window_scores(candidates, window),
                      "ffmerge_cka.png": render_cka(cka, window)}
         return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)
+
+    def finish(self, adapter, record: CompressionRecord) -> CompressionRecord:
+        """--untied-export, after the recovery stage trained the tied module: every layer gets its
+        own copy (larger, but plain transformers loads it)."""
+        if not self.options.untied_export or not record.tie_map:
+            return record
+        for dst, src in record.tie_map.items():
+            adapter.model.set_submodule(dst, copy.deepcopy(adapter.model.get_submodule(src)))
+        return replace(record, tie_map={})

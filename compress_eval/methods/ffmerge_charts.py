@@ -3,9 +3,9 @@ outputs are to each other (linear CKA, the paper's Figure 5), as PNG bytes for t
 
 from __future__ import annotations
 
-import io
-
 import torch
+
+from compress_eval.scoring.chart import new_figure, png_bytes
 
 
 def linear_cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -24,21 +24,12 @@ def linear_cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110, bbox_inches="tight")
 
 
 def _figure(size):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=size)
+    fig = new_figure(size)
+    return fig, fig.subplots()
 
 
 def render_window_scores(candidates: list[dict], chosen: list[int]) -> bytes:

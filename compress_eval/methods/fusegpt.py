@@ -14,7 +14,6 @@ output with the block, and collapses the result into plain weights. Methods:
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import time
 from typing import ClassVar, Literal
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress_eval.errors import UserError
+from compress_eval.memory import peak_memory_mb
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DepthPruningOptions
 from compress_eval.methods.finite import require_finite
@@ -120,13 +120,6 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        peak["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
-
-
 class IterativeFusion(Compressor):
     """Shared loop of ``mi``, ``mi-ft``, ``mi-lowrank`` and ``fuse``; ``training`` picks the variant."""
 
@@ -179,11 +172,9 @@ class IterativeFusion(Compressor):
                 ranks[f"{role}/lora"] = module.lora_rank
                 coef += module.coefficient_parameters()
                 slow += module.lora_parameters()
-            for name, module in blocks[j].named_modules():
-                if "norm" in type(module).__name__.lower() or "ln_" in name.rsplit(".", 1)[-1]:
-                    for p in module.parameters(recurse=False):
-                        p.requires_grad_(True)
-                        slow.append(p)
+            for p in adapter.norm_parameters(blocks[j]):
+                p.requires_grad_(True)
+                slow.append(p)
         return coef, slow, ranks
 
     def group_loss(self, runner, student_out, target):

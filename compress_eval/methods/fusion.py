@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_eval.models.adapters import from_out_in, out_in
+
 
 def clamp_rank(rank: int, out_features: int, in_features: int) -> int:
     """A rank above min(out, in) adds nothing a full-rank factor could not: clamp it."""
@@ -59,12 +61,11 @@ class FusedLinear(nn.Module):
 
     @property
     def out_in(self) -> tuple[int, int]:
-        w = self.base.weight
-        return (w.shape[1], w.shape[0]) if self.conv1d else (w.shape[0], w.shape[1])
+        out_f, in_f = self.base_weight().shape
+        return out_f, in_f
 
     def base_weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return w.t() if self.conv1d else w
+        return out_in(self.base.weight, self.conv1d)
 
     def inject(self, frozen: torch.Tensor | None, rank: int, generator: torch.Generator | None = None) -> int:
         """Add one (coefficient, frozen weight) pair (eq. 10 for a block fused before); returns the rank used."""
@@ -102,7 +103,7 @@ class FusedLinear(nn.Module):
     def materialize(self) -> nn.Module:
         """The wrapped module with W' written into it (model dtype): a plain Linear / Conv1D again."""
         w = self.effective_weight().to(self.base.weight.dtype)
-        self.base.weight.copy_(w.t() if self.conv1d else w)
+        self.base.weight.copy_(from_out_in(w, self.conv1d))
         return self.base
 
 
@@ -125,5 +126,4 @@ def frozen_weight(adapter, block: nn.Module, role: str) -> torch.Tensor:
     if isinstance(module, FusedLinear):
         module = module.materialize()
         adapter.set_linear(block, role, module)
-    w = module.weight
-    return (w.t() if adapter.family.conv1d else w).detach()
+    return adapter.weight_out_in(module).detach()

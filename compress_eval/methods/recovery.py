@@ -11,35 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from compress_eval.config import MethodOptions
+from compress_eval.config import RecoveryOptions
 from compress_eval.errors import UserError
 from compress_eval.methods.finite import require_finite
+from compress_eval.models.adapters import from_out_in, is_conv1d, is_linear, out_in
 from compress_eval.quantize import check_trainable
 
 # Paper defaults: lr 5e-5 for full fine-tunes (GPT-2, ViT, MT), 5e-4 for (Q)LoRA (OLMo-7B).
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "qlora": 5e-4}
-
-
-class RecoveryOptions(MethodOptions):
-    """Recovery fine-tune knobs; a method's options inherit them (``--recover lora --recover-steps 200``)."""
-
-    recover: Literal["none", "full", "lora", "qlora"] = Field(
-        "none", description="fine-tune after compressing: none, full, lora, or qlora (nf4 base + LoRA)")
-    recover_steps: int = Field(100, ge=1, description="optimizer steps")
-    recover_lr: float | None = Field(None, gt=0, le=1e30, description="peak learning rate (default 5e-5 full, 5e-4 LoRA)")
-    recover_seqlen: int | None = Field(None, ge=2, description="tokens per training sequence (default: calibration seqlen)")
-    recover_batch_size: int = Field(1, ge=1, description="sequences per step")
-    recover_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then 1/sqrt decay)")
-    lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
-    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
-    lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
 
 
 def training_sequences(windows: torch.Tensor, seqlen: int | None) -> torch.Tensor:
@@ -75,10 +58,10 @@ def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
     count, refused = 0, []
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            conv1d = type(child).__name__ == "Conv1D"
-            if not (type(child) is nn.Linear or conv1d) or child in skip:
+            if not is_linear(child) or child in skip:
                 continue
-            weight = child.weight.data.t() if conv1d else child.weight.data  # as (out, in)
+            conv1d = is_conv1d(child)
+            weight = out_in(child.weight.data, conv1d)
             if (reason := four_bit_refusal(weight.size(1), weight.size(0))) is not None:
                 refused.append(f"{name}.{child_name}: {reason}".lstrip("."))
                 continue
@@ -129,10 +112,9 @@ def _dense_module(base: nn.Module, weight: torch.Tensor) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
         dense = Conv1D(base.out_features, base.in_features).to(weight)
-        dense.weight.data.copy_(weight.t())
     else:
         dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None).to(weight)
-        dense.weight.data.copy_(weight)
+    dense.weight.data.copy_(from_out_in(weight, base.was_conv1d))
     if base.bias is not None:
         dense.bias.data.copy_(base.bias.data)
     return dense
@@ -230,7 +212,6 @@ def _linear_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        kind = type(module).__name__
-        if module is not head and kind in ("Linear", "Linear4bit", "Conv1D"):
+        if module is not head and (is_linear(module) or _is_4bit(module)):
             names.add(name.rpartition(".")[2])
     return sorted(names)

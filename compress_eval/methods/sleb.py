@@ -7,7 +7,6 @@ As the official code does, the first and the last remaining blocks are never can
 
 from __future__ import annotations
 
-import math
 import time
 
 from pydantic import Field
@@ -17,7 +16,8 @@ from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
 from compress_eval.scoring.chart import importance_chart
-from compress_eval.scoring.importance import calibration_tokens, removal_nll
+from compress_eval.scoring.importance import removal_ppl
+from compress_eval.scoring.prefix import calibration_tokens
 
 
 class SlebOptions(DepthPruningOptions):
@@ -44,10 +44,10 @@ class Sleb(Compressor):
         iterations, start = [], time.perf_counter()
         for _ in range(k):
             candidates = candidate_blocks(adapter.num_blocks, self.options.protect_ends)
-            nll = removal_nll(self.options.prefix_states(adapter, calib), candidates)
+            nll, ppl = removal_ppl(self.options.prefix_states(adapter, calib), candidates)
             best = candidates[lowest(nll, 1)[0]]
             iterations.append({"candidates": [original[c] for c in candidates], "nll": nll,
-                               "ppl": [math.exp(n / tokens) for n in nll], "removed": original[best],
+                               "ppl": ppl, "removed": original[best],
                                "seconds": round(time.perf_counter() - start, 3)})
             adapter.remove_blocks([best])
             del original[best]

@@ -14,6 +14,7 @@ every batch.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,35 +25,90 @@ from compress_eval.errors import UserError
 
 @dataclass(frozen=True)
 class Family:
-    """Where one architecture family keeps its parts (dotted attribute paths)."""
+    """Where one architecture family keeps its parts (dotted attribute paths).
+
+    ``blocks`` and ``final_norm`` are paths in the model; every other path is inside one block.
+    ``mlp_linears`` lie inside ``mlp`` (their paths start with it). ``norms`` lists the block's
+    norm modules in the block's own module order (a non-parametric norm counts: it has no
+    parameters to train). ``text_config`` names the decoder's config in a multimodal model's config.
+    """
 
     name: str
     blocks: str
     final_norm: str
     attn_linears: dict[str, str]
     mlp_linears: dict[str, str]
+    norms: tuple[str, ...]
+    mlp: str = "mlp"
     text_config: str | None = None  # e.g. LLaVA keeps the decoder's config in config.text_config
     conv1d: bool = False  # GPT-2's Conv1D stores weights transposed (in, out)
 
 
 _LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 _GATED_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_SANDWICH_NORMS = _PRE_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
-FAMILIES: dict[str, Family] = {}
-for _mt in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gemma2", "gemma"):
-    FAMILIES[_mt] = Family(_mt, "model.layers", "model.norm", _LLAMA_ATTN, _GATED_MLP)
-FAMILIES["gpt2"] = Family(
-    "gpt2", "transformer.h", "transformer.ln_f",
-    {"qkv": "attn.c_attn", "o": "attn.c_proj"}, {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, conv1d=True,
-)
-FAMILIES["llava"] = Family(
-    "llava", "model.language_model.layers", "model.language_model.norm", _LLAMA_ATTN, _GATED_MLP,
-    text_config="text_config",
-)
-FAMILIES["gemma3"] = Family(
-    "gemma3", "model.language_model.layers", "model.language_model.norm", _LLAMA_ATTN, _GATED_MLP,
-    text_config="text_config",
-)
+
+def _decoder(name: str, norms: tuple[str, ...], **kw) -> Family:
+    """A LLaMA-layout decoder (model.layers, q/k/v/o and gate/up/down projections)."""
+    return Family(name, "model.layers", "model.norm", _LLAMA_ATTN, _GATED_MLP, norms, **kw)
+
+
+def _multimodal(name: str, norms: tuple[str, ...]) -> Family:
+    """A LLaMA-layout decoder inside a vision-language wrapper (model.language_model)."""
+    return Family(name, "model.language_model.layers", "model.language_model.norm", _LLAMA_ATTN, _GATED_MLP,
+                  norms, text_config="text_config")
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _decoder("llama", _PRE_NORMS),
+    "mistral": _decoder("mistral", _PRE_NORMS),
+    "qwen2": _decoder("qwen2", _PRE_NORMS),
+    "qwen3": _decoder("qwen3", _QK_NORMS + _PRE_NORMS),
+    "olmo": _decoder("olmo", _PRE_NORMS),  # non-parametric LayerNorms
+    "olmo2": _decoder("olmo2", _QK_NORMS + ("post_attention_layernorm", "post_feedforward_layernorm")),
+    "gemma": _decoder("gemma", _PRE_NORMS),
+    "gemma2": _decoder("gemma2", _SANDWICH_NORMS),
+    "gemma3_text": _decoder("gemma3_text", _QK_NORMS + _SANDWICH_NORMS),
+    "starcoder2": Family("starcoder2", "model.layers", "model.norm", _LLAMA_ATTN,
+                         {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, _PRE_NORMS),
+    "gpt2": Family("gpt2", "transformer.h", "transformer.ln_f", {"qkv": "attn.c_attn", "o": "attn.c_proj"},
+                   {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, ("ln_1", "ln_2"), conv1d=True),
+    "llava": _multimodal("llava", _PRE_NORMS),
+    "gemma3": _multimodal("gemma3", _QK_NORMS + _SANDWICH_NORMS),
+}
+
+
+def is_multimodal(model_type: str | None) -> bool:
+    """Whether a model type is a vision-language wrapper compressed through its language model
+    (loaded with ``AutoModelForImageTextToText``): the families whose decoder config is nested."""
+    family = FAMILIES.get(model_type)
+    return family is not None and family.text_config is not None
+
+
+# --- linears: plain nn.Linear or GPT-2's Conv1D ------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` (a linear whose weight is stored (in, out))."""
+    # Without transformers imported no Conv1D can exist, so it is not imported here.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` or GPT-2's ``Conv1D``: the linears methods and quantization handle."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def out_in(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A linear's weight as (out_features, in_features) (a view; Conv1D stores it (in, out))."""
+    return weight.t() if conv1d else weight
+
+
+def from_out_in(weight_out_in: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """The inverse of :func:`out_in`: an (out, in) weight in the module's storage layout."""
+    return weight_out_in.t() if conv1d else weight_out_in
 
 
 def _get(root: nn.Module, dotted: str):
@@ -119,16 +175,34 @@ class Adapter:
     def set_linear(self, block: nn.Module, role: str, module: nn.Module) -> None:
         _set(block, self.linear_path(role), module)
 
+    def mlp_linear_path(self, role: str) -> str:
+        """Path of an MLP linear inside the MLP module (its key prefix in the MLP's state dict)."""
+        path = self.family.mlp_linears[role]
+        if not path.startswith(self.family.mlp + "."):
+            raise ValueError(f"{self.family.name}: MLP linear {path!r} is not inside {self.family.mlp!r}")
+        return path.removeprefix(self.family.mlp + ".")
+
     def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp
+        return _get(block, self.family.mlp)
 
     def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
-        block.mlp = module
+        _set(block, self.family.mlp, module)
+
+    def mlp_path(self, i: int) -> str:
+        """Dotted path of block ``i``'s MLP in the model (the names of its parameters start with it)."""
+        return f"{self.family.blocks}.{i}.{self.family.mlp}"
+
+    def norm_parameters(self, block: nn.Module) -> list[nn.Parameter]:
+        """The parameters of a block's norms (weights, and biases where they have them), in module order."""
+        return [p for path in self.family.norms for p in _get(block, path).parameters(recurse=False)]
+
+    def weight_out_in(self, module: nn.Module) -> torch.Tensor:
+        """A linear's weight as (out_features, in_features), whatever the family's storage layout."""
+        return out_in(module.weight, self.family.conv1d)
 
     def linear_weight(self, block: nn.Module, role: str) -> torch.Tensor:
-        """The weight as (out_features, in_features), whatever the storage layout."""
-        w = self.linear(block, role).weight
-        return w.t() if self.family.conv1d else w
+        """The weight of a block's linear by role, as (out_features, in_features)."""
+        return self.weight_out_in(self.linear(block, role))
 
     # --- surgery ---------------------------------------------------------------------------
     def keep_blocks(self, keep: list[int]) -> None:

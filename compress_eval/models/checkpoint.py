@@ -1,7 +1,8 @@
-"""Checkpoints: safetensors + config + tokenizer + a ``compress_eval.json`` manifest, written atomically.
+"""Checkpoint directories on disk: created atomically (temp dir + rename, stale temp dirs of killed
+writers removed), model files written as safetensors, sizes and provenance measured.
 
 A depth-pruned checkpoint is a plain transformers directory (``AutoModelForCausalLM`` loads it at the
-new depth); the manifest records what was done so any result can be re-made.
+new depth). What else a run directory holds (manifest, recipe, results) is ``results.store``'s.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 
 from compress_eval.errors import UserError
-from compress_eval.jsonfile import JSONFileError, read_json_object, user_modes, write_json_atomic
+from compress_eval.jsonfile import user_modes
+from compress_eval.models.loading import copies_detached
 
-MANIFEST = "compress_eval.json"
-FORMAT = "compress-eval/1"
 log = logging.getLogger(__name__)
 
 
@@ -114,12 +114,15 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct parameter and buffer storages (what a checkpoint must hold)."""
+    """Bytes of the distinct tensors of the state dict: what a checkpoint holds (a tied module once;
+    quantization scales and codebooks included, non-persistent buffers not). The one definition, before
+    and after compression alike."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    for t in model.state_dict().values():
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
     return total
 
 
@@ -141,89 +144,9 @@ def git_sha() -> str | None:
     return result.stdout.strip() or None
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    write_json_atomic(Path(directory) / MANIFEST, manifest)
-
-
-def read_manifest(directory: str | Path) -> dict | None:
-    """The manifest of a checkpoint directory, None if it has none; a corrupt one is a UserError."""
-    try:
-        return read_json_object(Path(directory) / MANIFEST)
-    except JSONFileError as exc:
-        raise UserError(f"corrupt manifest: {exc}; re-run the compression that made it") from None
-
-
-@contextlib.contextmanager
-def copies_detached(model: torch.nn.Module, tie_map: dict[str, str]):
-    """Within the block, each tie-map copy is an empty module, so a save stores a tied module once
-    (safetensors refuses shared storage, and a quantized model's save ignores a given state dict);
-    the sharing is restored on exit, as ``retie`` restores it on load."""
-    for dst in tie_map:
-        parent, _, name = dst.rpartition(".")
-        setattr(_module(model, parent) if parent else model, name, torch.nn.Module())
-    try:
-        yield model
-    finally:
-        retie(model, tie_map)
-
-
 def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
     """Weights as safetensors (never pickle), config, generation config and tokenizer."""
     with copies_detached(model, tie_map or {}):
         model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-
-
-def _module(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
-    return root.get_submodule(dotted)
-
-
-def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
-    """Make every module path in ``tie_map`` the very module it maps to (one tensor in memory)."""
-    for dst, src in tie_map.items():
-        parent, _, name = dst.rpartition(".")
-        setattr(_module(model, parent) if parent else model, name, _module(model, src))
-
-
-def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
-    """(model, manifest) for one of our checkpoint directories, with its tie map re-applied.
-    A bitsandbytes checkpoint is loaded straight onto ``device`` (its weights cannot be cast)."""
-    from compress_eval.models.registry import auto_model_class
-
-    manifest = read_manifest(directory) or {}
-    tie_map = manifest.get("tie_map") or {}
-    placement = {}
-    if manifest.get("quantization"):
-        from compress_eval.quantize import quiet_int8_cast_warning
-
-        quiet_int8_cast_warning()
-        placement = {"device_map": {"": device}} if device else {}
-    model = from_pretrained_tied(auto_model_class(str(directory)), directory, tie_map, dtype=dtype, **placement)
-    retie(model, tie_map)
-    if manifest.get("quantization"):
-        from compress_eval.quantize import keep_4bit_scales_on_save
-
-        keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
-    return model, manifest
-
-
-def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
-    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
-    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
-    if not tie_map:
-        return cls.from_pretrained(directory, **kwargs)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    prefixes = tuple(f"{path}." for path in tie_map)
-    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
-    if missing:
-        log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",
-                                            directory, len(missing), ", ".join(missing[:5]))
-    return model

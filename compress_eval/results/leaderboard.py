@@ -180,19 +180,20 @@ def plot_metrics(board: Board) -> list[str]:
 
 def pareto_png(board: Board, path: Path) -> Path | None:
     """Quality vs parameters kept and vs bytes of weights; dashed: each model's Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import ScalarFormatter
+
+    from compress_eval.scoring.chart import new_figure
 
     metrics = plot_metrics(board)
     if not metrics:
         return None
     axes_x = [("parameters kept (%)", lambda r: 100 * r.params_kept), ("weights (MB)", lambda r: r.bytes_after / 1e6)]
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4.5 * len(metrics)), squeeze=False)
+    fig = new_figure((12, 4.5 * len(metrics)))
+    axes = fig.subplots(len(metrics), 2, squeeze=False)
     labels = sorted({method_text(r) for r in board.rows})
-    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    colors = {label: colormaps["tab10"](i % 10) for i, label in enumerate(labels)}
     models = sorted({r.model for r in board.rows})
     markers = {m: "os^Dvp*"[i % 7] for i, m in enumerate(models)}
     for (metric, ax_row) in zip(metrics, axes):
@@ -212,10 +213,9 @@ def pareto_png(board: Board, path: Path) -> Path | None:
                 ax.yaxis.set_major_formatter(ScalarFormatter())
                 ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.grid(True, alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[lab], label=lab) for lab in labels]
-    handles += [plt.Line2D([], [], marker=markers[m], linestyle="", color="gray", label=m) for m in models]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[lab], label=lab) for lab in labels]
+    handles += [Line2D([], [], marker=markers[m], linestyle="", color="gray", label=m) for m in models]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.5 * len(metrics))))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -1,8 +1,10 @@
-"""Run directories: what a finished run holds, how to read it, and one writer per run at a time.
+"""Run directories: the one owner of every file in them, how to read a finished run, and one
+writer per run at a time.
 
-A run directory is the pipeline's checkpoint (manifest ``compress_eval.json``) plus the results the
-evaluations stored beside it: ``results_ppl.json`` (our perplexity protocol) and
-``lm_eval_results.json`` (lm-eval's own results schema). The leaderboard reads nothing else.
+A run directory is the pipeline's checkpoint (model files, ``compress_eval.json`` manifest,
+``recipe.yaml``) plus what evaluations store beside it: ``results_ppl.json`` (our perplexity
+protocol) and ``lm_eval_results.json`` (lm-eval's own results schema); ``batch`` adds ``cell.json``.
+The leaderboard reads nothing else.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress_eval.jsonfile import JSONFileError, read_json_object
-from compress_eval.evaluate import LM_EVAL_TASKS, PPL_TASKS, RESULTS_FILE as PPL_FILE, display_name
-from compress_eval.models.checkpoint import MANIFEST
+from pydantic import ValidationError
 
+from compress_eval.errors import UserError
+from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
+from compress_eval.manifest import Manifest
+from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS, display_name
+
+MANIFEST = "compress_eval.json"
+RECIPE_FILE = "recipe.yaml"
+PPL_FILE = "results_ppl.json"
 LM_EVAL_FILE = "lm_eval_results.json"
 CELL_FILE = "cell.json"  # written by `batch`: the grid cell (label, tasks, eval settings, hash)
 LOCK_DIR = ".locks"
@@ -26,8 +34,9 @@ LOCK_DIR = ".locks"
 NORMALIZED_ACC_TASKS = {"hellaswag", "arc_challenge"}
 
 
-class RunError(Exception):
-    """A directory that is not a complete, readable run (reported and skipped, never fatal)."""
+class RunError(UserError):
+    """A directory that is not a complete, readable run: the leaderboard reports and skips it, a
+    loader refuses it in one line."""
 
 
 def read_json(path: Path) -> dict | None:
@@ -36,6 +45,61 @@ def read_json(path: Path) -> dict | None:
         return read_json_object(path)
     except JSONFileError as exc:
         raise RunError(str(exc)) from None
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    write_json_atomic(Path(directory) / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def read_manifest(directory: str | Path) -> Manifest | None:
+    """The manifest of a run or checkpoint directory, None if it has none; RunError if it is corrupt."""
+    path = Path(directory) / MANIFEST
+    data = read_json(path)
+    if data is None:
+        return None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        from compress_eval.config import validation_message
+
+        raise RunError(f"{path}: {validation_message(exc)}; re-run the compression that made it") from None
+
+
+def _results(path: Path) -> dict:
+    """What a results file already holds (a corrupt one is an error, never silently replaced)."""
+    try:
+        return read_json_object(path) or {}
+    except JSONFileError as exc:
+        raise RunError(f"{exc}: move it away to evaluate again") from None
+
+
+def store_ppl_results(run_dir: str | Path, results: dict) -> Path:
+    """Merge perplexity ``results`` ({task_ppl: {ppl, ...}}) into the run's results file."""
+    path = Path(run_dir) / PPL_FILE
+    return write_json_atomic(path, {**_results(path), **results})
+
+
+def store_lm_eval_results(run_dir: str | Path, results: dict) -> Path:
+    """Save lm-eval's results JSON in the run directory, in lm-eval's own schema.
+
+    A later evaluation on other tasks adds its tasks: the per-task sections (``results``,
+    ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
+    """
+    path = Path(run_dir) / LM_EVAL_FILE
+    merged = _results(path)
+    for key, value in results.items():
+        if key != "samples":
+            merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
+                else value
+    return write_json_atomic(path, merged)
+
+
+def write_recipe(run_dir: Path, recipe: str | None) -> None:
+    (Path(run_dir) / RECIPE_FILE).write_text(recipe or "")
+
+
+def write_cell(run_dir: Path, record: dict) -> None:
+    write_json_atomic(run_dir / CELL_FILE, record)
 
 
 def ppl_key(task: str) -> str:
@@ -101,10 +165,10 @@ class Run:
         return self.params_after / self.params_before
 
 
-def default_label(manifest: dict) -> str:
+def default_label(manifest: Manifest) -> str:
     """``method`` plus its explicit options and quantization, e.g. ``merge permute=False +int8``."""
-    config = manifest.get("config") or {}
-    parts = [manifest["method"]]
+    config = manifest.config
+    parts = [manifest.method]
     parts += [f"{k}={v}" for k, v in sorted((config.get("options") or {}).items())]
     if config.get("quantize"):
         parts.append(f"+{config['quantize']}")
@@ -127,52 +191,33 @@ def lm_eval_accuracies(results: dict) -> dict[str, float]:
     return out
 
 
-def positive_counts(manifest: dict) -> None:
-    """RunError unless the manifest's counts (what the leaderboard divides by) are positive integers."""
-    for key in ("blocks_before", "params_before", "params_after", "weight_bytes_before", "weight_bytes_after"):
-        value = manifest.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise RunError(f"{MANIFEST}: {key} is {value!r}, not a positive integer")
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of a run directory, checked for what a reader relies on; RunError if unusable."""
-    manifest = read_json(path / MANIFEST)
-    if manifest is None:
-        raise RunError(f"no {MANIFEST} (not a run directory, or a compression that never finished)")
-    positive_counts(manifest)
-    if not isinstance(manifest.get("base_model"), dict) or not isinstance(manifest.get("method"), str):
-        raise RunError(f"{MANIFEST}: base_model or method missing")
-    return manifest
-
-
 def read_run(path: Path) -> Run:
     """Read a run directory; RunError says why it cannot be used."""
     manifest = read_manifest(path)
+    if manifest is None:
+        raise RunError(f"no {MANIFEST} (not a run directory, or a compression that never finished)")
     ppl = read_json(path / PPL_FILE) or {}
     lm_eval = read_json(path / LM_EVAL_FILE) or {}
     cell = read_json(path / CELL_FILE) or {}
+    removed = len(manifest.removed_blocks)
+    sparsity = manifest.config.get("sparsity")
+    run = Run(
+        path=path, model=manifest.base_model.name, method=manifest.method,
+        label=str(cell.get("label") or default_label(manifest)),
+        sparsity=float(sparsity) if sparsity is not None else (removed / manifest.blocks_before if removed else None),
+        removed_blocks=removed, blocks_before=manifest.blocks_before,
+        params_before=manifest.params_before, params_after=manifest.params_after,
+        bytes_before=manifest.weight_bytes_before, bytes_after=manifest.weight_bytes_after,
+        reference=manifest.method == "none" and not manifest.config.get("quantize"),
+    )
     try:
-        config = manifest.get("config") or {}
-        removed = len(manifest.get("removed_blocks") or [])
-        blocks_before = manifest["blocks_before"]
-        sparsity = config.get("sparsity")
-        run = Run(
-            path=path, model=str(manifest["base_model"]["name"]), method=str(manifest["method"]),
-            label=str(cell.get("label") or default_label(manifest)),
-            sparsity=float(sparsity) if sparsity is not None else (removed / blocks_before if removed else None),
-            removed_blocks=removed, blocks_before=blocks_before,
-            params_before=int(manifest["params_before"]), params_after=int(manifest["params_after"]),
-            bytes_before=int(manifest["weight_bytes_before"]), bytes_after=int(manifest["weight_bytes_after"]),
-            reference=manifest["method"] == "none" and not config.get("quantize"),
-        )
         for key, value in ppl.items():
             if value["ppl"] is None:  # not finite when measured (stored as null)
                 continue
             run.metrics[key] = float(value["ppl"])
             run.protocol[key] = (value.get("seqlen"), value.get("windows"))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise RunError(f"manifest or results lack a field ({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{PPL_FILE}: results lack a field ({type(exc).__name__}: {exc})") from None
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)
     if not run.metrics:

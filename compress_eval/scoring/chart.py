@@ -1,4 +1,5 @@
-"""Per-block importance charts (PNG bytes for ``CompressionRecord.artifacts``).
+"""Per-block importance charts (PNG bytes for ``CompressionRecord.artifacts``), and the figure
+every chart of the package is drawn on (:func:`new_figure`).
 
 Drawn on a bare Agg canvas: no pyplot state, no global backend switch, no display needed.
 """
@@ -8,17 +9,34 @@ from __future__ import annotations
 import io
 
 
+def new_figure(figsize: tuple[float, float], dpi: float | None = None):
+    """A matplotlib ``Figure`` on its own Agg canvas (``dpi`` None: matplotlib's default).
+
+    Never pyplot nor ``matplotlib.use``: the process's backend stays what it was, nothing is
+    registered globally, and the figure is freed with its last reference (no ``close``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig, **savefig_kwargs) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    return buf.getvalue()
+
+
 def importance_chart(rounds: list[dict], title: str, ylabel: str) -> bytes:
     """One line per scoring round over the original block indices, the removed blocks marked.
 
     ``rounds``: ``[{"blocks": [original index], "scores": [score], "removed": [original index]}]``.
     """
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((8, 4.5), dpi=100)
     ax = fig.add_subplot()
     for n, r in enumerate(rounds):
         color = colormaps["viridis"](n / max(len(rounds) - 1, 1))
@@ -37,6 +55,4 @@ def importance_chart(rounds: list[dict], title: str, ylabel: str) -> bytes:
     if 1 < len(rounds) <= 12:
         ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -42,25 +42,16 @@ def block_influence(prefix: PrefixStates) -> list[float]:
     return scores
 
 
-def calibration_nll(prefix: PrefixStates, hidden: torch.Tensor, b: int) -> float:
-    """Summed next-token NLL of calibration batch b given its last hidden state H.
-
-    The logits are made one window at a time: a batch of 512-token windows times a 50k-128k
-    vocabulary would otherwise be the largest tensor of the whole scoring.
-    """
-    ids = prefix.input_ids[b].to(prefix.device)
-    return sum(window_nll(prefix.runner.logits(hidden[n: n + 1]), ids[n: n + 1]).item()
-               for n in range(ids.size(0)))
-
-
 def removal_nll(prefix: PrefixStates, candidates=None, width: int = 1) -> list[float]:
     """Calibration NLL of the model without blocks i..i+width-1, for each candidate start i."""
-    return prefix.score_each_removal(lambda h, b: calibration_nll(prefix, h, b), candidates, width)
+    return prefix.score_each_removal(prefix.batch_nll, candidates, width)
 
 
-def calibration_tokens(calib: torch.Tensor) -> int:
-    """Tokens that carry an NLL term (every one but the first of each window)."""
-    return calib.size(0) * (calib.size(1) - 1)
+def removal_ppl(prefix: PrefixStates, candidates=None, width: int = 1) -> tuple[list[float], list[float]]:
+    """(calibration NLL, calibration perplexity) of the model without blocks i..i+width-1, for each
+    candidate start i."""
+    nll = removal_nll(prefix, candidates, width)
+    return nll, [prefix.ppl(n) for n in nll]
 
 
 def pruned_copy(model, remove: list[int]):

@@ -7,16 +7,23 @@ a full forward pass. Over all candidates that is about half the naive cost.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from compress_eval.models.adapters import Adapter, BlockRunner, embed_inputs
+from compress_eval.scoring.ppl import window_nll
 
 
 def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for b in range(0, windows.size(0), batch_size):
         yield windows[b: b + batch_size]
+
+
+def calibration_tokens(windows: torch.Tensor) -> int:
+    """Tokens that carry an NLL term (every one but the first of each window)."""
+    return windows.size(0) * (windows.size(1) - 1)
 
 
 class PrefixStates:
@@ -56,6 +63,31 @@ class PrefixStates:
 
     def final(self, b: int) -> torch.Tensor:
         return self.entering(self.adapter.num_blocks, b)
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens that carry an NLL term."""
+        return sum(calibration_tokens(ids) for ids in self.input_ids)
+
+    def batch_nll(self, hidden: torch.Tensor, b: int) -> float:
+        """Summed next-token NLL of calibration batch b given its last hidden state H.
+
+        The logits are made one window at a time: a batch of 512-token windows times a 50k-128k
+        vocabulary would otherwise be the largest tensor of the whole scoring.
+        """
+        ids = self.input_ids[b].to(self.device)
+        return sum(window_nll(self.runner.logits(hidden[n: n + 1]), ids[n: n + 1]).item()
+                   for n in range(ids.size(0)))
+
+    def suffix_nll(self, start: int, skip: int = 0) -> float:
+        """Summed next-token NLL of every calibration window, the model's blocks from ``start + skip``
+        on run on the cached X_start: ``skip`` blocks skipped, or none (blocks from ``start`` on
+        changed since the cache was made, e.g. a module replaced)."""
+        return self.score_each_removal(self.batch_nll, [start], skip)[0]
+
+    def ppl(self, nll: float) -> float:
+        """Calibration perplexity from a summed NLL of all the windows."""
+        return math.exp(nll / self.tokens)
 
     @torch.no_grad()
     def score_each_removal(self, score: Callable[[torch.Tensor, int], float],

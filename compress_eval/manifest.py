@@ -1,0 +1,57 @@
+"""The manifest (``compress_eval.json``): what was done to a checkpoint, as one typed model.
+
+Written by the pipeline's save, parsed by every reader (the loader re-ties modules from
+``tie_map``, a quantized checkpoint is placed from ``quantization``, the leaderboard reads the
+counts). Fields other writers (older or newer releases) added are kept and ignored, so every
+manifest written so far still reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+FORMAT = "compress-eval/1"
+
+
+class BaseModelRef(BaseModel):
+    """The model that was compressed: the name given, and where it resolved (local, packaged, hub)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str | None = None
+    location: str | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: str = FORMAT
+    created: str | None = None
+    base_model: BaseModelRef
+    method: str
+    config: dict[str, Any] = Field(default_factory=dict, description="the resolved CompressConfig")
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    recipe: str | None = None
+    seed: int | None = None
+    blocks_before: PositiveInt
+    blocks_after: PositiveInt | None = None
+    removed_blocks: list[int] = Field(default_factory=list, description="indices in the original model")
+    tie_map: dict[str, str] = Field(default_factory=dict, description="module path -> the path it shares")
+    params_before: PositiveInt
+    params_after: PositiveInt
+    weight_bytes_before: PositiveInt = Field(description="bytes of the stored tensors (see weight_bytes)")
+    weight_bytes_after: PositiveInt
+    quantization: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None
+    details: dict[str, Any] = Field(default_factory=dict, description="the method's own record")
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    git_sha: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quantization)

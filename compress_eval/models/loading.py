@@ -1,0 +1,228 @@
+"""Loading models: names to modules on a device, our checkpoints with their ties, and the quirks of
+bitsandbytes on load. The one module that calls ``from_pretrained``; the CLI, evaluation, the
+pipeline and the quantization stage all load through it.
+
+Weights load from safetensors only unless the caller allows pickles; a model's own Python code runs
+only with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from compress_eval.errors import UserError
+from compress_eval.manifest import Manifest
+from compress_eval.models.adapters import is_multimodal
+from compress_eval.models.registry import local_path_or_id, resolve
+from compress_eval.results.store import read_manifest
+
+log = logging.getLogger(__name__)
+# --dtype names; the 4-bit compute dtypes are the first three.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on: the one named, checked to exist here, or the default."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (or torch is a CPU build); "
+                        f"use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (fp16/bf16 matmuls there are slow or unsupported), bf16 on CUDA."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# Weight files that are pickles: loading one can run arbitrary code, so they need --allow-pickle.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def auto_model_class(where: str, trust_remote_code: bool = False):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for LLaVA-style models."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    multimodal = is_multimodal(getattr(config, "model_type", None))
+    return AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+
+
+def require_safetensors(where: str) -> None:
+    """Refuse a local directory whose weights exist only as pickles (``pytorch_model.bin``)."""
+    path = Path(where)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise UserError(f"{where} holds only pickle weights ({pickles[0]}), which can run code when loaded: "
+                        f"convert them to safetensors, or pass --allow-pickle if you trust the files")
+
+
+def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load (model, tokenizer, source) for a name; the model is in eval mode on ``device``.
+
+    Weights load from safetensors only unless ``allow_pickle``; a model's own Python code runs only
+    with ``trust_remote_code`` (both off by default, as the flags of the same names)."""
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    source = resolve(name)
+    device = resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    where = local_path_or_id(source)
+    trust = {"trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        require_safetensors(where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **trust)
+        manifest = read_manifest(where) if source.kind == "local" else None
+        if manifest is not None:
+            model, _ = load_checkpoint(where, manifest, dtype=torch_dtype, device=device)
+        else:
+            model = auto_model_class(where, trust_remote_code).from_pretrained(
+                where, dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **trust)
+    except SafetensorError as exc:
+        raise UserError(f"cannot read the weights of {where}: {str(exc).splitlines()[0]} (a truncated or "
+                        f"corrupt .safetensors file); save or download the model again") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserError(f"{name!r} needs its own Python code to load: pass --trust-remote-code if you "
+                        f"trust its authors") from None
+    except OSError as exc:
+        hint = "" if allow_pickle else " (weights are read from safetensors only: --allow-pickle reads pickles)"
+        if source.kind == "hub":
+            raise UserError(
+                f"cannot load {name!r} from the Hugging Face Hub ({source.location}): "
+                f"{str(exc).splitlines()[0]}; check the network/HF_TOKEN or give a local directory{hint}"
+            ) from None
+        raise UserError(f"cannot load model from {where}: {str(exc).splitlines()[0]}{hint}") from None
+    model.to(device).eval()
+    return model, tokenizer, source
+
+
+@contextlib.contextmanager
+def copies_detached(model: torch.nn.Module, tie_map: dict[str, str]):
+    """Within the block, each tie-map copy is an empty module, so a save stores a tied module once
+    (safetensors refuses shared storage, and a quantized model's save ignores a given state dict);
+    the sharing is restored on exit, as ``retie`` restores it on load."""
+    for dst in tie_map:
+        model.set_submodule(dst, torch.nn.Module())
+    try:
+        yield model
+    finally:
+        retie(model, tie_map)
+
+
+def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
+    """Make every module path in ``tie_map`` the very module it maps to (one tensor in memory)."""
+    for dst, src in tie_map.items():
+        model.set_submodule(dst, model.get_submodule(src))
+
+
+def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dtype: torch.dtype | None = None,
+                    device: str | None = None) -> tuple[torch.nn.Module, Manifest]:
+    """(model, manifest) of one of our checkpoint directories, with its tie map re-applied. A
+    bitsandbytes checkpoint is loaded straight onto ``device`` (its weights cannot be cast)."""
+    manifest = manifest or read_manifest(directory)
+    if manifest is None:
+        raise UserError(f"{directory} is not a compress-eval checkpoint (no manifest)")
+    placement = {}
+    if manifest.quantized:
+        quiet_int8_cast_warning()
+        placement = {"device_map": {"": device}} if device else {}
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, manifest.tie_map, dtype=dtype,
+                                 **placement)
+    retie(model, manifest.tie_map)
+    if manifest.quantized:
+        keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
+    return model, manifest
+
+
+def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
+    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
+    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
+    if not tie_map:
+        return cls.from_pretrained(directory, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    prefixes = tuple(f"{path}." for path in tie_map)
+    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
+    if missing:
+        log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",
+                                            directory, len(missing), ", ".join(missing[:5]))
+    return model
+
+
+def _first_of_int8_cast_warnings(record: logging.LogRecord) -> bool:
+    """LLM.int8() logs on every matmul that fp32/bf16 inputs are cast to fp16; keep the first."""
+    if "inputs will be cast" not in record.getMessage():
+        return True
+    seen = getattr(_first_of_int8_cast_warnings, "seen", False)
+    _first_of_int8_cast_warnings.seen = True
+    return not seen
+
+
+def quiet_int8_cast_warning() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _first_of_int8_cast_warnings not in log.filters:
+        log.addFilter(_first_of_int8_cast_warnings)
+
+
+def _restore_4bit_scales(module, state_dict, prefix, local_metadata) -> None:
+    """A state-dict post-hook for Linear4bit. On AVX512-BF16 CPUs, bitsandbytes 0.50 repacks a 4-bit
+    weight at its first inference and unpacks it when saved, but leaves the block scales of a weight
+    without double quantization in the packed (in_features/64, out_features) bf16 layout: with
+    in_features > 64 the checkpoint, and the model itself from then on, scale the wrong blocks. Put
+    them back in their flat float32 order, in the module and in the state dict (the values stay the
+    bf16-rounded ones inference used)."""
+    state = getattr(module.weight, "quant_state", None)
+    if (state is None or state.nested or state.absmax.dim() != 2
+            or getattr(state, "packing_format_for_cpu", False)):
+        return
+    state.absmax = state.absmax.T.reshape(-1).float()
+    state_dict[prefix + "weight.absmax"] = state.absmax
+
+
+def keep_4bit_scales_on_save(model: torch.nn.Module) -> None:
+    """Hook ``_restore_4bit_scales`` onto every Linear4bit of ``model``, so saving it after inference
+    on an AVX512-BF16 CPU writes (and keeps) the scales that inference used."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.register_state_dict_post_hook(_restore_4bit_scales)
+
+
