@@ -91,13 +91,16 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """A saved tiny LLaMA + tokenizer directory, as a user's local model would be."""
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
+def saved_model_dir(path: Path, model) -> Path:
+    """``model`` saved with the tiny tokenizer, as a user's local model directory would be."""
+    model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return saved_model_dir(tmp_path / "tiny-llama", tiny_model("llama"))
 
 
 @pytest.fixture

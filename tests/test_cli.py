@@ -125,3 +125,28 @@ def test_method_none_keeps_every_block(tiny_model_dir, data_dir, tmp_path):
     manifest = json.loads((out / "compress_eval.json").read_text())
     assert manifest["blocks_after"] == manifest["blocks_before"] == 4
     assert manifest["params_after"] == manifest["params_before"]
+
+
+def test_recovery_is_a_stage_after_any_method(tiny_model_dir, data_dir, tmp_path):
+    """--recover works after drop (no calibration of its own) and is recorded at the top level."""
+    from safetensors.torch import load_file
+
+    common = ["compress", tiny_model_dir, "--method", "drop", "--blocks", "1", "--calib-samples", "2",
+              "--seqlen", "16"]
+    plain, healed = tmp_path / "plain", tmp_path / "healed"
+    assert invoke(*common, "--out", plain).exit_code == 0
+    result = invoke(*common, "--recover", "lora", "--recover-steps", "2", "--out", healed)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((healed / "compress_eval.json").read_text())
+    assert manifest["recovery"]["mode"] == "lora" and manifest["recovery"]["steps"] == 2
+    assert manifest["config"]["recovery"]["recover"] == "lora" and "recover" not in manifest["config"]["options"]
+    a, b = load_file(plain / "model.safetensors"), load_file(healed / "model.safetensors")
+    assert a.keys() == b.keys() and any(not (a[k] == b[k]).all() for k in a)
+
+
+def test_recipes_with_recovery_among_the_options_still_parse():
+    from compress_eval.config import make_config
+
+    cfg = make_config(model="m", method="merge", options={"num_merge": 1, "recover": "full", "recover_steps": 5})
+    assert cfg.options == {"num_merge": 1}
+    assert (cfg.recovery.recover, cfg.recovery.recover_steps) == ("full", 5)

@@ -48,12 +48,9 @@ def cpu_path(request, monkeypatch):
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """conftest's saved tiny LLaMA + tokenizer, at the size 4-bit takes (qmodel)."""
-    from conftest import tiny_tokenizer
+    from conftest import saved_model_dir
 
-    path = tmp_path / "tiny-llama"
-    qmodel("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_model_dir(tmp_path / "tiny-llama", qmodel("llama"))
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
