@@ -100,14 +100,15 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(str(p.relative_to(parent)) for p in parent.rglob("*") if ".tmp-" in p.name)
 
 
-def half_written(out: Path) -> bool:
-    """An output directory without its manifest (a batch cell counts per run directory)."""
+def half_written(out: Path, runs_dir: bool) -> bool:
+    """A checkpoint directory without its manifest; for a batch's runs directory, any run directory
+    without one (the runs directory itself and its .locks exist from the start)."""
     if not out.exists():
         return False
-    if (out / "compress_eval.json").exists():
-        return False
-    cells = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return not cells or any(not (c / "compress_eval.json").exists() for c in cells)
+    if not runs_dir:
+        return not (out / "compress_eval.json").exists()
+    return any(not (c / "compress_eval.json").exists() for c in out.iterdir()
+               if c.is_dir() and not c.name.startswith("."))
 
 
 def kill_round(i: int, name: str, spec: dict, sig: str, delay: float, work: Path, env: dict,
@@ -129,13 +130,14 @@ def kill_round(i: int, name: str, spec: dict, sig: str, delay: float, work: Path
     after_kill = leftovers(parent)
     row = {"round": i, "scenario": name, "signal": sig, "delay_s": round(delay, 2), "rc": proc.returncode,
            "finished_before_kill": finished_first, "traceback": "Traceback" in err,
-           "half_written": half_written(out) if not spec.get("needs_checkpoint") else False,
+           "half_written": False if spec.get("needs_checkpoint") else half_written(out, name == "batch"),
            "temp_dirs_after_kill": after_kill}
-    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
-    row["rerun_rc"] = rerun.returncode
-    row["resumed"] = "resuming" in rerun.stderr
+    # a run the signal came too late for is compared as it is; a killed one is run again to the end
+    rerun = None if finished_first else subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
+    row["rerun_rc"] = None if rerun is None else rerun.returncode
+    row["resumed"] = rerun is not None and "resuming" in rerun.stderr
     row["temp_dirs_after_rerun"] = leftovers(parent)
-    row["identical"] = rerun.returncode == 0 and snapshot(out) == reference[name]
+    row["identical"] = (rerun is None or rerun.returncode == 0) and snapshot(out) == reference[name]
     # a SIGTERM must clean up by itself; a SIGKILL's temp dir must be gone after the re-run
     row["leftover"] = bool((sig == "SIGTERM" and after_kill) or row["temp_dirs_after_rerun"] or row["half_written"])
     shutil.rmtree(parent, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
+from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
@@ -24,6 +25,8 @@ from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_tasks
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
                  max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
     """{task_ppl: {ppl, tokens, windows, seconds, tokens_per_s}} for each perplexity task."""
+    if tasks:
+        get_adapter(model).require_context(seqlen, "--eval-seqlen (run/compress) or --seqlen (eval/ppl)")
     results = {}
     for task in tasks:
         dataset = PPL_TASKS[task]

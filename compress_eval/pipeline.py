@@ -68,6 +68,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     recover = cfg.recovery.recover != "none"
     calib = None
     if method.needs_calibration or recover:
+        adapter.require_context(cfg.seqlen, "--seqlen")
         with timer.step("calibrate"):
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
                                         cfg.seed, data_dir)

@@ -23,7 +23,7 @@ def tiny_config(family: str, hidden: int = 32, intermediate: int | None = None):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   tie_word_embeddings=False)
     if family == "llama":
         return tf.LlamaConfig(**common)

@@ -128,7 +128,7 @@ CASES = [
      "lower --seqlen"),
     ("calib-data-unknown", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--calib-data", "ptb"],
      "calib_data"),
-    ("eval-seqlen-too-long", plain, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "100000"], "--seqlen of eval"),
+    ("eval-seqlen-too-long", plain, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "100000"], "--seqlen (eval/ppl)"),
     ("eval-seqlen-one", plain, COMPRESS + ["--then-eval", "wiki", "--eval-seqlen", "1"], "--eval-seqlen"),
     ("max-windows-zero", plain, ["ppl", "{model}", "--max-windows", "0"], "--max-windows"),
     ("ppl-batch-size-zero", plain, ["ppl", "{model}", "--batch-size", "0"], "--batch-size"),

@@ -143,6 +143,14 @@ class Adapter:
         cfg = self.model.config
         return getattr(cfg, self.family.text_config) if self.family.text_config else cfg
 
+    def require_context(self, seqlen: int, flag: str) -> None:
+        """Refuse windows longer than the positions the model has (an absurd --seqlen would otherwise
+        run, allocating attention for it, until memory runs out)."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        if limit is not None and seqlen > limit:
+            raise UserError(f"{flag} {seqlen} exceeds the model's context of {limit} tokens "
+                            f"(max_position_embeddings): lower {flag}")
+
     @property
     def blocks(self) -> nn.ModuleList:
         return _get(self.model, self.family.blocks)
