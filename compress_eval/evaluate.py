@@ -22,6 +22,7 @@ from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
 from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_tasks
 
+
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
                  max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
     """{task_ppl: {ppl, tokens, windows, seconds, tokens_per_s}} for each perplexity task."""

@@ -184,7 +184,7 @@ def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
     missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
     if missing:
         log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",
-                                            directory, len(missing), ", ".join(missing[:5]))
+                    directory, len(missing), ", ".join(missing[:5]))
     return model
 
 
@@ -198,9 +198,9 @@ def _first_of_int8_cast_warnings(record: logging.LogRecord) -> bool:
 
 
 def quiet_int8_cast_warning() -> None:
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _first_of_int8_cast_warnings not in log.filters:
-        log.addFilter(_first_of_int8_cast_warnings)
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _first_of_int8_cast_warnings not in bnb_log.filters:
+        bnb_log.addFilter(_first_of_int8_cast_warnings)
 
 
 def _restore_4bit_scales(module, state_dict, prefix, local_metadata) -> None:

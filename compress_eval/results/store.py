@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compress_eval.config import validation_message
 from compress_eval.errors import UserError
 from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
 from compress_eval.manifest import Manifest
@@ -60,8 +61,6 @@ def read_manifest(directory: str | Path) -> Manifest | None:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        from compress_eval.config import validation_message
-
         raise RunError(f"{path}: {validation_message(exc)}; re-run the compression that made it") from None
 
 
