@@ -63,6 +63,12 @@ class CompressConfig(BaseModel):
         None, description="4-bit matmul dtype; default the model's dtype")
     allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin)")
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    offload: Literal["auto", "none", "cpu", "disk"] = Field(
+        "auto", description="where the weights wait while other blocks run: none (all on the device), cpu "
+                            "(host memory), disk (their safetensors files); auto chooses from the model's size "
+                            "and the free memory")
+    offload_dir: str | None = Field(None, description="disk offload: directory for changed blocks (default: temp)")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard of the saved checkpoint")
     options: dict[str, Any] = Field(default_factory=dict)
     recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
 
@@ -89,6 +95,17 @@ class CompressConfig(BaseModel):
             twice = sorted({b for b in v if v.count(b) > 1})
             if twice:
                 raise ValueError(f"block {twice[0]} is listed twice in {v}: give each block once")
+        return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        from compress_eval.models.offload import parse_size
+
+        try:
+            parse_size(v)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("sparsity")

@@ -8,6 +8,7 @@ directory (tasks ``ce_*`` in ``tasks/``) or, without one, on lm-eval's own Hub t
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
+from compress_eval.models.placement import resolve_offload
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
 from compress_eval.paths import data_dir as resolve_data_dir
@@ -38,10 +40,22 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
     return results
 
 
+def evaluation_offload(name_or_dir: str, offload: str, device, dtype, tokens: int, trust_remote_code: bool) -> str:
+    """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said on
+    stderr when the model is offloaded (the ordinary case, in memory, goes unsaid)."""
+    said = []
+    mode = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, tokens, trust_remote_code,
+                           log=said.append)
+    if mode != "none":
+        print(*said, file=sys.stderr)
+    return mode
+
+
 def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
              batch_size: int = 1, device=None, dtype=None, progress: bool = True, *, allow_pickle: bool = False,
-             trust_remote_code: bool = False) -> dict:
-    model, tokenizer, _ = load_model(name_or_dir, device, dtype, allow_pickle, trust_remote_code)
+             trust_remote_code: bool = False, offload: str = "auto") -> dict:
+    offload = evaluation_offload(name_or_dir, offload, device, dtype, batch_size * seqlen, trust_remote_code)
+    model, tokenizer, _ = load_model(name_or_dir, device, dtype, allow_pickle, trust_remote_code, offload)
     return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
 
 
@@ -99,18 +113,19 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
 
 
 def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow_pickle: bool = False,
-             trust_remote_code: bool = False):
+             trust_remote_code: bool = False, offload: str = "none"):
     """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too)."""
     from compress_eval.lm_eval_plugin import CompressedLM
 
     return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
-                        dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                        dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        offload=offload)
 
 
 def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
                    batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None,
                    progress: bool = True, *, allow_pickle: bool = False,
-                   trust_remote_code: bool = False) -> tuple[dict, dict | None]:
+                   trust_remote_code: bool = False, offload: str = "auto") -> tuple[dict, dict | None]:
     """(perplexity results, lm-eval results or None) for canonical task names; the model loads once.
 
     ``batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
@@ -119,9 +134,11 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
     ppl_batch = int(batch_size) if str(batch_size).isdigit() else 1
     if not lm_tasks:
         return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
-                        progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
+                        progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        offload=offload), None
+    offload = evaluation_offload(name_or_dir, offload, device, dtype, ppl_batch * seqlen, trust_remote_code)
     lm = build_lm(name_or_dir, batch_size, device, dtype, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code)
+                  trust_remote_code=trust_remote_code, offload=offload)
     ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
                        progress) if ppl_tasks else {}
     lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
@@ -131,11 +148,12 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
 
 def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
                         batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None, *,
-                        allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[dict, dict | None]:
+                        allow_pickle: bool = False, trust_remote_code: bool = False,
+                        offload: str = "auto") -> tuple[dict, dict | None]:
     """Evaluate, and store the results in ``target`` when it is one of our checkpoint directories."""
     ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
                                      limit, num_fewshot, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, offload=offload)
     if Path(target).is_dir() and store.read_manifest(target) is not None:
         if ppl:
             store.store_ppl_results(target, ppl)

@@ -76,6 +76,10 @@ class Grid(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+# Where a run keeps its weights and how it shards them: not what it computes, so not in the hash.
+PLACEMENT = {"offload", "offload_dir", "max_shard_size"}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One compression config and the evaluation to run on it."""
@@ -86,7 +90,7 @@ class Cell:
     eval: EvalSettings
 
     def identity(self) -> dict:
-        return {"compress": self.config.model_dump(mode="json", exclude_defaults=True),
+        return {"compress": self.config.model_dump(mode="json", exclude_defaults=True, exclude=PLACEMENT),
                 "eval": self.eval.model_dump(mode="json", exclude_defaults=True, exclude={"batch_size"})}
 
     @property

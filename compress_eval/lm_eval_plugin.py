@@ -52,12 +52,16 @@ def sync_tied_embeddings(model) -> None:
 
 @register_model(MODEL_TYPE)
 class CompressedLM(HFLM):
-    """``--model compressed --model_args pretrained=DIR_OR_ALIAS[,dtype=...][,allow_pickle=True]``."""
+    """``--model compressed --model_args pretrained=DIR_OR_ALIAS[,dtype=...][,allow_pickle=True][,offload=disk]``
+    (``offload``: a model larger than the device runs block by block, see ``models.offload``)."""
 
-    def __init__(self, pretrained: str, tokenizer=None, allow_pickle: bool = False, **kwargs) -> None:
+    def __init__(self, pretrained: str, tokenizer=None, allow_pickle: bool = False, offload: str = "none",
+                 **kwargs) -> None:
         from transformers import AutoTokenizer
 
-        self.allow_pickle = allow_pickle
+        if offload not in ("none", "cpu", "disk"):
+            raise ValueError(f"offload={offload!r}: use none, cpu or disk")
+        self.allow_pickle, self.offload = allow_pickle, offload
         location = local_path_or_id(resolve(pretrained)) if isinstance(pretrained, str) else pretrained
         # HFLM would otherwise look the tokenizer up by name (on the Hub for an alias).
         if tokenizer is None and isinstance(location, str):
@@ -72,6 +76,6 @@ class CompressedLM(HFLM):
             raise ValueError(f"model type {MODEL_TYPE!r} loads checkpoints as saved; model arg {chosen[0]!r} "
                              f"is not supported (use --model hf for it)")
         model, _, _ = load_model(pretrained, device=str(self.device), dtype=dtype, allow_pickle=self.allow_pickle,
-                                 trust_remote_code=bool(trust_remote_code))
+                                 trust_remote_code=bool(trust_remote_code), offload=self.offload)
         sync_tied_embeddings(model)
         self._model = model

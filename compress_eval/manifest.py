@@ -44,6 +44,7 @@ class Manifest(BaseModel):
     params_after: PositiveInt
     weight_bytes_before: PositiveInt = Field(description="bytes of the stored tensors (see weight_bytes)")
     weight_bytes_after: PositiveInt
+    offload: str | None = Field(None, description="where the weights waited while blocks ran: none, cpu or disk")
     quantization: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None
     details: dict[str, Any] = Field(default_factory=dict, description="the method's own record")

@@ -16,13 +16,15 @@ import torch
 
 from compress_eval.config import CompressConfig, dump_recipe
 from compress_eval.data.calibration import calibration_windows
+from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.recovery import fine_tune
 from compress_eval.methods.registry import get_method, resolve_config
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.loading import load_model
+from compress_eval.models.loading import load_model, resolve_device
+from compress_eval.models.placement import resolve_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
 
@@ -50,6 +52,20 @@ class Compressed:
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (charts)
 
 
+def placement(cfg: CompressConfig, log=print) -> str:
+    """The offload mode of this run (``auto``: from the model's size, the calibration's prefix cache and
+    the free memory), stated in the log; stages that need the whole model at once refuse an offloaded one."""
+    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype,
+                           cfg.calib_samples * cfg.seqlen, cfg.trust_remote_code, log)
+    stage = ("--recover " + cfg.recovery.recover) if cfg.recovery.recover != "none" else \
+        ("--quantize " + cfg.quantize) if cfg.quantize else None
+    if mode != "none" and stage:
+        raise UserError(f"{stage} needs the whole model on the device at once, and this run offloads it "
+                        f"(--offload {mode}): run it on the saved checkpoint with --offload none, where "
+                        f"the model fits")
+    return mode
+
+
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
     """Compress ``cfg.model`` in memory: method, then the recovery and quantization stages."""
     timer = Timer()
@@ -57,15 +73,16 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     method = get_method(cfg)  # validates the method and its options before any heavy work
     if cfg.quantize:
         bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?
+    recover = cfg.recovery.recover != "none"
+    offload = placement(cfg, log)
     torch.manual_seed(cfg.seed)
     with timer.step("load"):
         model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype, cfg.allow_pickle,
-                                              cfg.trust_remote_code)
+                                              cfg.trust_remote_code, offload, cfg.offload_dir)
     require_unquantized(model, cfg.model)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
-    recover = cfg.recovery.recover != "none"
     calib = None
     if method.needs_calibration or recover:
         adapter.require_context(cfg.seqlen, "--seqlen")
@@ -96,7 +113,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
         tie_map=record.tie_map,
         params_before=params_before, params_after=params_after,
         weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
-        quantization=quantization, recovery=recovery, details=record.details, timings_s=timer.seconds,
+        offload=offload, quantization=quantization, recovery=recovery, details=record.details, timings_s=timer.seconds,
         peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(), git_sha=checkpoint.git_sha(),
     )
     return Compressed(model, tokenizer, manifest, record.artifacts)
@@ -108,7 +125,8 @@ def save(result: Compressed, out: str | Path) -> Path:
     start = time.perf_counter()
     manifest = result.manifest
     with checkpoint.atomic_output_dir(out) as tmp:
-        checkpoint.save_model_files(result.model, result.tokenizer, tmp, manifest.tie_map)
+        checkpoint.save_model_files(result.model, result.tokenizer, tmp, manifest.tie_map,
+                                    manifest.config.get("max_shard_size", "5GB"))
         for name, content in result.artifacts.items():
             (tmp / name).write_bytes(content)
         store.write_recipe(tmp, manifest.recipe)

@@ -103,14 +103,12 @@ def tiny_model_dir(tmp_path):
     return saved_model_dir(tmp_path / "tiny-llama", tiny_model("llama"))
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
+def write_data_dir(root: Path) -> Path:
     """A data directory in shared/data's layout, made from TEXT (tests never need the real one)."""
     import json
 
     import pandas as pd
 
-    root = tmp_path / "data"
     (root / "wikitext2").mkdir(parents=True)
     rows = [r for r in TEXT.split("\n")]
     for split in ("test", "validation"):
@@ -121,5 +119,12 @@ def data_dir(tmp_path, monkeypatch):
     docs = [f"Document {i}. " + TEXT[(i * 37) % 900:(i * 37) % 900 + 200] for i in range(1200)]
     pd.DataFrame({"text": docs}).to_parquet(
         root / "c4" / "c4_validation_2k.parquet")
+    return root
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """:func:`write_data_dir`, named by $COMPRESS_EVAL_DATA_DIR."""
+    root = write_data_dir(tmp_path / "data")
     monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
     return root

@@ -43,3 +43,9 @@ AllowPickle = typer.Option(False, "--allow-pickle", help="also read pickle weigh
                            "run code when loaded; default: safetensors only")
 TrustRemoteCode = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code "
                                "(transformers' trust_remote_code)")
+Offload = typer.Option(None, help="where the weights wait while other blocks run: none (all on the device), "
+                       "cpu (host memory), disk (their safetensors files), auto (default: chosen from the "
+                       "model's size and the free memory)")
+OffloadDir = typer.Option(None, help="--offload disk: directory for the blocks a method changes (default: temp)")
+MaxShardSize = typer.Option(None, help="largest safetensors shard of the saved checkpoint, e.g. 5GB, 500MB "
+                            "(default 5GB; with --offload it bounds the memory the save takes)")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
-                                      TrustRemoteCode, int_list, user_errors)
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxShardSize, MaxWindows,
+                                      Offload, OffloadDir, TrustRemoteCode, int_list, user_errors)
 from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
@@ -53,11 +53,12 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
 
 def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                  device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None,
-                 allow_pickle=False, trust_remote_code=False):
+                 allow_pickle=False, trust_remote_code=False, offload=None, offload_dir=None, max_shard_size=None):
     values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
                   calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
                   dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
                   allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None,
+                  offload=offload, offload_dir=offload_dir, max_shard_size=max_shard_size,
                   options=parse_options(options, extra))
     if recipe:
         return load_recipe(recipe, **values)
@@ -101,6 +102,9 @@ def compress_command(
     dtype: str = Dtype,
     allow_pickle: bool = AllowPickle,
     trust_remote_code: bool = TrustRemoteCode,
+    offload: str = Offload,
+    offload_dir: str = OffloadDir,
+    max_shard_size: str = MaxShardSize,
 ) -> None:
     """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it.
 
@@ -113,13 +117,14 @@ def compress_command(
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
-                       allow_pickle, trust_remote_code)
+                       allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
     path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
-                       limit=limit, num_fewshot=num_fewshot)  # our checkpoint: always safetensors
+                       limit=limit, num_fewshot=num_fewshot,  # our checkpoint: always safetensors
+                       offload=cfg.offload)
 
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows, Offload,
                                       TrustRemoteCode, user_errors)
 from compress_eval.errors import UserError
 from compress_eval.evaluate import evaluate_and_record
@@ -50,11 +50,13 @@ def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
 
 
 def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit=None, num_fewshot=None, allow_pickle=False, trust_remote_code=False) -> None:
+                   limit=None, num_fewshot=None, allow_pickle=False, trust_remote_code=False,
+                   offload="auto") -> None:
     """Evaluate, store the results in a checkpoint directory, print the summary table."""
     ppl, lm_results = evaluate_and_record(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
                                           device, dtype, parse_limit(limit), num_fewshot,
-                                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                          offload=offload)
     Console(width=120).print(summary_table(str(target), ppl, lm_results))
 
 
@@ -73,6 +75,7 @@ def eval_command(
     dtype: str = Dtype,
     allow_pickle: bool = AllowPickle,
     trust_remote_code: bool = TrustRemoteCode,
+    offload: str = Offload,
 ) -> None:
     """Evaluate a model or checkpoint; results are stored in the checkpoint directory.
 
@@ -80,7 +83,7 @@ def eval_command(
     (offline copies from the data directory when one is set, else lm-eval's Hub tasks).
     """
     run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit, num_fewshot, allow_pickle, trust_remote_code)
+                   limit, num_fewshot, allow_pickle, trust_remote_code, offload or "auto")
 
 
 def register(app: typer.Typer) -> None:

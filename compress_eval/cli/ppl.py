@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows,
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows, Offload,
                                       TrustRemoteCode, user_errors)
 from compress_eval.evaluate import evaluate
 from compress_eval.tasknames import PPL_TASKS
@@ -22,6 +22,7 @@ def ppl_command(
     dtype: str = Dtype,
     allow_pickle: bool = AllowPickle,
     trust_remote_code: bool = TrustRemoteCode,
+    offload: str = Offload,
 ) -> None:
     """Token perplexity over non-overlapping windows (WikiText-2 test or C4 validation)."""
     if dataset not in PPL_TASKS:
@@ -29,7 +30,7 @@ def ppl_command(
 
         raise UserError(f"unknown dataset {dataset!r}: use wikitext2 or c4")
     results = evaluate(model, [dataset], seqlen, data_dir, max_windows, batch_size, device, dtype,
-                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, offload=offload or "auto")
     r = next(iter(results.values()))
     typer.echo(f"{r['windows']} windows x {seqlen} tokens, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s")
     typer.echo(f"{r['ppl']:.4f}")

@@ -63,7 +63,7 @@ def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "prod
     a CKA map.
     """
     model = adapter.model
-    device = next(model.parameters()).device
+    device = adapter.device
     seqlen = calib.size(1)
     windows = calib[: max(1, -(-max_tokens // seqlen))]
     hidden: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_blocks)]

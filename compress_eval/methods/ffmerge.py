@@ -113,17 +113,19 @@ def align_window(features: alignment.FFFeatures, layers: range, anchor: int, per
 def merged_ff(adapter: Adapter, layers: range, plan: dict) -> torch.nn.Module:
     """One FF module whose every tensor is the mean of the window's aligned tensors (fp32 math)."""
     blocks = adapter.blocks
-    states = [alignment.aligned_ff_state(adapter, blocks[j], plan[j][0]) for j in layers]
-    mean = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
-    module = copy.deepcopy(adapter.mlp(blocks[layers[0]]))
+    with adapter.hold(layers):
+        states = [alignment.aligned_ff_state(adapter, blocks[j], plan[j][0]) for j in layers]
+        mean = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+        module = copy.deepcopy(adapter.mlp(blocks[layers[0]]))
     module.load_state_dict(mean)
     return module
 
 
 def tie_window(adapter: Adapter, layers: range, module: torch.nn.Module) -> dict[str, str]:
     """Make every layer of the window use ``module``; the tie map {module path: canonical path}."""
-    for j in layers:
-        adapter.set_mlp(adapter.blocks[j], module)
+    with adapter.hold(layers, write=True):
+        for j in layers:
+            adapter.set_mlp(adapter.blocks[j], module)
     return {adapter.mlp_path(j): adapter.mlp_path(layers[0]) for j in layers[1:]}
 
 
@@ -170,7 +172,7 @@ class MergeFF(Compressor):
             starts = [int(o.window.split("-")[0])]
             if starts[0] + size > n:
                 raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
-        device = next(adapter.model.parameters()).device
+        device = adapter.device
         features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
         scorer = WindowScorer(adapter, calib[: o.score_samples])
         candidates, best = [], None
@@ -210,6 +212,8 @@ class MergeFF(Compressor):
         own copy (larger, but plain transformers loads it)."""
         if not self.options.untied_export or not record.tie_map:
             return record
-        for dst, src in record.tie_map.items():
-            adapter.model.set_submodule(dst, copy.deepcopy(adapter.model.get_submodule(src)))
+        first, last = record.details["window"]
+        with adapter.hold(range(first, last + 1), write=True):
+            for dst, src in record.tie_map.items():
+                adapter.model.set_submodule(dst, copy.deepcopy(adapter.model.get_submodule(src)))
         return replace(record, tie_map={})

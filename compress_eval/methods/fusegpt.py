@@ -27,7 +27,7 @@ from compress_eval.memory import peak_memory_mb
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DepthPruningOptions
 from compress_eval.methods.finite import require_finite
-from compress_eval.methods.fusion import fuse_linear, frozen_weight, materialize_block
+from compress_eval.methods.fusion import FusedLinear, fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import embed_inputs
@@ -251,7 +251,7 @@ class IterativeFusion(Compressor):
     def compress(self, adapter, calib) -> CompressionRecord:
         o = self.options
         model = adapter.model
-        device = next(model.parameters()).device
+        device = adapter.device
         model.requires_grad_(False)
         original = adapter.num_blocks
         total = self.cfg.blocks_to_remove(original)
@@ -267,29 +267,36 @@ class IterativeFusion(Compressor):
             label = f"block {k + 1}/{total}"
             progress(f"[{self.name}] {label}: removing block {alive[f]} (MI {mi[f]:.5g})")
             it = {"removed": alive[f], "mi": {str(alive[i]): round(s, 8) for i, s in enumerate(mi)}}
-            changed = {}
+            members = []
             if self.training is not None:
                 group = partial_group(f, adapter.num_blocks, o.group_size)
+                members = [j for j in group if j != f]
                 inputs, targets = self.group_io(prefix, calib, group, reuse=mi_calib is calib)
                 runner = prefix.runner
                 del prefix
-                coef, slow, r = self.make_student(adapter, group, f, gen)
-                ranks.update(r)
-                losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
-                del inputs, targets
-                if o.collapse:
-                    for j in group:
-                        materialize_block(adapter, adapter.blocks[j])
-                changed = {alive[j]: adapter.blocks[j] for j in group if j != f}
+                # Offloaded: only the group is on the device, and what the fine-tune made of it is stored.
+                with adapter.hold([f]), adapter.hold(members, write=True):
+                    coef, slow, r = self.make_student(adapter, group, f, gen)
+                    ranks.update(r)
+                    losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
+                    del inputs, targets, coef, slow
+                    if o.collapse:
+                        for j in group:
+                            materialize_block(adapter, adapter.blocks[j])
                 it.update(group=[alive[j] for j in group], epoch_losses=[round(x, 8) for x in losses])
             adapter.keep_blocks([i for i in range(adapter.num_blocks) if i != f])
             alive.pop(f)
             it["seconds"] = round(time.perf_counter() - started, 2)
             iterations.append(it)
             if store is not None:
-                state = store.save({**state, "alive": alive, "iterations": iterations, "ranks": ranks}, changed, k)
-        for block in adapter.blocks:
-            materialize_block(adapter, block)
+                kept = [j - (j > f) for j in members]  # the changed blocks' indices after the removal
+                with adapter.hold(kept):
+                    state = store.save({**state, "alive": alive, "iterations": iterations, "ranks": ranks},
+                                       {alive[j]: adapter.blocks[j] for j in kept}, k)
+        for i, block in enumerate(adapter.blocks):
+            if any(isinstance(m, FusedLinear) for m in block.modules()):
+                with adapter.hold([i], write=True):
+                    materialize_block(adapter, block)
         details = {"profile": o.profile, "iterations": iterations, "clamped_ranks": ranks,
                    "calibration": {"samples": int(calib.size(0)), "seqlen": int(calib.size(1))},
                    **peak_memory_mb(device)}

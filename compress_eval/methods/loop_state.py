@@ -49,7 +49,9 @@ class LoopState:
         adapter.keep_blocks(alive)
         for orig, name in state["files"].items():
             try:
-                adapter.blocks[alive.index(int(orig))].load_state_dict(load_file(self.dir / name))
+                i = alive.index(int(orig))
+                with adapter.hold([i], write=True):
+                    adapter.blocks[i].load_state_dict(load_file(self.dir / name))
             except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
                 raise UserError(f"--resume {self.dir}: cannot restore block {orig} from {name} "
                                 f"({str(exc).splitlines()[0]}); remove the directory to start afresh") from None

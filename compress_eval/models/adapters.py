@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress_eval.errors import UserError
+from compress_eval.models import offload
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,19 @@ class Adapter:
         if layer_types is not None and len(layer_types) == len(blocks):
             cfg.layer_types = [layer_types[i] for i in keep]
         cfg.num_hidden_layers = len(keep)
+        offloader = offload.offloader_of(self.model)
+        if offloader is not None:
+            offloader.forget_missing()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (its blocks may be offloaded: see ``models.offload``)."""
+        return offload.execution_device(self.model)
+
+    def hold(self, indices, write: bool = False):
+        """Context: blocks ``indices`` stay on the device, for reading (or, with ``write``, changing)
+        their weights outside a forward; nothing to do when the model is in memory."""
+        return offload.hold(self.model, [self.blocks[i] for i in indices], write)
 
     def remove_blocks(self, remove: list[int]) -> list[int]:
         """Remove blocks by current index; returns the kept indices."""
@@ -267,7 +281,7 @@ def capture_block_kwargs(adapter: Adapter, seqlen: int) -> list[dict]:
     Returns one dict per block (without ``hidden_states``); caching is switched off.
     """
     model = adapter.model
-    device = next(model.parameters()).device
+    device = adapter.device
     captured: list[dict | None] = [None] * adapter.num_blocks
     handles = []
 
@@ -286,7 +300,7 @@ def capture_block_kwargs(adapter: Adapter, seqlen: int) -> list[dict]:
         return hook
 
     for i, block in enumerate(adapter.blocks):
-        handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True, prepend=True))
     try:
         ids = torch.zeros(1, seqlen, dtype=torch.long, device=device)
         try:
@@ -310,7 +324,8 @@ def embed_inputs(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
         box.append(args[0] if args else kwargs["hidden_states"])
         raise _Stop
 
-    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # prepend: it stops the forward before an offloaded block 0 would be loaded
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         adapter.model(input_ids=input_ids, use_cache=False)
     except _Stop:

@@ -21,6 +21,7 @@ import torch
 from compress_eval.errors import UserError
 from compress_eval.jsonfile import user_modes
 from compress_eval.models.loading import copies_detached
+from compress_eval.models.offload import offloader_of, parse_size, save_sharded, tensor_slots
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,18 @@ def atomic_output_dir(out: str | Path):
         raise
 
 
+def _storage(t: torch.Tensor):
+    """What identifies a tensor's storage: its address, or for an offloaded placeholder (meta,
+    no address) the placeholder itself (a tied placeholder is one object)."""
+    return id(t) if t.is_meta else t.data_ptr()
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Parameters counted once per storage (tied embeddings and tied FF modules count once)."""
     seen, total = set(), 0
     for p in model.parameters():  # parameters() already de-duplicates shared Parameters
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if _storage(p) not in seen:
+            seen.add(_storage(p))
             total += p.numel()
     return total
 
@@ -117,6 +124,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the distinct tensors of the state dict: what a checkpoint holds (a tied module once;
     quantization scales and codebooks included, non-persistent buffers not). The one definition, before
     and after compression alike."""
+    if offloader_of(model) is not None:  # placeholders: state_dict() would detach them into new objects
+        return sum({id(t): t.nbytes for *_, t in tensor_slots(model)}.values())
     seen, total = set(), 0
     for t in model.state_dict().values():
         key = (t.data_ptr(), t.nbytes)
@@ -144,9 +153,19 @@ def git_sha() -> str | None:
     return result.stdout.strip() or None
 
 
-def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None) -> None:
-    """Weights as safetensors (never pickle), config, generation config and tokenizer."""
+def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None,
+                     max_shard_size: str = "5GB") -> None:
+    """Weights as safetensors (never pickle) in shards of at most ``max_shard_size``, config,
+    generation config and tokenizer. An offloaded model is written unit by unit."""
+    offloader = offloader_of(model)
     with copies_detached(model, tie_map or {}):
-        model.save_pretrained(directory, safe_serialization=True)
+        if offloader is None:
+            model.save_pretrained(directory, safe_serialization=True, max_shard_size=parse_size(max_shard_size))
+        else:
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(directory)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(directory)
+            save_sharded(offloader, directory, parse_size(max_shard_size))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

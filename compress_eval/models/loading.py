@@ -86,11 +86,14 @@ def require_safetensors(where: str) -> None:
 
 
 def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None,
-               allow_pickle: bool = False, trust_remote_code: bool = False):
+               allow_pickle: bool = False, trust_remote_code: bool = False, offload: str = "none",
+               offload_dir: str | None = None):
     """Load (model, tokenizer, source) for a name; the model is in eval mode on ``device``.
 
     Weights load from safetensors only unless ``allow_pickle``; a model's own Python code runs only
-    with ``trust_remote_code`` (both off by default, as the flags of the same names)."""
+    with ``trust_remote_code`` (both off by default, as the flags of the same names). With
+    ``offload`` cpu or disk the model is built on the meta device and its weights stay on the host or
+    in their files, a unit at a time on the device (``models.offload``)."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
@@ -104,6 +107,9 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **trust)
         manifest = read_manifest(where) if source.kind == "local" else None
+        if offload in ("cpu", "disk"):
+            model = load_offloaded(where, manifest, offload, device, torch_dtype, offload_dir, trust_remote_code)
+            return model, tokenizer, source
         if manifest is not None:
             model, _ = load_checkpoint(where, manifest, dtype=torch_dtype, device=device)
         else:
@@ -127,6 +133,44 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
         raise UserError(f"cannot load model from {where}: {str(exc).splitlines()[0]}{hint}") from None
     model.to(device).eval()
     return model, tokenizer, source
+
+
+def model_directory(where: str) -> Path:
+    """The local directory of a model: itself, or the Hub snapshot of its config and safetensors."""
+    if Path(where).is_dir():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def load_offloaded(where: str, manifest: Manifest | None, mode: str, device: str, dtype: torch.dtype,
+                   workdir: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A model skeleton on the meta device whose weights stay on the host (``cpu``) or in their
+    safetensors files (``disk``), loaded unit by unit while they run (:class:`Offloader`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    from compress_eval.models.adapters import get_adapter
+    from compress_eval.models.offload import Offloader, checkpoint_sources, host_sources
+
+    if manifest is not None and manifest.quantized:
+        raise UserError(f"{where} is quantized (bitsandbytes): it cannot be offloaded; use --offload none")
+    directory = model_directory(where)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = auto_model_class(str(directory), trust_remote_code).from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config ties only real weights; the placeholders must be tied as the model is
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    if manifest is not None:
+        retie(model, manifest.tie_map)
+    sources = checkpoint_sources(directory)
+    if mode == "cpu":
+        sources = host_sources(sources, dtype)
+    Offloader(model, get_adapter(model).blocks, mode, device, dtype, sources, workdir)
+    return model.eval()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,9 @@ class PplResult:
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    from compress_eval.models.offload import execution_device
+
+    return execution_device(model)
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

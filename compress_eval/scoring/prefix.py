@@ -35,7 +35,7 @@ class PrefixStates:
 
     def __init__(self, adapter: Adapter, calib: torch.Tensor, batch_size: int = 8, store: str | None = None):
         self.adapter = adapter
-        self.device = next(adapter.model.parameters()).device
+        self.device = adapter.device
         self.store = torch.device(store) if store else self.device
         self.runner = BlockRunner(adapter, calib.size(1))
         self.input_ids = list(batches(calib, batch_size))

@@ -1,0 +1,142 @@
+"""Scale down: the >= 1 B random LLaMA model compressed in memory and with ``--offload disk``, side by side.
+
+For shortgpt, sleb (2 iterations) and fuse (1 fusion), each run is a fresh `compress-eval compress`
+process; its peak RSS comes from the kernel (``os.wait4``), its wall time from the clock around it.
+Targets (issue 15): disk peak RSS <= 0.35 x the model's weight bytes in the dtype it runs in, time
+<= 1.5 x in memory, the same blocks chosen, and the saved tensors identical. ``plan``'s predictions
+for the same settings stand beside the measured peaks.
+
+    python3 bench/make_scale_model.py --out /tmp/scale-1b      # once (~2.3 GB, not committed)
+    COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/scale.py --model /tmp/scale-1b
+
+Writes bench/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TARGET_RSS, TARGET_TIME = 0.35, 1.5
+
+# Calibration small enough for 2 CPU cores; the same for both placements of a method.
+CALIB = ["--calib-samples", "4", "--seqlen", "128", "--dtype", "bfloat16", "--device", "cpu"]
+METHODS = {
+    "shortgpt": ["--method", "shortgpt", "--num-blocks", "4"],
+    "sleb": ["--method", "sleb", "--num-blocks", "2"],
+    # One fusion; the group (3 blocks) is what the fine-tune holds on the device at once.
+    "fuse": ["--method", "fuse", "--num-blocks", "1", "--profile", "cpu", "--group-size", "3",
+             "--epochs", "2", "--mi-samples", "2"],
+}
+
+
+def child_run(args: list[str], env: dict) -> tuple[float, float]:
+    """Peak RSS (MiB) and wall time of ``args`` run in a child whose own rusage is read by wait4."""
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        log = os.open(env["BENCH_LOG"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(devnull, 1)
+        os.dup2(log, 2)
+        os.execvpe(args[0], args, env)
+    _, status, usage = os.wait4(pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(args)} (see {env['BENCH_LOG']})")
+    return usage.ru_maxrss / 1024, seconds
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def plan_prediction(model: str, method_args: list[str], offload: str, env: dict) -> dict | None:
+    """``compress-eval plan``'s peak host memory for the same settings (None if plan is unavailable)."""
+    args = [sys.executable, "-m", "compress_eval", "plan", model, *method_args, *CALIB, "--offload", offload, "--json"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="/tmp/scale-1b", help="directory written by bench/make_scale_model.py")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale")
+    args = parser.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"{model} has no model: run python3 bench/make_scale_model.py --out {model} first")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    weight_bytes = index["metadata"]["total_size"]  # written in bf16, the dtype the runs use
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    env["BENCH_LOG"] = str(work / "runs.log")
+    rows = []
+    try:
+        for name in args.methods.split(","):
+            measured = {}
+            for offload in ("none", "disk"):
+                out = work / f"{name}-{offload}"
+                cmd = [sys.executable, "-m", "compress_eval", "compress", str(model), *METHODS[name], *CALIB,
+                       "--offload", offload, "--max-shard-size", "200MB", "--out", str(out)]
+                rss, seconds = child_run(cmd, env)
+                manifest = json.loads((out / "compress_eval.json").read_text())
+                measured[offload] = {"peak_rss_mb": round(rss, 1), "seconds": round(seconds, 1),
+                                     "removed_blocks": manifest["removed_blocks"], "offload": manifest["offload"],
+                                     "shards": len(list(out.glob("*.safetensors"))),
+                                     "plan": plan_prediction(str(model), METHODS[name], offload, env)}
+                print(f"{name:9s} {offload:5s} peak RSS {rss:8.1f} MiB  {seconds:7.1f} s  "
+                      f"removed {manifest['removed_blocks']}", flush=True)
+            a, b = tensors(work / f"{name}-none"), tensors(work / f"{name}-disk")
+            identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            for offload in ("none", "disk"):
+                shutil.rmtree(work / f"{name}-{offload}")
+            disk, mem = measured["disk"], measured["none"]
+            rows.append({"method": name, "args": METHODS[name], "in_memory": mem, "disk": disk,
+                         "rss_over_weights": round(disk["peak_rss_mb"] * 2**20 / weight_bytes, 3),
+                         "time_ratio": round(disk["seconds"] / mem["seconds"], 3),
+                         "same_blocks": disk["removed_blocks"] == mem["removed_blocks"],
+                         "identical_tensors": identical})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"command": "COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/scale.py --model " + args.model,
+              "model": {"directory": str(model), "weight_bytes": weight_bytes,
+                        "parameters": weight_bytes // 2, "dtype": "bfloat16"},
+              "calibration": CALIB, "targets": {"rss_over_weights": TARGET_RSS, "time_ratio": TARGET_TIME},
+              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Scale down: {weight_bytes / 1e9:.2f} GB random LLaMA (bf16), in memory vs --offload disk", "",
+             f"`{result['command']}`", "",
+             "| method | peak RSS in memory (MiB) | peak RSS disk (MiB) | disk RSS / weights | time in memory (s) "
+             "| time disk (s) | time ratio | same blocks | identical tensors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['in_memory']['peak_rss_mb']} | {r['disk']['peak_rss_mb']} | "
+                     f"{r['rss_over_weights']} | {r['in_memory']['seconds']} | {r['disk']['seconds']} | "
+                     f"{r['time_ratio']} | {r['same_blocks']} | {r['identical_tensors']} |")
+    lines += ["", f"Targets: disk RSS / weights <= {TARGET_RSS}, time ratio <= {TARGET_TIME}."]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
