@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+from importlib import metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -42,28 +41,40 @@ METHODS = {
 }
 
 
-def child_run(args: list[str], env: dict) -> tuple[float, float]:
-    """Peak RSS (MiB) and wall time of ``args`` run in a child whose own rusage is read by wait4."""
+def child_run(args: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Peak RSS (MiB) and wall time of one run, its own rusage read with wait4."""
     start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        log = os.open(env["BENCH_LOG"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(devnull, 1)
-        os.dup2(log, 2)
-        os.execvpe(args[0], args, env)
-    _, status, usage = os.wait4(pid, 0)
+    with open(log, "a") as err:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(args)} (see {env['BENCH_LOG']})")
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)} (see {log})")
     return usage.ru_maxrss / 1024, seconds
 
 
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
+# Run in a child: loading two checkpoints here would leave this process large, and a forked run
+# counts its parent's resident pages until it execs (its peak would include them).
+SAME_TENSORS = """
+import sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+def tensors(d):
     out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
+    for p in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(p))
     return out
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+print(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
+"""
+
+
+def identical_tensors(a: Path, b: Path) -> bool:
+    proc = subprocess.run([sys.executable, "-c", SAME_TENSORS, str(a), str(b)], capture_output=True, text=True,
+                          check=True)
+    return proc.stdout.strip() == "True"
 
 
 def plan_prediction(model: str, method_args: list[str], offload: str, env: dict) -> dict | None:
@@ -86,9 +97,8 @@ def main() -> None:
         raise SystemExit(f"{model} has no model: run python3 bench/make_scale_model.py --out {model} first")
     index = json.loads((model / "model.safetensors.index.json").read_text())
     weight_bytes = index["metadata"]["total_size"]  # written in bf16, the dtype the runs use
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = dict(os.environ)  # (TOKENIZERS_PARALLELISM=false would raise the peak: 907 vs 731 MiB, shortgpt disk)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    env["BENCH_LOG"] = str(work / "runs.log")
     rows = []
     try:
         for name in args.methods.split(","):
@@ -97,7 +107,7 @@ def main() -> None:
                 out = work / f"{name}-{offload}"
                 cmd = [sys.executable, "-m", "compress_eval", "compress", str(model), *METHODS[name], *CALIB,
                        "--offload", offload, "--max-shard-size", "200MB", "--out", str(out)]
-                rss, seconds = child_run(cmd, env)
+                rss, seconds = child_run(cmd, env, work / "runs.log")
                 manifest = json.loads((out / "compress_eval.json").read_text())
                 measured[offload] = {"peak_rss_mb": round(rss, 1), "seconds": round(seconds, 1),
                                      "removed_blocks": manifest["removed_blocks"], "offload": manifest["offload"],
@@ -105,8 +115,7 @@ def main() -> None:
                                      "plan": plan_prediction(str(model), METHODS[name], offload, env)}
                 print(f"{name:9s} {offload:5s} peak RSS {rss:8.1f} MiB  {seconds:7.1f} s  "
                       f"removed {manifest['removed_blocks']}", flush=True)
-            a, b = tensors(work / f"{name}-none"), tensors(work / f"{name}-disk")
-            identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            identical = identical_tensors(work / f"{name}-none", work / f"{name}-disk")
             for offload in ("none", "disk"):
                 shutil.rmtree(work / f"{name}-{offload}")
             disk, mem = measured["disk"], measured["none"]
@@ -121,7 +130,7 @@ def main() -> None:
               "model": {"directory": str(model), "weight_bytes": weight_bytes,
                         "parameters": weight_bytes // 2, "dtype": "bfloat16"},
               "calibration": CALIB, "targets": {"rss_over_weights": TARGET_RSS, "time_ratio": TARGET_TIME},
-              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "rows": rows}
+              "machine": {"cpus": os.cpu_count(), "torch": metadata.version("torch")}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Scale down: {weight_bytes / 1e9:.2f} GB random LLaMA (bf16), in memory vs --offload disk", "",

@@ -20,7 +20,7 @@ from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.recovery import fine_tune
-from compress_eval.methods.registry import get_method, resolve_config
+from compress_eval.methods.registry import defaulted_amount, get_method, resolve_config
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
@@ -69,7 +69,10 @@ def placement(cfg: CompressConfig, log=print) -> str:
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
     """Compress ``cfg.model`` in memory: method, then the recovery and quantization stages."""
     timer = Timer()
-    cfg = resolve_config(cfg)
+    given, cfg = cfg, resolve_config(cfg)
+    default = defaulted_amount(given, cfg)
+    if default:
+        log(f"no amount given: {default} ({cfg.method}'s default)")
     method = get_method(cfg)  # validates the method and its options before any heavy work
     if cfg.quantize:
         bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?

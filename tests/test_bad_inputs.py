@@ -107,7 +107,7 @@ CASES = [
     ("sparsity-above-1", plain, ["compress", "{model}", "--method", "sleb", "--sparsity", "1.5"], "sparsity must be in (0, 1)"),
     ("sparsity-zero", plain, ["compress", "{model}", "--method", "sleb", "--sparsity", "0"], "sparsity must be in (0, 1)"),
     ("sparsity-negative", plain, ["compress", "{model}", "--method", "sleb", "--sparsity=-0.2"], "sparsity must be in (0, 1)"),
-    ("no-amount", plain, ["compress", "{model}", "--method", "shortgpt"], "needs an amount"),
+    ("drop-no-blocks", plain, ["compress", "{model}", "--method", "drop"], "needs --blocks"),
     ("two-amounts", plain, ["compress", "{model}", "--method", "shortgpt", "--sparsity", "0.2", "--num-blocks", "1"],
      "only one of"),
     ("num-blocks-zero", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "0"], "at least 1"),
@@ -146,8 +146,13 @@ CASES = [
     ("double-quant-without-4bit", plain, COMPRESS + ["--double-quant"], "4-bit"),
     ("compute-dtype-with-int8", plain, COMPRESS + ["--quantize", "int8", "--compute-dtype", "bfloat16"], "4-bit"),
     ("compute-dtype-unknown", plain, COMPRESS + ["--quantize", "nf4", "--compute-dtype", "fp64"], "compute_dtype"),
+    # offload and sharding
+    ("offload-unknown", plain, COMPRESS + ["--offload", "gpu"], "offload"),
+    ("eval-offload-unknown", plain, ["ppl", "{model}", "--offload", "gpu", "--seqlen", "16"], "unknown --offload"),
+    ("shard-size-bad", plain, COMPRESS + ["--max-shard-size", "5XB"], "is not a size"),
+    ("offload-with-quantize", plain, COMPRESS + ["--offload", "disk", "--quantize", "int8"], "needs the whole model"),
+    ("offload-with-recover", plain, COMPRESS + ["--offload", "cpu", "--recover", "lora"], "needs the whole model"),
     # method options
-    ("merge-no-amount", plain, ["compress", "{model}", "--method", "merge"], "--num-merge"),
     ("merge-window-reversed", plain, ["compress", "{model}", "--method", "merge", "--window", "3-2"], "LAST must be greater"),
     ("merge-window-syntax", plain, ["compress", "{model}", "--method", "merge", "--window", "x"], "FIRST-LAST"),
     ("merge-num-merge-zero", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "0"], "num_merge"),
@@ -284,8 +289,8 @@ def test_concurrent_writer_to_the_same_out(tiny_model_dir, data_dir, tmp_path, m
     out = tmp_path / "out"
     save = checkpoint.save_model_files
 
-    def racing_save(model, tokenizer, directory, tie_map=None):
-        save(model, tokenizer, directory, tie_map)
+    def racing_save(model, tokenizer, directory, *args):
+        save(model, tokenizer, directory, *args)
         out.mkdir()
         (out / "theirs.txt").write_text("the other run")
 

@@ -68,7 +68,13 @@ def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_
 
 
 def default_out(cfg) -> Path:
-    amount = cfg.sparsity if cfg.sparsity is not None else (cfg.num_blocks or len(cfg.blocks or []))
+    """runs/MODEL-METHOD-AMOUNT-sSEED for a resolved config (the amount as given, or the method's default)."""
+    o = cfg.options
+    amount = next((v for v in (cfg.sparsity, cfg.num_blocks, cfg.blocks and "b" + "-".join(map(str, cfg.blocks)),
+                               o.get("num_merge"), o.get("ff_fraction"),
+                               o.get("window") if o.get("window", "auto") != "auto" else None) if v is not None), 0)
+    if isinstance(amount, float):
+        amount = round(amount, 3)
     return Path("runs") / f"{Path(cfg.model).name}-{cfg.method}-{amount}-s{cfg.seed}"
 
 
@@ -113,13 +119,14 @@ def compress_command(
     """
     from compress_eval.cli.evaluate import run_evaluation
     from compress_eval.tasknames import parse_tasks
+    from compress_eval.methods.registry import resolve_config
     from compress_eval.pipeline import compress_to_dir
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
                        allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
-    path = compress_to_dir(cfg, out or default_out(cfg), data_dir, log=typer.echo)
+    path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,

@@ -35,6 +35,9 @@ class Compressor(ABC):
     needs_calibration: ClassVar[bool] = True
     takes_blocks: ClassVar[bool] = False  # explicit --blocks (others choose their blocks themselves)
     summary: ClassVar[str] = ""
+    # What a run given no amount uses (CompressConfig fields; method options under "options"), stated
+    # in the log and recorded in the manifest's config; empty: the amount must be given.
+    default_amount: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: CompressConfig):
         self.cfg = cfg
@@ -45,6 +48,11 @@ class Compressor(ABC):
         """``cfg`` with what this method decides when the user did not (e.g. a profile's calibration
         size), as a new config; the identity for methods without such defaults. Must be idempotent."""
         return cfg
+
+    @classmethod
+    def amount_given(cls, cfg: CompressConfig) -> bool:
+        """Whether the user said how much to remove (depth methods: --sparsity/--num-blocks/--blocks)."""
+        return any(v is not None for v in (cfg.sparsity, cfg.num_blocks, cfg.blocks))
 
     @abstractmethod
     def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:

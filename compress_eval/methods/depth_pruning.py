@@ -22,6 +22,10 @@ class DepthPruningOptions(MethodOptions):
         return PrefixStates(adapter, calib, self.batch_size, None if self.cache_store == "device" else "cpu")
 
 
+# The papers' main setting (ShortGPT, SLEB and FuseGPT all report 25 % of the blocks removed).
+DEPTH_DEFAULT = {"sparsity": 0.25}
+
+
 def lowest(scores: list[float], k: int) -> list[int]:
     """Positions of the k lowest scores, lowest first; ties go to the lower position."""
     return sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k]

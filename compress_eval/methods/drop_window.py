@@ -5,7 +5,7 @@ blocks after the window, from the cached state entering block s."""
 from __future__ import annotations
 
 from compress_eval.methods.base import CompressionRecord, Compressor
-from compress_eval.methods.depth_pruning import DepthPruningOptions, lowest
+from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import removal_ppl
@@ -15,6 +15,7 @@ from compress_eval.scoring.importance import removal_ppl
 class DropWindow(Compressor):
     name = "drop-window"
     options_class = DepthPruningOptions
+    default_amount = DEPTH_DEFAULT
     summary = "remove the contiguous window of blocks with the lowest calibration ppl when skipped"
 
     def compress(self, adapter, calib) -> CompressionRecord:

@@ -157,6 +157,12 @@ class WindowScorer:
 class MergeFF(Compressor):
     name = "merge"
     options_class = MergeOptions
+    default_amount = {"options": {"ff_fraction": 1 / 3}}  # the paper's headline: 1/3 of the FF sublayers
+
+    @classmethod
+    def amount_given(cls, cfg) -> bool:
+        o = cfg.options
+        return any(o.get(key) is not None for key in ("num_merge", "ff_fraction")) or o.get("window", "auto") != "auto"
     summary = "align (permute), average and tie a window of adjacent FF sublayers (Verma et al.)"
 
     def compress(self, adapter, calib) -> CompressionRecord:

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from compress_eval.errors import UserError
 from compress_eval.memory import peak_memory_mb
 from compress_eval.methods.base import CompressionRecord, Compressor
-from compress_eval.methods.depth_pruning import DepthPruningOptions
+from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions
 from compress_eval.methods.finite import require_finite
 from compress_eval.methods.fusion import FusedLinear, fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
@@ -124,6 +124,7 @@ class IterativeFusion(Compressor):
     """Shared loop of ``mi``, ``mi-ft``, ``mi-lowrank`` and ``fuse``; ``training`` picks the variant."""
 
     options_class = FuseOptions
+    default_amount = DEPTH_DEFAULT
     training: ClassVar[str | None] = "fuse"  # None | "lora" | "lowrank" | "fuse"
 
     @classmethod

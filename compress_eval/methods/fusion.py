@@ -92,7 +92,9 @@ class FusedLinear(nn.Module):
             w = w + self.lora_B @ self.lora_A
         for C, D, frozen in zip(self.coef_C, self.coef_D, self.injected):
             coef = C @ D
-            w = w + (coef if frozen is None else coef * frozen.float())
+            # frozen stays in its dtype: the product promotes to fp32 (the same values) and autograd
+            # keeps the frozen weight itself for C and D's gradients, not an fp32 copy of it.
+            w = w + (coef if frozen is None else coef * frozen)
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,28 @@ def resolve_config(cfg: CompressConfig) -> CompressConfig:
     config; done once, before anything hashes or runs it. Invalid methods or options are left for
     :func:`get_method` to report."""
     try:
-        return method_class(cfg.method).resolved_config(cfg)
+        cls = method_class(cfg.method)
+        cfg = cls.resolved_config(cfg)
     except (UserError, ValidationError):
         return cfg
+    if cls.default_amount and not cls.amount_given(cfg):
+        update = dict(cls.default_amount)
+        if "options" in update:
+            update["options"] = {**cfg.options, **update["options"]}
+        cfg = cfg.model_copy(update=update)
+    return cfg
+
+
+def defaulted_amount(given: CompressConfig, resolved: CompressConfig) -> str | None:
+    """'sparsity=0.25' when the resolved config took the method's default amount, else None."""
+    cls = available_methods().get(given.method)
+    if cls is None or not cls.default_amount or cls.amount_given(given):
+        return None
+    parts = []
+    for key, value in cls.default_amount.items():
+        for k, v in (value.items() if key == "options" else [(key, value)]):
+            parts.append(f"{k}={round(v, 4) if isinstance(v, float) else v}")
+    return ", ".join(parts)
 
 
 def get_method(cfg: CompressConfig) -> Compressor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compress_eval.methods.base import CompressionRecord, Compressor
-from compress_eval.methods.depth_pruning import DepthPruningOptions, lowest
+from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import block_influence
@@ -13,6 +13,7 @@ from compress_eval.scoring.importance import block_influence
 class ShortGPT(Compressor):
     name = "shortgpt"
     options_class = DepthPruningOptions
+    default_amount = DEPTH_DEFAULT
     summary = "remove the blocks of lowest Block Influence, 1 - cos(X_i, X_i+1), in one shot (ShortGPT)"
 
     def compress(self, adapter, calib) -> CompressionRecord:

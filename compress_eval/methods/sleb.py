@@ -13,7 +13,7 @@ from pydantic import Field
 
 from compress_eval.errors import UserError
 from compress_eval.methods.base import CompressionRecord, Compressor
-from compress_eval.methods.depth_pruning import DepthPruningOptions, lowest
+from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import removal_ppl
@@ -32,6 +32,7 @@ def candidate_blocks(num_blocks: int, protect_ends: bool) -> list[int]:
 class Sleb(Compressor):
     name = "sleb"
     options_class = SlebOptions
+    default_amount = DEPTH_DEFAULT
     summary = "remove blocks one by one, each time the one whose skipping least raises calibration NLL (SLEB)"
 
     def compress(self, adapter, calib) -> CompressionRecord:

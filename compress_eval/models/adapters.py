@@ -270,6 +270,10 @@ def get_adapter(model: nn.Module) -> Adapter:
     return Adapter(model)
 
 
+# What transformers versions have called a decoder layer's cache argument.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
 class _Stop(Exception):
     pass
 
@@ -291,8 +295,9 @@ def capture_block_kwargs(adapter: Adapter, seqlen: int) -> list[dict]:
             bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
             extra = bound.pop("kwargs", {})
             kw = {**{k: v for k, v in bound.items() if k != "hidden_states"}, **extra}
-            kw.update(use_cache=False, past_key_values=None)
-            kw.pop("past_key_value", None)
+            # No cache, under whichever name this transformers passed it (setting another name as well
+            # makes transformers warn that both are set).
+            kw.update({name: None for name in CACHE_ARGUMENTS if name in kw}, use_cache=False)
             captured[i] = kw
             if i == adapter.num_blocks - 1:
                 raise _Stop

@@ -93,8 +93,23 @@ class PrefixStates:
     def score_each_removal(self, score: Callable[[torch.Tensor, int], float],
                            candidates: Iterable[int] | None = None, width: int = 1) -> list[float]:
         """For each candidate i (default: every possible start): sum over batches of
-        ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped."""
-        if candidates is None:
-            candidates = range(self.adapter.num_blocks - width + 1)
-        return [sum(score(self.final_without(i, b, width), b) for b in range(self.num_batches))
-                for i in candidates]
+        ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped.
+
+        Block-major: per batch, every candidate's state advances through block j while j is on the
+        device, so an offloaded model loads each block once per batch, not once per candidate (the
+        same operations on the same inputs as running each suffix in turn, so the same numbers)."""
+        n = self.adapter.num_blocks
+        candidates = list(range(n - width + 1) if candidates is None else candidates)
+        totals = [0.0] * len(candidates)
+        for b in range(self.num_batches):
+            live: dict[int, torch.Tensor] = {}  # candidate position -> its state past the skipped blocks
+            for j in range(n + 1):
+                live.update({k: self.entering(i, b) for k, i in enumerate(candidates) if i + width == j})
+                if j == n or not live:
+                    continue
+                with self.adapter.hold([j]):
+                    for k in live:
+                        live[k] = self.runner.run_block(j, live[k])
+            for k in range(len(candidates)):
+                totals[k] += score(live.pop(k), b)
+        return totals
