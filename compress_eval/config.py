@@ -100,10 +100,10 @@ class CompressConfig(BaseModel):
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, v):
-        from compress_eval.models.offload import parse_size
+        from compress_eval.sizes import parse_memory
 
         try:
-            parse_size(v)
+            parse_memory(v)
         except UserError as exc:
             raise ValueError(str(exc)) from None
         return v

@@ -16,9 +16,9 @@ from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
-from compress_eval.models.placement import resolve_offload
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
+from compress_eval.plan import resolve_offload
 from compress_eval.paths import data_dir as resolve_data_dir
 from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
@@ -40,11 +40,11 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
     return results
 
 
-def evaluation_offload(name_or_dir: str, offload: str, device, dtype, tokens: int, trust_remote_code: bool) -> str:
+def evaluation_offload(name_or_dir: str, offload: str, device, dtype, trust_remote_code: bool) -> str:
     """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said on
     stderr when the model is offloaded (the ordinary case, in memory, goes unsaid)."""
     said = []
-    mode = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, tokens, trust_remote_code,
+    mode = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, trust_remote_code=trust_remote_code,
                            log=said.append)
     if mode != "none":
         print(*said, file=sys.stderr)
@@ -54,7 +54,7 @@ def evaluation_offload(name_or_dir: str, offload: str, device, dtype, tokens: in
 def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
              batch_size: int = 1, device=None, dtype=None, progress: bool = True, *, allow_pickle: bool = False,
              trust_remote_code: bool = False, offload: str = "auto") -> dict:
-    offload = evaluation_offload(name_or_dir, offload, device, dtype, batch_size * seqlen, trust_remote_code)
+    offload = evaluation_offload(name_or_dir, offload, device, dtype, trust_remote_code)
     model, tokenizer, _ = load_model(name_or_dir, device, dtype, allow_pickle, trust_remote_code, offload)
     return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
 
@@ -136,7 +136,7 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
         return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
                         progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         offload=offload), None
-    offload = evaluation_offload(name_or_dir, offload, device, dtype, ppl_batch * seqlen, trust_remote_code)
+    offload = evaluation_offload(name_or_dir, offload, device, dtype, trust_remote_code)
     lm = build_lm(name_or_dir, batch_size, device, dtype, allow_pickle=allow_pickle,
                   trust_remote_code=trust_remote_code, offload=offload)
     ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,

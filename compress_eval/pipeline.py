@@ -21,10 +21,10 @@ from compress_eval.manifest import BaseModelRef, Manifest
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.recovery import fine_tune
 from compress_eval.methods.registry import defaulted_amount, get_method, resolve_config
+from compress_eval.plan import resolve_offload
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
-from compress_eval.models.placement import resolve_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
 
@@ -55,8 +55,8 @@ class Compressed:
 def placement(cfg: CompressConfig, log=print) -> str:
     """The offload mode of this run (``auto``: from the model's size, the calibration's prefix cache and
     the free memory), stated in the log; stages that need the whole model at once refuse an offloaded one."""
-    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype,
-                           cfg.calib_samples * cfg.seqlen, cfg.trust_remote_code, log)
+    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.method, cfg.options,
+                           cfg.calib_samples, cfg.seqlen, cfg.sparsity, cfg.num_blocks, cfg.trust_remote_code, log)
     stage = ("--recover " + cfg.recovery.recover) if cfg.recovery.recover != "none" else \
         ("--quantize " + cfg.quantize) if cfg.quantize else None
     if mode != "none" and stage:

@@ -103,6 +103,15 @@ def tiny_model_dir(tmp_path):
     return saved_model_dir(tmp_path / "tiny-llama", tiny_model("llama"))
 
 
+def one_line_error(result, fragment: str) -> None:
+    """A CliRunner result that failed as our errors do: exit 2, one ``error: ...`` line naming ``fragment``."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
 def write_data_dir(root: Path) -> Path:
     """A data directory in shared/data's layout, made from TEXT (tests never need the real one)."""
     import json

@@ -14,6 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import one_line_error
+
 from compress_eval.cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,14 +219,6 @@ CASES = [
     ("batch-jobs-zero", recipe("models: [x]\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml", "--jobs", "0"],
      "--jobs"),
 ]
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0], lines[0]
 
 
 def leftovers(tmp: Path, before: set[Path]) -> list[Path]:

@@ -41,7 +41,8 @@ def test_expansion_multiplies_models_methods_amounts_and_sweeps():
         ("none", None, None), ("drop", None, [1]), ("drop", None, [1, 2]), ("sleb", 0.25, None),
         ("sleb", 0.5, None), ("ffm permute=True", None, None), ("ffm permute=False", None, None)]
     merge = a[-1].config
-    assert merge.options == {"anchor": "first", "permute": False} and merge.calib_samples == 4
+    # merge's default amount (1/3 of the FF sublayers) is part of the cell, as it is of the run
+    assert merge.options == {"anchor": "first", "permute": False, "ff_fraction": 1 / 3} and merge.calib_samples == 4
     assert len({c.name for c in cells}) == len(cells)
     assert expand(g, models=["c"])[0].config.model == "c"
 

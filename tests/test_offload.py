@@ -18,7 +18,8 @@ from conftest import saved_model_dir, tiny_config, tiny_model, write_data_dir
 from compress_eval.config import make_config
 from compress_eval.errors import UserError
 from compress_eval.models.loading import load_model
-from compress_eval.models.offload import offloader_of, parse_size
+from compress_eval.models.offload import offloader_of
+from compress_eval.sizes import parse_memory
 from compress_eval.pipeline import compress, compress_to_dir, save
 
 
@@ -169,7 +170,7 @@ def test_auto_keeps_a_small_model_in_memory(tmp_path, six_block_dir):
 
 
 def test_choose_offload_rule():
-    from compress_eval.models.placement import choose_offload
+    from compress_eval.plan import choose_offload
 
     gb = 10**9
     assert choose_offload(16 * gb, 2 * gb, 80 * gb, 64 * gb, "cuda")[0] == "none"
@@ -193,7 +194,7 @@ def test_bad_shard_size_and_mode_are_one_line_errors():
         make_config(model="m", method="drop", blocks=[1], max_shard_size="5XB")
     with pytest.raises(UserError, match="offload"):
         make_config(model="m", method="drop", blocks=[1], offload="gpu")
-    assert parse_size("2GiB") == 2 * 2**30 and parse_size("500MB") == 500 * 10**6
+    assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("500MB") == 500 * 10**6
 
 
 def test_offload_needs_safetensors(tmp_path):

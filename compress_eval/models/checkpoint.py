@@ -21,7 +21,8 @@ import torch
 from compress_eval.errors import UserError
 from compress_eval.jsonfile import user_modes
 from compress_eval.models.loading import copies_detached
-from compress_eval.models.offload import offloader_of, parse_size, save_sharded, tensor_slots
+from compress_eval.models.offload import offloader_of, save_sharded, tensor_slots
+from compress_eval.sizes import parse_memory
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,12 @@ def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] 
     offloader = offloader_of(model)
     with copies_detached(model, tie_map or {}):
         if offloader is None:
-            model.save_pretrained(directory, safe_serialization=True, max_shard_size=parse_size(max_shard_size))
+            model.save_pretrained(directory, safe_serialization=True, max_shard_size=parse_memory(max_shard_size))
         else:
             model.config.architectures = [type(model).__name__]
             model.config.save_pretrained(directory)
             if model.can_generate() and model.generation_config is not None:
                 model.generation_config.save_pretrained(directory)
-            save_sharded(offloader, directory, parse_size(max_shard_size))
+            save_sharded(offloader, directory, parse_memory(max_shard_size))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

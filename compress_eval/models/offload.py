@@ -351,24 +351,6 @@ def host_sources(sources: dict[str, tuple[str, str]], dtype: torch.dtype) -> dic
 
 
 # --- saving block by block -----------------------------------------------------------------------
-def parse_size(text: str | int) -> int:
-    """Bytes of a size like 5GB, 500MB, 2GiB or a plain number of bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = str(text).strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise UserError(f"size {text!r} is not a size: use e.g. 5GB, 500MB or 2GiB")
-    return int(value * units[unit])
-
-
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
