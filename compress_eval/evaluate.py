@@ -18,8 +18,8 @@ from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
-from compress_eval.plan import resolve_offload
 from compress_eval.paths import data_dir as resolve_data_dir
+from compress_eval.plan import resolve_offload
 from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
 from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_tasks

@@ -21,10 +21,10 @@ from compress_eval.manifest import BaseModelRef, Manifest
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.recovery import fine_tune
 from compress_eval.methods.registry import defaulted_amount, get_method, resolve_config
-from compress_eval.plan import resolve_offload
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
+from compress_eval.plan import resolve_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
 
@@ -53,8 +53,9 @@ class Compressed:
 
 
 def placement(cfg: CompressConfig, log=print) -> str:
-    """The offload mode of this run (``auto``: from the model's size, the calibration's prefix cache and
-    the free memory), stated in the log; stages that need the whole model at once refuse an offloaded one."""
+    """The offload mode of this run (``auto``: the plan's choice from the model's size, the run's predicted
+    activations and the free memory), stated in the log; stages that need the whole model at once
+    refuse an offloaded one."""
     mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.method, cfg.options,
                            cfg.calib_samples, cfg.seqlen, cfg.sparsity, cfg.num_blocks, cfg.trust_remote_code, log)
     stage = ("--recover " + cfg.recovery.recover) if cfg.recovery.recover != "none" else \
@@ -69,10 +70,10 @@ def placement(cfg: CompressConfig, log=print) -> str:
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
     """Compress ``cfg.model`` in memory: method, then the recovery and quantization stages."""
     timer = Timer()
-    given, cfg = cfg, resolve_config(cfg)
-    default = defaulted_amount(given, cfg)
+    default = defaulted_amount(cfg)
     if default:
         log(f"no amount given: {default} ({cfg.method}'s default)")
+    cfg = resolve_config(cfg)
     method = get_method(cfg)  # validates the method and its options before any heavy work
     if cfg.quantize:
         bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?

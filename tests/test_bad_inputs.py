@@ -152,6 +152,8 @@ CASES = [
     ("offload-unknown", plain, COMPRESS + ["--offload", "gpu"], "offload"),
     ("eval-offload-unknown", plain, ["ppl", "{model}", "--offload", "gpu", "--seqlen", "16"], "unknown --offload"),
     ("shard-size-bad", plain, COMPRESS + ["--max-shard-size", "5XB"], "is not a size"),
+    ("offload-dir-is-a-file", regular_file, COMPRESS + ["--offload", "disk", "--offload-dir", "{tmp}/afile"],
+     "--offload-dir"),
     ("offload-with-quantize", plain, COMPRESS + ["--offload", "disk", "--quantize", "int8"], "needs the whole model"),
     ("offload-with-recover", plain, COMPRESS + ["--offload", "cpu", "--recover", "lora"], "needs the whole model"),
     # method options

@@ -29,17 +29,17 @@ def test_depth_methods_default_to_a_quarter_of_the_blocks(method, expected):
     given = make_config(model="m", method=method)
     resolved = resolve_config(given)
     assert {k: getattr(resolved, k) for k in expected} == expected
-    assert defaulted_amount(given, resolved) == "sparsity=0.25"
+    assert defaulted_amount(given) == "sparsity=0.25"
     assert resolve_config(resolved) == resolved  # idempotent
     explicit = make_config(model="m", method=method, num_blocks=2)
-    assert resolve_config(explicit).sparsity is None and defaulted_amount(explicit, resolve_config(explicit)) is None
+    assert resolve_config(explicit).sparsity is None and defaulted_amount(explicit) is None
 
 
 def test_merge_defaults_to_a_third_of_the_ff_sublayers():
     given = make_config(model="m", method="merge")
     resolved = resolve_config(given)
     assert resolved.options["ff_fraction"] == pytest.approx(1 / 3)
-    assert defaulted_amount(given, resolved) == "ff_fraction=0.3333"
+    assert defaulted_amount(given) == "ff_fraction=0.3333"
     for options in ({"num_merge": 2}, {"window": "1-3"}, {"ff_fraction": 0.5}):
         assert "ff_fraction" not in resolve_config(make_config(model="m", method="merge", options=options)).options \
             or options.get("ff_fraction") == 0.5

@@ -162,7 +162,8 @@ class MergeFF(Compressor):
     @classmethod
     def amount_given(cls, cfg) -> bool:
         o = cfg.options
-        return any(o.get(key) is not None for key in ("num_merge", "ff_fraction")) or o.get("window", "auto") != "auto"
+        return (any(o.get(key) is not None for key in ("num_merge", "ff_fraction"))
+                or o.get("window", "auto") != "auto")
     summary = "align (permute), average and tie a window of adjacent FF sublayers (Verma et al.)"
 
     def compress(self, adapter, calib) -> CompressionRecord:

@@ -63,10 +63,10 @@ def resolve_config(cfg: CompressConfig) -> CompressConfig:
     return cfg
 
 
-def defaulted_amount(given: CompressConfig, resolved: CompressConfig) -> str | None:
-    """'sparsity=0.25' when the resolved config took the method's default amount, else None."""
-    cls = available_methods().get(given.method)
-    if cls is None or not cls.default_amount or cls.amount_given(given):
+def defaulted_amount(cfg: CompressConfig) -> str | None:
+    """'sparsity=0.25' when ``cfg`` gives no amount and resolving it takes the method's default, else None."""
+    cls = available_methods().get(cfg.method)
+    if cls is None or not cls.default_amount or cls.amount_given(cfg):
         return None
     parts = []
     for key, value in cls.default_amount.items():

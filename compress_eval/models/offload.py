@@ -79,6 +79,11 @@ def tensor_slots(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool, t
                 yield f"{prefix}.{attr}" if prefix else attr, module, attr, False, b
 
 
+def _full_name(root_name: str, name: str) -> str:
+    """A tensor's name in the model from its root's module path and its name under the root."""
+    return f"{root_name}.{name}" if root_name else name
+
+
 def _put(module: nn.Module, attr: str, is_param: bool, tensor: torch.Tensor) -> None:
     (module._parameters if is_param else module._buffers)[attr] = tensor
 
@@ -171,7 +176,11 @@ class Offloader:
         return_freed_memory()
         self._workdir = None
         if mode == "disk":  # changed units; removed with the offloader, or at exit
-            self._workdir = Path(tempfile.mkdtemp(prefix="compress-eval-offload-", dir=workdir))
+            try:
+                self._workdir = Path(tempfile.mkdtemp(prefix="compress-eval-offload-", dir=workdir))
+            except OSError as exc:
+                raise UserError(f"--offload-dir {workdir}: cannot create a work directory there "
+                                f"({exc.strerror or exc}); give a writable directory") from None
             weakref.finalize(self, shutil.rmtree, self._workdir, True)
         self._counter = itertools.count()
         self.home: dict[int, tuple[torch.Tensor, Source]] = {}  # id(placeholder) -> (placeholder, source)
@@ -182,7 +191,7 @@ class Offloader:
         for roots in _unit_roots(model, blocks):
             unit = Unit(roots)
             for k, name, *_, t in unit.slots():
-                full = f"{names[id(roots[k])]}.{name}" if names[id(roots[k])] else name
+                full = _full_name(names[id(roots[k])], name)
                 if full in sources:
                     self.home[id(t)] = (t, sources[full])
                 elif id(t) not in self.home:
@@ -335,19 +344,9 @@ def checkpoint_sources(directory: str | Path) -> dict[str, tuple[str, str]]:
 
 
 def host_sources(sources: dict[str, tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The same tensors read into host memory (``cpu`` mode), one file at a time, in the run dtype."""
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, (path, key) in sources.items():
-        by_file[path].append(name)
-    out = {}
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in names:
-                t = f.get_tensor(sources[name][1])
-                out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out
+    """The same tensors read into host memory (``cpu`` mode), in the run dtype."""
+    return {name: t.to(dtype) if t.is_floating_point() else t
+            for name, t in zip(sources, _read(list(sources.values())))}
 
 
 # --- saving block by block -----------------------------------------------------------------------
@@ -386,7 +385,7 @@ def save_sharded(offloader: Offloader, directory: Path, max_shard_bytes: int) ->
         for k, name, module, attr, is_param, t in unit.slots():
             if id(unit.roots[k]) in names and id(t) not in written:
                 written.add(id(t))
-                todo.append((f"{names[id(unit.roots[k])]}.{name}".lstrip("."), module, attr, is_param, t))
+                todo.append((_full_name(names[id(unit.roots[k])], name), module, attr, is_param, t))
         nbytes = sum(t.numel() * t.element_size() for *_, t in todo)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
