@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from compress_eval.errors import UserError
 
@@ -41,50 +42,12 @@ class RecoveryOptions(MethodOptions):
     lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
 
 
-class CompressConfig(BaseModel):
-    """Everything that determines a compressed checkpoint (recorded whole in the manifest)."""
+class Amount(MethodOptions):
+    """How much a method removes: one of a fraction of the blocks, a number of them, or which."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    method: str
     sparsity: float | None = Field(None, description="fraction of blocks to remove, rounded up")
     num_blocks: int | None = Field(None, description="number of blocks to remove (instead of sparsity)")
     blocks: list[int] | None = Field(None, description="explicit block indices (method 'drop')")
-    calib_data: Literal["wikitext2", "c4"] = "wikitext2"
-    calib_samples: int = Field(8, ge=1)
-    seqlen: int = Field(512, ge=2)
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    quantize: Literal["int8", "nf4", "fp4"] | None = None
-    double_quant: bool = Field(False, description="4-bit: quantize the block scales too (QLoRA)")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
-        None, description="4-bit matmul dtype; default the model's dtype")
-    allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin)")
-    trust_remote_code: bool = Field(False, description="run the model repository's own code")
-    offload: Literal["auto", "none", "cpu", "disk"] = Field(
-        "auto", description="where the weights wait while other blocks run: none (all on the device), cpu "
-                            "(host memory), disk (their safetensors files); auto chooses from the model's size "
-                            "and the free memory")
-    offload_dir: str | None = Field(None, description="disk offload: directory for changed blocks (default: temp)")
-    max_shard_size: str = Field("5GB", description="largest safetensors shard of the saved checkpoint")
-    options: dict[str, Any] = Field(default_factory=dict)
-    recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _recovery_out_of_options(cls, data):
-        """``--recover ...`` flags arrive with the method options (and recipes written before
-        recovery was a stage keep them there): they belong to the recovery stage."""
-        if isinstance(data, dict) and isinstance(data.get("options"), dict):
-            options = dict(data["options"])
-            moved = {k: options.pop(k) for k in list(options) if k in RecoveryOptions.model_fields}
-            if moved:
-                given = data.get("recovery") or {}
-                given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
-                data = {**data, "options": options, "recovery": {**given, **moved}}
-        return data
 
     @field_validator("blocks")
     @classmethod
@@ -95,17 +58,6 @@ class CompressConfig(BaseModel):
             twice = sorted({b for b in v if v.count(b) > 1})
             if twice:
                 raise ValueError(f"block {twice[0]} is listed twice in {v}: give each block once")
-        return v
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _shard_size(cls, v):
-        from compress_eval.sizes import parse_memory
-
-        try:
-            parse_memory(v)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("sparsity")
@@ -122,12 +74,151 @@ class CompressConfig(BaseModel):
             raise ValueError("give only one of sparsity, num_blocks, blocks")
         return self
 
+
+class Quantization(MethodOptions):
+    """The bitsandbytes stage (always the last one)."""
+
+    quantize: Literal["int8", "nf4", "fp4"] | None = None
+    double_quant: bool = Field(False, description="4-bit: quantize the block scales too (QLoRA)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit matmul dtype; default the model's dtype")
+
     @model_validator(mode="after")
     def _quantization_options(self):
         if (self.double_quant or self.compute_dtype is not None) and self.quantize not in ("nf4", "fp4"):
             raise ValueError("double_quant / compute_dtype apply to 4-bit quantization only: "
                              "add --quantize nf4 (or fp4), or drop them")
         return self
+
+
+class MethodStage(Amount):
+    """A stage of a multi-stage recipe that runs a method; its amount counts the blocks it receives."""
+
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecoverStage(RecoveryOptions):
+    """A recovery fine-tune stage of a multi-stage recipe."""
+
+    recover: Literal["full", "lora", "qlora"]
+
+
+class QuantizeStage(Quantization):
+    """The bitsandbytes stage of a multi-stage recipe."""
+
+    quantize: Literal["int8", "nf4", "fp4"]
+
+
+def _stage_kind(value) -> str | None:
+    """Which stage a recipe entry is, by the key that names its kind."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        return next((kind for kind in ("method", "recover", "quantize") if kind in value), None)
+    return None
+
+
+Stage = Annotated[
+    Annotated[MethodStage, Tag("method")] | Annotated[RecoverStage, Tag("recover")]
+    | Annotated[QuantizeStage, Tag("quantize")],
+    Discriminator(_stage_kind, custom_error_type="stage_kind",
+                  custom_error_message="a stage is a mapping with one of the keys method, recover or quantize"),
+]
+# What a stage sets; with ``stages`` these stay unset at the top level.
+STAGE_FIELDS = ("sparsity", "num_blocks", "blocks", "options", "recovery", "quantize", "double_quant",
+                "compute_dtype")
+
+
+class CompressConfig(Amount, Quantization):
+    """Everything that determines a compressed checkpoint (recorded whole in the manifest).
+
+    One stage from the flags (method, amount, options, then ``recovery`` and ``quantize``) or several
+    from a recipe's ``stages:`` list; :meth:`stage_list` gives both the same shape.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    method: str
+    calib_data: Literal["wikitext2", "c4"] = "wikitext2"
+    calib_samples: int = Field(8, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    offload: Literal["auto", "none", "cpu", "disk"] = Field(
+        "auto", description="where the weights wait while other blocks run: none (all on the device), cpu "
+                            "(host memory), disk (their safetensors files); auto chooses from the model's size "
+                            "and the free memory")
+    offload_dir: str | None = Field(None, description="disk offload: directory for changed blocks (default: temp)")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard of the saved checkpoint")
+    options: dict[str, Any] = Field(default_factory=dict)
+    recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
+    stages: list[Stage] | None = Field(None, description="several stages in order (method, recover, quantize)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recovery_out_of_options(cls, data):
+        """``--recover ...`` flags arrive with the method options (and recipes written before
+        recovery was a stage keep them there): they belong to the recovery stage."""
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            options = dict(data["options"])
+            moved = {k: options.pop(k) for k in list(options) if k in RecoveryOptions.model_fields}
+            if moved:
+                given = data.get("recovery") or {}
+                given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
+                data = {**data, "options": options, "recovery": {**given, **moved}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_of_stages(cls, data):
+        """A staged config is named by its methods (``fuse+merge``); written out, the name comes back."""
+        if isinstance(data, dict) and isinstance(data.get("stages"), list):
+            names = [s.get("method") if isinstance(s, dict) else getattr(s, "method", None) for s in data["stages"]]
+            name = "+".join(n for n in names if isinstance(n, str)) or "none"
+            if data.get("method") not in (None, name):
+                raise ValueError(f"method {data['method']!r} and stages: name each stage's method in its "
+                                 f"stage and leave out method")
+            data = {**data, "method": name}
+        return data
+
+    @model_validator(mode="after")
+    def _stages_alone(self):
+        if self.stages is None:
+            return self
+        if not self.stages:
+            raise ValueError("stages is empty: give at least one stage")
+        fields = type(self).model_fields
+        set_here = [f for f in STAGE_FIELDS if getattr(self, f) != fields[f].get_default(call_default_factory=True)]
+        if set_here:
+            raise ValueError(f"{set_here[0]} is given beside stages: put it into the stage it belongs to")
+        kinds = [_stage_kind(s) for s in self.stages]
+        if "quantize" in kinds[:-1]:
+            raise ValueError("quantize must be the last stage (methods and fine-tunes need float weights)")
+        return self
+
+    def stage_list(self) -> list[MethodStage | RecoverStage | QuantizeStage]:
+        """The stages this config runs, in order: its ``stages``, or the one the flags describe."""
+        if self.stages is not None:
+            return list(self.stages)
+        stages: list = [MethodStage(method=self.method, sparsity=self.sparsity, num_blocks=self.num_blocks,
+                                    blocks=self.blocks, options=self.options)]
+        if self.recovery.recover != "none":
+            stages.append(RecoverStage(**self.recovery.model_dump()))
+        if self.quantize:
+            stages.append(QuantizeStage(quantize=self.quantize, double_quant=self.double_quant,
+                                        compute_dtype=self.compute_dtype))
+        return stages
+
+    def stage_config(self, stage: MethodStage) -> CompressConfig:
+        """The one-method config a method stage runs with: this config's calibration and placement, the
+        stage's method, amount and options (what the user set stays marked as set, for profiles)."""
+        shared = self.model_dump(exclude_unset=True, exclude={"stages", "method", *STAGE_FIELDS})
+        return CompressConfig.model_validate({**shared, **stage.model_dump(exclude_none=True)})
 
     def blocks_to_remove(self, num_layers: int) -> int:
         """ceil(L * sparsity) as the papers round (guarding against 30 * 0.1 = 3.0000000000000004)."""
@@ -186,4 +277,11 @@ def load_recipe(path: str | Path, **overrides) -> CompressConfig:
 
 
 def dump_recipe(cfg: CompressConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(exclude_none=True), sort_keys=False)
+    """The config as a recipe that loads back to it: model and method first, a staged one without the
+    single-stage fields it leaves at their defaults."""
+    data = cfg.model_dump(exclude_none=True, exclude=set(STAGE_FIELDS) if cfg.stages else None)
+    if cfg.stages:
+        data["stages"] = [s.model_dump(exclude_none=True, exclude_defaults=True) | {k: getattr(s, k)}
+                          for s in cfg.stages for k in [_stage_kind(s)]]
+    first = {k: data.pop(k) for k in ("model", "method")}
+    return yaml.safe_dump({**first, **data}, sort_keys=False)

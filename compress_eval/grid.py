@@ -10,13 +10,14 @@ task on the existing checkpoints instead of compressing again.
 models: [smollm2-135m]
 sparsities: [0.1, 0.25]          # default amounts for methods that remove blocks
 tasks: [wikitext2, c4]
-eval: {seqlen: 512, max_windows: 20}
+eval: {seqlen: 512, max_windows: 20, limit: 200}   # limit: lm-eval tasks' first N documents
 config: {calib_samples: 8, seed: 0}   # CompressConfig defaults for every cell
 methods:
   - none                          # the dense reference: one cell per model, no amount
   - {method: drop, blocks: [[20, 21, 22]]}
   - {method: merge, label: merge-vanilla, options: {permute: false}, sweep: {ff_fraction: [0.333, 0.5]},
      sparsities: [null]}
+  - {label: fuse+merge, stages: [{method: fuse, sparsity: 0.2}, {method: merge, options: {ff_fraction: 0.2}}]}
 ```
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress_eval.config import CompressConfig, validation_message
 from compress_eval.errors import UserError
@@ -45,7 +46,8 @@ class MethodEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str
+    method: str | None = Field(None, description="the method (or give stages)")
+    stages: list[dict[str, Any]] | None = Field(None, description="a multi-stage recipe's stages, amounts inside")
     label: str | None = Field(None, description="name on the leaderboard (default: the method)")
     options: dict[str, Any] = Field(default_factory=dict)
     sweep: dict[str, list] = Field(default_factory=dict, description="option -> values, one cell each")
@@ -54,12 +56,24 @@ class MethodEntry(BaseModel):
     blocks: list[list[int]] | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="CompressConfig keys for this method")
 
+    @model_validator(mode="after")
+    def _method_or_stages(self):
+        if (self.method is None) == (self.stages is None):
+            raise ValueError("give a method entry either method or stages")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The label's default: the method, or a staged entry's methods joined by +."""
+        return self.method or "+".join(str(s.get("method")) for s in self.stages if "method" in s) or "none"
+
 
 class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seqlen: int = Field(2048, ge=2)
     max_windows: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="lm-eval tasks: the first N documents of each")
     batch_size: int = Field(1, ge=1)  # speed only: left out of the hash
 
 
@@ -136,7 +150,7 @@ def amounts(entry: MethodEntry, grid: Grid) -> list[dict]:
     if entry.num_blocks is not None:
         return [{"num_blocks": n} for n in entry.num_blocks]
     sparsities = entry.sparsities if entry.sparsities is not None else grid.sparsities
-    if entry.method == "none" or not sparsities:
+    if entry.method == "none" or entry.stages is not None or not sparsities:
         return [{}]
     return [{"sparsity": s} for s in sparsities]
 
@@ -153,10 +167,11 @@ def expand(grid: Grid, models: list[str] | None = None) -> list[Cell]:
         for entry in grid.methods:
             entry = MethodEntry(method=entry) if isinstance(entry, str) else entry
             for point in sweep_points(entry):
-                label = " ".join([entry.label or entry.method] + [f"{k}={v}" for k, v in point.items()])
+                label = " ".join([entry.label or entry.name] + [f"{k}={v}" for k, v in point.items()])
                 for amount in amounts(entry, grid):
-                    values = {**grid.config, **entry.config, "model": model, "method": entry.method,
-                              "options": {**entry.options, **point}, **amount}
+                    what = {"stages": entry.stages} if entry.stages is not None else \
+                        {"method": entry.method, "options": {**entry.options, **point}}
+                    values = {**grid.config, **entry.config, "model": model, **what, **amount}
                     try:
                         cfg = resolve_config(CompressConfig(**values))
                     except ValidationError as exc:

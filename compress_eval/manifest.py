@@ -25,6 +25,20 @@ class BaseModelRef(BaseModel):
     location: str | None = None
 
 
+class StageRecord(BaseModel):
+    """What one stage did: what it removed (indices in the original model) or tied, the size after it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = Field(description="method, recover or quantize")
+    method: str | None = None
+    removed_blocks: list[int] = Field(default_factory=list)
+    tied: list[str] = Field(default_factory=list, description="module paths that share another's storage")
+    params_after: PositiveInt
+    weight_bytes_after: PositiveInt
+    seconds: float
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -47,7 +61,9 @@ class Manifest(BaseModel):
     offload: str | None = Field(None, description="where the weights waited while blocks ran: none, cpu or disk")
     quantization: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None
-    details: dict[str, Any] = Field(default_factory=dict, description="the method's own record")
+    stages: list[StageRecord] = Field(default_factory=list, description="each stage in the order it ran")
+    details: dict[str, Any] = Field(default_factory=dict, description="the method's own record (several "
+                                                                      "methods: 'STAGE:METHOD' -> its record)")
     timings_s: dict[str, float] = Field(default_factory=dict)
     peak_rss_mb: float | None = None
     versions: dict[str, str] = Field(default_factory=dict)

@@ -1,5 +1,5 @@
 """The one path for the data: load -> calibrate -> compress (score, remove, fuse or merge) -> recover
--> quantize -> save. Evaluation and recording follow in ``evaluate.evaluate_and_record``.
+-> quantize -> save; a multi-stage recipe runs its methods and fine-tunes in order on the same path. Evaluation and recording follow in ``evaluate.evaluate_and_record``.
 
 Each step reads the previous step's output and nothing else; the CLI commands are thin wrappers.
 """
@@ -9,18 +9,19 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from compress_eval.config import CompressConfig, dump_recipe
+from compress_eval.config import CompressConfig, MethodStage, QuantizeStage, RecoverStage, dump_recipe
 from compress_eval.data.calibration import calibration_windows
 from compress_eval.errors import UserError
-from compress_eval.manifest import BaseModelRef, Manifest
+from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.recovery import fine_tune
-from compress_eval.methods.registry import defaulted_amount, get_method, resolve_config
+from compress_eval.methods.base import CompressionRecord, Compressor
+from compress_eval.methods.registry import defaulted_amount, resolve_config, stage_methods
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
@@ -30,7 +31,8 @@ from compress_eval.results import store
 
 
 class Timer:
-    """Named wall-clock timings of the pipeline's steps, for the manifest."""
+    """Named wall-clock timings of the pipeline's steps, for the manifest (a step run in several stages
+    adds up)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -39,7 +41,7 @@ class Timer:
     def step(self, name: str):
         start = time.perf_counter()
         yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.seconds[name] = round(self.seconds.get(name, 0) + time.perf_counter() - start, 3)
 
 
 @dataclass
@@ -53,14 +55,17 @@ class Compressed:
 
 
 def placement(cfg: CompressConfig, log=print) -> str:
-    """The offload mode of this run (``auto``: the plan's choice from the model's size, the run's predicted
-    activations and the free memory), stated in the log; stages that need the whole model at once
-    refuse an offloaded one."""
-    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.method, cfg.options,
-                           cfg.calib_samples, cfg.seqlen, cfg.sparsity, cfg.num_blocks, cfg.trust_remote_code, log)
-    stage = ("--recover " + cfg.recovery.recover) if cfg.recovery.recover != "none" else \
-        ("--quantize " + cfg.quantize) if cfg.quantize else None
-    if mode != "none" and stage:
+    """The offload mode of this run (``auto``: the plan's choice from the model's size, the first
+    method's predicted activations and the free memory), stated in the log; stages that need the whole
+    model at once refuse an offloaded one."""
+    stages = cfg.stage_list()
+    first = next((cfg.stage_config(s) if cfg.stages else cfg for s in stages if isinstance(s, MethodStage)), cfg)
+    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, first.method,
+                           first.options, cfg.calib_samples, cfg.seqlen, first.sparsity, first.num_blocks,
+                           cfg.trust_remote_code, log)
+    whole = next((s for s in stages if isinstance(s, (RecoverStage, QuantizeStage))), None)
+    if mode != "none" and whole is not None:
+        stage = f"--recover {whole.recover}" if isinstance(whole, RecoverStage) else f"--quantize {whole.quantize}"
         raise UserError(f"{stage} needs the whole model on the device at once, and this run offloads it "
                         f"(--offload {mode}): run it on the saved checkpoint with --offload none, where "
                         f"the model fits")
@@ -68,16 +73,18 @@ def placement(cfg: CompressConfig, log=print) -> str:
 
 
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
-    """Compress ``cfg.model`` in memory: method, then the recovery and quantization stages."""
+    """Compress ``cfg.model`` in memory: its stages in order (methods, recovery fine-tunes), each
+    method's finishing step, then quantization; each stage recorded in the manifest."""
     timer = Timer()
     default = defaulted_amount(cfg)
     if default:
         log(f"no amount given: {default} ({cfg.method}'s default)")
     cfg = resolve_config(cfg)
-    method = get_method(cfg)  # validates the method and its options before any heavy work
-    if cfg.quantize:
-        bnb_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype)  # bitsandbytes installed?
-    recover = cfg.recovery.recover != "none"
+    stages = cfg.stage_list()
+    methods = stage_methods(cfg)  # validates the methods and their options before any heavy work
+    quantize = stages[-1] if isinstance(stages[-1], QuantizeStage) else None
+    if quantize:
+        bnb_config(quantize.quantize, quantize.double_quant, quantize.compute_dtype)  # bitsandbytes installed?
     offload = placement(cfg, log)
     torch.manual_seed(cfg.seed)
     with timer.step("load"):
@@ -88,39 +95,70 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
     calib = None
-    if method.needs_calibration or recover:
+    if any(m is not None and m.needs_calibration for m in methods) or any(isinstance(s, RecoverStage) for s in stages):
         adapter.require_context(cfg.seqlen, "--seqlen")
         with timer.step("calibrate"):
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
                                         cfg.seed, data_dir)
     log(f"compressing {cfg.model} ({blocks_before} blocks) with {cfg.method}")
-    with timer.step("compress"):
-        record = method.compress(adapter, calib)
-    recovery = None
-    if recover:
-        with timer.step("recover"):
-            recovery = fine_tune(model, calib, cfg.recovery, seed=cfg.seed, log=log)
-    record = method.finish(adapter, record)
+    original = list(range(blocks_before))  # the original index of each block still there
+    done: list[StageRecord] = []
+    records: list[tuple[int, Compressor, CompressionRecord]] = []
+    recovery = quantization = None
+    for number, (stage, method) in enumerate(zip(stages, methods), 1):
+        if stage is quantize:
+            break
+        start, removed, tied = time.perf_counter(), [], []
+        if method is not None:
+            if len(stages) > 1:
+                log(f"stage {number}/{len(stages)}: {method.name}")
+            with timer.step("compress"):
+                record = method.compress(adapter, calib)
+            gone = set(record.removed_blocks)
+            record = replace(record, removed_blocks=[original[i] for i in record.removed_blocks])
+            original = [b for i, b in enumerate(original) if i not in gone]
+            records.append((number, method, record))
+            removed, tied = record.removed_blocks, sorted(record.tie_map)
+        else:
+            with timer.step("recover"):
+                recovery = fine_tune(model, calib, stage, seed=cfg.seed, log=log)
+        done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
+                                removed_blocks=removed, tied=tied,
+                                params_after=checkpoint.parameter_count(model),
+                                weight_bytes_after=checkpoint.weight_bytes(model),
+                                seconds=round(time.perf_counter() - start, 3)))
+    records = [(n, m, m.finish(adapter, r)) for n, m, r in records]
+    tie_map = {k: v for _, _, r in records for k, v in r.tie_map.items()}
     params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte
-    quantization = None
-    if cfg.quantize:
-        log(f"quantizing to {cfg.quantize} with bitsandbytes")
+    if quantize:
+        log(f"quantizing to {quantize.quantize} with bitsandbytes")
+        start = time.perf_counter()
         with timer.step("quantize"):
-            model, quantization = quantize_model(model, cfg.quantize, cfg.double_quant, cfg.compute_dtype,
-                                                 record.tie_map)
+            model, quantization = quantize_model(model, quantize.quantize, quantize.double_quant,
+                                                 quantize.compute_dtype, tie_map)
+        done.append(StageRecord(kind="quantize", params_after=params_after,
+                                weight_bytes_after=checkpoint.weight_bytes(model),
+                                seconds=round(time.perf_counter() - start, 3)))
+    several = len(records) > 1
+    details = {f"{n}:{m.name}": r.details for n, m, r in records} if several else \
+        (records[0][2].details if records else {})
+    artifacts = {(f"stage{n}-{name}" if several else name): content
+                 for n, _, r in records for name, content in r.artifacts.items()}
     manifest = Manifest(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         base_model=BaseModelRef(name=cfg.model, kind=source.kind, location=source.location),
-        method=cfg.method, config=cfg.model_dump(mode="json"), method_options=method.options.model_dump(mode="json"),
+        method=cfg.method, config=cfg.model_dump(mode="json"),
+        method_options=records[0][1].options.model_dump(mode="json") if len(records) == 1 else {},
         recipe=dump_recipe(cfg), seed=cfg.seed,
-        blocks_before=blocks_before, blocks_after=adapter.num_blocks, removed_blocks=record.removed_blocks,
-        tie_map=record.tie_map,
+        blocks_before=blocks_before, blocks_after=adapter.num_blocks,
+        removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=tie_map,
         params_before=params_before, params_after=params_after,
         weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
-        offload=offload, quantization=quantization, recovery=recovery, details=record.details, timings_s=timer.seconds,
-        peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(), git_sha=checkpoint.git_sha(),
+        offload=offload, quantization=quantization, recovery=recovery, stages=done, details=details,
+        timings_s=timer.seconds, peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(),
+        git_sha=checkpoint.git_sha(),
     )
-    return Compressed(model, tokenizer, manifest, record.artifacts)
+    return Compressed(model, tokenizer, manifest, artifacts)
 
 
 def save(result: Compressed, out: str | Path) -> Path:

@@ -34,6 +34,7 @@ class Compressor(ABC):
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = True
     takes_blocks: ClassVar[bool] = False  # explicit --blocks (others choose their blocks themselves)
+    ties_modules: ClassVar[bool] = False  # shares modules across blocks (the manifest's tie map)
     summary: ClassVar[str] = ""
     # What a run given no amount uses (CompressConfig fields; method options under "options"), stated
     # in the log and recorded in the manifest's config; empty: the amount must be given.

@@ -157,6 +157,7 @@ class WindowScorer:
 class MergeFF(Compressor):
     name = "merge"
     options_class = MergeOptions
+    ties_modules = True
     default_amount = {"options": {"ff_fraction": 1 / 3}}  # the paper's headline: 1/3 of the FF sublayers
 
     @classmethod

@@ -10,7 +10,7 @@ import pkgutil
 
 from pydantic import ValidationError
 
-from compress_eval.config import CompressConfig, validation_message
+from compress_eval.config import CompressConfig, MethodStage, validation_message
 from compress_eval.errors import UserError
 from compress_eval.methods.base import Compressor
 
@@ -46,10 +46,7 @@ def method_class(name: str) -> type[Compressor]:
     return methods[name]
 
 
-def resolve_config(cfg: CompressConfig) -> CompressConfig:
-    """The config a run uses and records: the method's own defaults (profiles) filled in, as a new
-    config; done once, before anything hashes or runs it. Invalid methods or options are left for
-    :func:`get_method` to report."""
+def _resolve_one(cfg: CompressConfig) -> CompressConfig:
     try:
         cls = method_class(cfg.method)
         cfg = cls.resolved_config(cfg)
@@ -63,16 +60,57 @@ def resolve_config(cfg: CompressConfig) -> CompressConfig:
     return cfg
 
 
+def resolve_config(cfg: CompressConfig) -> CompressConfig:
+    """The config a run uses and records: the method's own defaults (profiles, default amounts) filled
+    in, as a new config; done once, before anything hashes or runs it. With stages, each method stage
+    is resolved, and the first whose profile sets the calibration size sets it for the run (calibration
+    is shared). Invalid methods or options are left for :func:`get_method` to report."""
+    if cfg.stages is None:
+        return _resolve_one(cfg)
+    stages = []
+    for stage in cfg.stages:
+        if isinstance(stage, MethodStage):
+            one = _resolve_one(cfg.stage_config(stage))
+            calibration = {k: getattr(one, k) for k in ("calib_samples", "seqlen") if getattr(one, k) != getattr(cfg, k)}
+            cfg = cfg.model_copy(update=calibration)
+            stage = MethodStage(method=one.method, sparsity=one.sparsity, num_blocks=one.num_blocks,
+                                blocks=one.blocks, options=one.options)
+        stages.append(stage)
+    return cfg.model_copy(update={"stages": stages})
+
+
 def defaulted_amount(cfg: CompressConfig) -> str | None:
-    """'sparsity=0.25' when ``cfg`` gives no amount and resolving it takes the method's default, else None."""
-    cls = available_methods().get(cfg.method)
-    if cls is None or not cls.default_amount or cls.amount_given(cfg):
-        return None
-    parts = []
-    for key, value in cls.default_amount.items():
-        for k, v in (value.items() if key == "options" else [(key, value)]):
-            parts.append(f"{k}={round(v, 4) if isinstance(v, float) else v}")
-    return ", ".join(parts)
+    """'sparsity=0.25' when ``cfg`` gives no amount and resolving it takes the method's default (with
+    stages: each such stage, named), else None."""
+    method_stages = [s for s in cfg.stage_list() if isinstance(s, MethodStage)]
+    said = []
+    for stage in method_stages:
+        one = cfg.stage_config(stage) if cfg.stages is not None else cfg
+        cls = available_methods().get(one.method)
+        if cls is None or not cls.default_amount or cls.amount_given(one):
+            continue
+        parts = []
+        for key, value in cls.default_amount.items():
+            for k, v in (value.items() if key == "options" else [(key, value)]):
+                parts.append(f"{k}={round(v, 4) if isinstance(v, float) else v}")
+        said.append(", ".join(parts) + (f" for {one.method}" if len(method_stages) > 1 else ""))
+    return "; ".join(said) or None
+
+
+def stage_methods(cfg: CompressConfig) -> list[Compressor | None]:
+    """One method instance per stage of a (resolved) config (None for recover and quantize stages),
+    validated before any heavy work. A method that ties modules across blocks must be the last
+    method: a later one would renumber the tied blocks or change every copy at once."""
+    stages = cfg.stage_list()
+    methods = [get_method(cfg.stage_config(s) if cfg.stages is not None else cfg) if isinstance(s, MethodStage)
+               else None for s in stages]
+    named = [m for m in methods if m is not None]
+    for earlier in named[:-1]:
+        if earlier.ties_modules:
+            raise UserError(f"stage {earlier.name!r} ties modules across blocks, so it must be the last method "
+                            f"stage (a later one would renumber or change the tied blocks): move it after "
+                            f"{named[-1].name!r}")
+    return methods
 
 
 def get_method(cfg: CompressConfig) -> Compressor:
