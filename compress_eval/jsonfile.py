@@ -42,19 +42,24 @@ def user_modes(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write strict JSON beside ``path`` and rename it into place."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` beside ``path`` and rename it into place: a reader sees the old file or the new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(dumps(data) + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         user_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write strict JSON atomically."""
+    return write_text_atomic(path, dumps(data) + "\n")
 
 
 class JSONFileError(ValueError):

@@ -174,6 +174,7 @@ def save(result: Compressed, out: str | Path) -> Path:
         store.write_recipe(tmp, manifest.recipe)
         manifest.timings_s["save"] = round(time.perf_counter() - start, 3)
         store.write_manifest(tmp, manifest)
+        store.write_card(tmp)
     return out
 
 

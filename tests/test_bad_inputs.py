@@ -220,6 +220,11 @@ CASES = [
     ("batch-grid-invalid", recipe("models: []\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml"], "models"),
     ("batch-jobs-zero", recipe("models: [x]\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml", "--jobs", "0"],
      "--jobs"),
+    # the Hub (checked before any work)
+    ("push-to-hub-bad-id", plain, COMPRESS + ["--push-to-hub", "org/bad id"], "invalid Hub repository id"),
+    ("push-to-hub-three-parts", plain, COMPRESS + ["--push-to-hub", "a/b/c"], "invalid Hub repository id"),
+    ("private-without-push", plain, COMPRESS + ["--private"], "--private applies to --push-to-hub"),
+    ("push-bad-id", plain, ["push", "{model}", "org/x..y"], "invalid Hub repository id"),
 ]
 
 

@@ -183,3 +183,13 @@ def test_a_null_perplexity_is_a_missing_value(runs):
                                                                                   "seqlen": 512}}))
     row = next(r for r in build(runs).rows if r.path.name == "drop3")
     assert "wikitext2_ppl" not in row.metrics and row.metrics["c4_ppl"] == 30.0
+
+
+def test_offline_twins_report_the_accuracy_their_task_does():
+    """ce_hellaswag / ce_arc_challenge are read as acc_norm like hellaswag / arc_challenge (the papers')."""
+    from compress_eval.results.store import lm_eval_accuracies
+
+    metrics = {"acc,none": 0.3, "acc_norm,none": 0.4}
+    results = {"results": {t: metrics for t in ("ce_hellaswag", "ce_arc_challenge", "hellaswag", "ce_piqa")}}
+    assert lm_eval_accuracies(results) == {"ce_hellaswag": 0.4, "ce_arc_challenge": 0.4, "hellaswag": 0.4,
+                                           "ce_piqa": 0.3}

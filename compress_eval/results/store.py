@@ -4,7 +4,8 @@ writer per run at a time.
 A run directory is the pipeline's checkpoint (model files, ``compress_eval.json`` manifest,
 ``recipe.yaml``) plus what evaluations store beside it: ``results_ppl.json`` (our perplexity
 protocol) and ``lm_eval_results.json`` (lm-eval's own results schema); ``batch`` adds ``cell.json``.
-The leaderboard reads nothing else.
+The leaderboard reads nothing else. ``README.md``, the model card, is rendered from the rest
+whenever the checkpoint is saved or a result is stored.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pydantic import ValidationError
 
 from compress_eval.config import validation_message
 from compress_eval.errors import UserError
-from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
+from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic, write_text_atomic
 from compress_eval.manifest import Manifest
+from compress_eval.models.registry import hub_id
+from compress_eval.results.card import MARKER, render_card
 from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS, display_name
 
 MANIFEST = "compress_eval.json"
@@ -29,6 +32,7 @@ RECIPE_FILE = "recipe.yaml"
 PPL_FILE = "results_ppl.json"
 LM_EVAL_FILE = "lm_eval_results.json"
 CELL_FILE = "cell.json"  # written by `batch`: the grid cell (label, tasks, eval settings, hash)
+CARD_FILE = "README.md"
 LOCK_DIR = ".locks"
 # Accuracy reported per lm-eval task: acc_norm where the depth-pruning papers (SLEB, FuseGPT) report
 # it, plain acc elsewhere.
@@ -75,7 +79,9 @@ def _results(path: Path) -> dict:
 def store_ppl_results(run_dir: str | Path, results: dict) -> Path:
     """Merge perplexity ``results`` ({task_ppl: {ppl, ...}}) into the run's results file."""
     path = Path(run_dir) / PPL_FILE
-    return write_json_atomic(path, {**_results(path), **results})
+    write_json_atomic(path, {**_results(path), **results})
+    write_card(run_dir)
+    return path
 
 
 def store_lm_eval_results(run_dir: str | Path, results: dict) -> Path:
@@ -90,11 +96,43 @@ def store_lm_eval_results(run_dir: str | Path, results: dict) -> Path:
         if key != "samples":
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
                 else value
-    return write_json_atomic(path, merged)
+    write_json_atomic(path, merged)
+    write_card(run_dir)
+    return path
 
 
 def write_recipe(run_dir: Path, recipe: str | None) -> None:
     (Path(run_dir) / RECIPE_FILE).write_text(recipe or "")
+
+
+def base_model_id(manifest: Manifest) -> str | None:
+    """The Hub id of the model a checkpoint was made from, through any chain of local checkpoints
+    (a quantization run on a pruned checkpoint names the pruned one's base); None if it has none."""
+    ref = manifest.base_model
+    while ref.kind == "local" and ref.location:
+        try:
+            parent = read_manifest(ref.location)
+        except RunError:
+            return None
+        if parent is None:
+            return None
+        ref = parent.base_model
+    return hub_id(ref.name, ref.kind, ref.location)
+
+
+def write_card(run_dir: str | Path, repo_id: str | None = None) -> Path | None:
+    """Render the run's model card from its manifest and results into README.md (atomically); None,
+    writing nothing, when there is no manifest yet or the README.md is not one of ours (a user's).
+    ``repo_id``: the Hub repository it is pushed to, named in the card's download line."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    path = run_dir / CARD_FILE
+    if manifest is None or (path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace")):
+        return None
+    lm_eval = _results(run_dir / LM_EVAL_FILE)
+    text = render_card(manifest, base_model_id(manifest), _results(run_dir / PPL_FILE),
+                       lm_eval_accuracies(lm_eval), lm_eval, repo_id)
+    return write_text_atomic(path, text)
 
 
 def write_cell(run_dir: Path, record: dict) -> None:
@@ -183,7 +221,8 @@ def lm_eval_accuracies(results: dict) -> dict[str, float]:
     for task, metrics in per_task.items():
         if not isinstance(metrics, dict):
             continue
-        names = ["acc_norm,none", "acc,none"] if task in NORMALIZED_ACC_TASKS else ["acc,none", "acc_norm,none"]
+        normalized = display_name(task) in NORMALIZED_ACC_TASKS  # the offline ce_ twins report as theirs
+        names = ["acc_norm,none", "acc,none"] if normalized else ["acc,none", "acc_norm,none"]
         value = next((metrics[n] for n in names if isinstance(metrics.get(n), (int, float))), None)
         if value is not None:
             out[task] = float(value)
