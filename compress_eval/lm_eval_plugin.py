@@ -2,19 +2,28 @@
 
 ``HFLM`` does everything (batching, caching, request handling); only model creation changes, so a
 depth-pruned, FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and
-our aliases (``smollm2-135m``) work as ``pretrained``. Importing this module registers the type;
-``compress-eval lm-eval`` and ``compress-eval eval`` do so.
+our aliases (``smollm2-135m``) work as ``pretrained``. Given ``method=`` or ``recipe=``, it compresses
+the model in memory first (``pipeline.compress``), so a method is evaluated without a checkpoint on disk
+(``save_dir=`` keeps one). Importing this module registers the type; ``compress-eval lm-eval`` and
+``compress-eval eval`` do so, and the ``lm_eval.models`` entry point names it for lm-eval releases
+that read plugins.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from compress_eval.config import CompressConfig, load_recipe, make_config
+from compress_eval.errors import UserError
+from compress_eval.manifest import Manifest
+from compress_eval.models import checkpoint
 from compress_eval.models.loading import load_model
 from compress_eval.models.registry import local_path_or_id, resolve
+from compress_eval.results.store import read_manifest
 
 MODEL_TYPE = "compressed"
 # Our task YAMLs (offline benchmarks, papers' perplexity); lm-eval finds them via --include_path.
@@ -24,8 +33,6 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 def tasks_dir() -> str:
     """Our task directory, for lm-eval's include_path (it lives beside the package in a checkout)."""
     if not TASKS_DIR.is_dir():
-        from compress_eval.errors import UserError
-
         raise UserError(f"task directory {TASKS_DIR} is missing: install compress-eval from a source checkout "
                         f"(pip install -e .) so tasks/ sits beside the package")
     return str(TASKS_DIR)
@@ -36,6 +43,13 @@ UNSUPPORTED = ("peft", "delta", "autogptq", "gptqmodel", "gguf_file", "paralleli
 # What HFLM always hands to model creation, set or not (the rest would be from_pretrained kwargs).
 HFLM_PLUMBING = ("revision", "trust_remote_code", "gpus", "max_memory_per_gpu", "max_cpu_memory",
                  "offload_folder", "quantization_config", "subfolder")
+# HFLM's own model args; every other name given with method= or recipe= is a method option.
+HFLM_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+# CompressConfig fields that only compression reads. The model is ``pretrained``; dtype and
+# trust_remote_code are HFLM's too (both read them); device and offload place the evaluated model, so
+# the evaluation's own values compress it; stages come from a recipe.
+COMPRESS_ARGS = tuple(name for name in CompressConfig.model_fields if name not in (
+    "model", "options", "recovery", "stages", "device", "offload", "allow_pickle", "dtype", "trust_remote_code"))
 
 
 def sync_tied_embeddings(model) -> None:
@@ -50,18 +64,55 @@ def sync_tied_embeddings(model) -> None:
         config.tie_word_embeddings = tied
 
 
+def compression_config(pretrained: str | None, recipe: str | None, allow_pickle: bool,
+                       args: dict) -> tuple[CompressConfig | None, dict]:
+    """The compression that model args ask for (None: evaluate ``pretrained`` as it is) and the args
+    left for HFLM. As with ``compress-eval compress``, the args override the recipe, and the names
+    that are neither HFLM's nor CompressConfig's are the method's options."""
+    ours = {k: v for k, v in args.items() if k in COMPRESS_ARGS}
+    rest = {k: v for k, v in args.items() if k not in COMPRESS_ARGS}
+    if recipe is None and "method" not in ours:
+        if ours:
+            raise UserError(f"model arg {next(iter(ours))}= is a compression setting: add method=NAME "
+                            f"(see `compress-eval methods`) or recipe=FILE to compress on load")
+        return None, rest
+    options = {k: rest.pop(k) for k in list(rest) if k not in HFLM_ARGS}
+    shared = {k: rest[k] for k in ("dtype", "trust_remote_code") if k in rest}
+    values = {**ours, **shared, "model": pretrained, "allow_pickle": allow_pickle or None, "options": options}
+    return (load_recipe(recipe, **values) if recipe else make_config(**values)), rest
+
+
 @register_model(MODEL_TYPE)
 class CompressedLM(HFLM):
     """``--model compressed --model_args pretrained=DIR_OR_ALIAS[,dtype=...][,allow_pickle=True][,offload=disk]``
-    (``offload``: a model larger than the device runs block by block, see ``models.offload``)."""
+    (``offload``: a model larger than the device runs block by block, see ``models.offload``).
 
-    def __init__(self, pretrained: str, tokenizer=None, allow_pickle: bool = False, offload: str = "none",
-                 **kwargs) -> None:
+    Compress on load: ``method=NAME`` with any CompressConfig field (``sparsity=0.25``, ``calib_samples=8``,
+    ``quantize=nf4``, ...) and method options by name (``profile=cpu``), or ``recipe=FILE`` (args override
+    it); ``save_dir=DIR`` also writes the checkpoint; calibration data from ``data_dir=`` or
+    $COMPRESS_EVAL_DATA_DIR. The manifest's recipe and counts go into lm-eval's results (get_model_info).
+    """
+
+    def __init__(self, pretrained: str | None = None, tokenizer=None, allow_pickle: bool = False,
+                 offload: str = "none", recipe: str | None = None, save_dir: str | None = None,
+                 data_dir: str | None = None, **kwargs) -> None:
         from transformers import AutoTokenizer
 
         if offload not in ("none", "cpu", "disk"):
             raise ValueError(f"offload={offload!r}: use none, cpu or disk")
-        self.allow_pickle, self.offload = allow_pickle, offload
+        if pretrained is None and recipe is None:
+            raise UserError("model arg pretrained= is missing: give an alias, Hub id or directory (or recipe=FILE)")
+        self.compression, kwargs = compression_config(pretrained, recipe, allow_pickle, kwargs)
+        if save_dir is not None:
+            if self.compression is None:
+                raise UserError("save_dir= saves the model compressed on load: add method=NAME or recipe=FILE")
+            if Path(save_dir).exists():
+                raise UserError(f"save_dir {save_dir} already exists: choose a new directory or remove it")
+            checkpoint.ensure_new_output(save_dir)  # fail before the slow part, not after it
+        self.allow_pickle, self.offload, self.save_dir, self.data_dir = allow_pickle, offload, save_dir, data_dir
+        self.manifest: Manifest | None = None
+        if self.compression is not None:
+            pretrained = self.compression.model
         location = local_path_or_id(resolve(pretrained)) if isinstance(pretrained, str) else pretrained
         # HFLM would otherwise look the tokenizer up by name (on the Hub for an alias).
         if tokenizer is None and isinstance(location, str):
@@ -75,7 +126,38 @@ class CompressedLM(HFLM):
         if chosen:
             raise ValueError(f"model type {MODEL_TYPE!r} loads checkpoints as saved; model arg {chosen[0]!r} "
                              f"is not supported (use --model hf for it)")
-        model, _, _ = load_model(pretrained, device=str(self.device), dtype=dtype, allow_pickle=self.allow_pickle,
-                                 trust_remote_code=bool(trust_remote_code), offload=self.offload)
+        if self.compression is None:
+            model, _, _ = load_model(pretrained, device=str(self.device), dtype=dtype,
+                                     allow_pickle=self.allow_pickle, trust_remote_code=bool(trust_remote_code),
+                                     offload=self.offload)
+            self.manifest = read_manifest(pretrained) if Path(pretrained).is_dir() else None
+        else:
+            model = self._compress()
+            self._config = model.config  # HFLM read the base model's; this one has fewer blocks
         sync_tied_embeddings(model)
         self._model = model
+
+    def _compress(self):
+        """The model compressed in memory on the evaluation's device and placement (saved if asked)."""
+        from compress_eval import pipeline
+
+        cfg = self.compression.model_copy(update={"device": str(self.device), "offload": self.offload})
+        result = pipeline.compress(cfg, self.data_dir)
+        if self.save_dir is not None:
+            print(f"saved {pipeline.save(result, self.save_dir)}")
+        self.manifest = result.manifest
+        return result.model
+
+    def get_model_info(self) -> dict:
+        """HFLM's model info plus what was done to the model: lm-eval merges this into the results'
+        ``config``, so every score carries the recipe that made its model."""
+        info = super().get_model_info()
+        if self.manifest is not None:
+            m = self.manifest
+            info["compress_eval_recipe"] = m.recipe
+            info["compress_eval"] = {
+                "method": m.method, "base_model": m.base_model.name, "removed_blocks": m.removed_blocks,
+                "blocks_before": m.blocks_before, "blocks_after": m.blocks_after,
+                "params_before": m.params_before, "params_after": m.params_after,
+                "compressed_on_load": self.compression is not None, "saved_to": self.save_dir}
+        return info
