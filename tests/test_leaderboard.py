@@ -31,7 +31,9 @@ def make_run(root: Path, name: str, method: str, removed: int = 0, sparsity=None
     if acc:
         results = {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01, "acc_norm,none": a + 0.05}
                    for t, a in acc.items()}
-        (path / "lm_eval_results.json").write_text(json.dumps({"results": results, "versions": {}}))
+        samples = {t: {"original": 1000, "effective": 100} for t in acc}
+        (path / "lm_eval_results.json").write_text(json.dumps({"results": results, "versions": {},
+                                                               "n-samples": samples}))
     if label:
         (path / "cell.json").write_text(json.dumps({"label": label}))
     return path
@@ -61,6 +63,9 @@ EXPECTED = """\
 | smollm2-135m | drop-late | 10% (3/30 blocks) | 94.0% | 3.76 | 12.25 (+2.25) | - | - | - | - |
 | smollm2-135m | merge permute=False | - | 100.0% | 4.00 | 11.00 | - | - | - | - |
 | smollm2-135m | sleb | 25% (8/30 blocks) | 84.0% | 3.36 | 15.50 (+5.50) | 26.00 (+6.00) | 65.00 (-5.00) | 35.00 (-10.00) | 50.00 (-7.50) |
+
+Measured on: wikitext2 ppl: 20 windows of 256 tokens, 20 windows of 512 tokens; c4 ppl: 20 windows of 512 tokens; \
+piqa: 100 of 1000 documents; hellaswag: 100 of 1000 documents.
 """
 
 

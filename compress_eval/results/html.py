@@ -10,7 +10,7 @@ import datetime as _dt
 from html import escape
 from pathlib import Path
 
-from compress_eval.results.leaderboard import HEAD, Board, is_ppl, metric_title, row_cells, shown
+from compress_eval.results.leaderboard import HEAD, Board, is_ppl, metric_title, protocol_note, row_cells, shown
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -84,6 +84,7 @@ def render(board: Board, runs_dir: Path, plot: str | None) -> str:
 <p class="muted">{len(board.rows)} runs from <code>{escape(str(runs_dir))}</code>, {created}.
 Deltas in parentheses are against the dense reference (bold) of the same model, measured the same way.
 Click a column to sort.</p>
+{f'<p class="muted">Measured on: {escape(protocol_note(board))}</p>' if protocol_note(board) else ""}
 <table id="board"><thead><tr>{head}</tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else ""}

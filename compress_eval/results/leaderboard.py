@@ -135,11 +135,28 @@ def row_cells(board: Board, i: int) -> list[str]:
             f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.2f}"] + [metric_text(board, i, m) for m in board.metrics]
 
 
+def protocol_note(board: Board) -> str:
+    """How each column was measured (windows of perplexity, documents of each lm-eval task), from the runs."""
+    parts = []
+    for metric in board.metrics:
+        seen = sorted({r.protocol[metric] for r in board.rows if r.protocol.get(metric)}, key=str)
+        if not seen or metric == AVG_ACC:
+            continue
+        if is_ppl(metric):
+            said = ", ".join(f"{windows} windows of {seqlen} tokens" for seqlen, windows in seen)
+        else:
+            said = ", ".join(f"{n} of {total} documents" if n != total else f"all {total} documents"
+                             for n, total in seen)
+        parts.append(f"{metric_title(metric).removesuffix(' (%)')}: {said}")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def markdown(board: Board) -> str:
     head = HEAD + [metric_title(m) for m in board.metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row_cells(board, i)) + " |" for i in range(len(board.rows))]
-    return "\n".join(lines) + "\n"
+    note = protocol_note(board)
+    return "\n".join(lines) + "\n" + (f"\nMeasured on: {note}\n" if note else "")
 
 
 def write_csv(board: Board, path: Path) -> None:

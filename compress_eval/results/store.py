@@ -194,7 +194,8 @@ class Run:
     bytes_before: int
     bytes_after: int
     metrics: dict[str, float] = field(default_factory=dict)  # wikitext2_ppl, piqa (accuracy 0..1), ...
-    protocol: dict[str, tuple] = field(default_factory=dict)  # ppl metric -> (seqlen, windows)
+    # ppl metric -> (seqlen, windows); lm-eval task -> (documents evaluated, documents in the task)
+    protocol: dict[str, tuple] = field(default_factory=dict)
     reference: bool = False  # the dense model (method none, not quantized): the row deltas refer to
 
     @property
@@ -256,8 +257,12 @@ def read_run(path: Path) -> Run:
             run.protocol[key] = (value.get("seqlen"), value.get("windows"))
     except (KeyError, TypeError, ValueError) as exc:
         raise RunError(f"{PPL_FILE}: results lack a field ({type(exc).__name__}: {exc})") from None
+    samples = lm_eval.get("n-samples") if isinstance(lm_eval.get("n-samples"), dict) else {}
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)
+        n = samples.get(task)
+        if isinstance(n, dict) and "effective" in n:
+            run.protocol.setdefault(task, (n["effective"], n.get("original")))
     if not run.metrics:
         raise RunError(f"no results yet (neither {PPL_FILE} nor {LM_EVAL_FILE})")
     return run
