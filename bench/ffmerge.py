@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import tempfile
 import time
@@ -76,6 +77,7 @@ def matched_blocks(adapter, ff_removed: int) -> int:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's messages, on stderr
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--fractions", type=float, nargs="+", default=[1 / 3, 1 / 2])
@@ -114,7 +116,7 @@ def main() -> None:
         if not recover:
             return
         t = time.perf_counter()
-        summary = fine_tune(model, calib, recovery, log=print)
+        summary = fine_tune(model, calib, recovery)
         rows.append({**base, "stage": f"+{args.recover} {args.recover_steps} steps", "recover_s":
                      round(time.perf_counter() - t, 1), "loss_first_last": [summary["loss_first"],
                      summary["loss_last"]], **evaluate(model, tok)})
@@ -132,7 +134,7 @@ def main() -> None:
                                        "feature_tokens": args.feature_tokens, "score_samples": args.score_samples,
                                        "window_stride": args.window_stride})
             t = time.perf_counter()
-            result = compress(cfg, log=print)
+            result = compress(cfg)
             model, tok = result.model, result.tokenizer
             compress_s = round(time.perf_counter() - t, 1)
             d = result.manifest.details

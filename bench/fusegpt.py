@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def run_one(spec: str, args) -> dict:
     calib_samples = options.pop("calib_samples", args.calib_samples)  # e.g. sleb:calib_samples=2
     cfg = make_config(model=args.model, method=method, sparsity=None if method == "none" else args.sparsity,
                       calib_samples=calib_samples, seqlen=args.seqlen, seed=args.seed, options=options)
-    result = compress(cfg, args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    result = compress(cfg, args.data_dir)
     model, tokenizer, manifest = result.model, result.tokenizer, result.manifest.model_dump()
     row = {"method": method, "label": spec, "sparsity": 0.0 if method == "none" else args.sparsity,
            "options": manifest["method_options"], "removed_blocks": manifest["removed_blocks"],
@@ -197,6 +198,7 @@ def main() -> None:
         RESULTS.joinpath(f"{NAME}_mi_speedup.json").write_text(json.dumps(result, indent=1) + "\n")
         return
     if args.one:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's messages, on stderr
         args.sparsity = args.sparsity[0]
         print("ROW " + json.dumps(run_one(args.one, args)), flush=True)
         return

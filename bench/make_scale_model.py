@@ -57,7 +57,7 @@ def write_scale_model(out: Path, tokenizer_dir: str | Path, hidden: int = 2048, 
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = scale_config(len(tokenizer), hidden, layers, intermediate, heads, kv_heads)
-    config.torch_dtype = dtype
+    config.dtype = dtype
     shapes = tensor_shapes(config)
     out.mkdir(parents=True, exist_ok=False)
     written: list[tuple[Path, list[str]]] = []  # provisional shard files: the count is known at the end

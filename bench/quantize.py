@@ -61,7 +61,7 @@ def make_variants(names: list[str], model: str, merge_options: dict, log) -> tup
         if quant:
             cfg = cfg.model_copy(update={"quantize": quant})
         log(f"making {name}")
-        made[name] = compress(cfg, log=lambda *_: None)
+        made[name] = compress(cfg)
     return made, missing
 
 

@@ -11,16 +11,20 @@ leaves either nothing or a checkpoint that the next run evaluates.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import logging
 import multiprocessing
 import os
 import shutil
-import traceback
 from dataclasses import dataclass
+from logging.handlers import QueueHandler, QueueListener
 from pathlib import Path
 
+from compress_eval import progress
 from compress_eval.errors import UserError
 from compress_eval.grid import Cell
 from compress_eval.results import store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +43,7 @@ def finished_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=print) -> Outcome:
+def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> Outcome:
     """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
     from compress_eval import pipeline
     from compress_eval.evaluate import evaluate_and_record
@@ -53,18 +57,18 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=
             parse_tasks(list(cell.tasks))  # an unknown task fails the cell before its compression
             compressed = not (run_dir / store.MANIFEST).exists()
             if not compressed and not finished_checkpoint(run_dir):
-                log(f"[{cell.name}] {run_dir / store.MANIFEST} is corrupt: removing the run to redo it")
+                log.warning("[%s] %s is corrupt: removing the run to redo it", cell.name, run_dir / store.MANIFEST)
                 shutil.rmtree(run_dir)
                 compressed = True
             if compressed:
-                log(f"[{cell.name}] compressing")
-                pipeline.compress_to_dir(cell.config, run_dir, data_dir, log=lambda m: log(f"[{cell.name}] {m}"))
+                log.info("[%s] compressing", cell.name)
+                pipeline.compress_to_dir(cell.config, run_dir, data_dir)
             if not (run_dir / store.CELL_FILE).exists():
                 store.write_cell(run_dir, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]
             if not missing:
                 return Outcome(cell.name, cell.label, "ran" if compressed else "skipped")
-            log(f"[{cell.name}] evaluating {','.join(missing)}")
+            log.info("[%s] evaluating %s", cell.name, ",".join(missing))
             ev, cfg = cell.eval, cell.config
             evaluate_and_record(str(run_dir), missing, ev.seqlen, data_dir, ev.max_windows, str(ev.batch_size),
                                 cfg.device, cfg.dtype, ev.limit)
@@ -74,35 +78,57 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False, log=
         except store.RunError as exc:
             return Outcome(cell.name, cell.label, "failed", f"{run_dir}: {exc}")
         except Exception as exc:  # one broken cell must not stop the others; the summary shows it
-            log(traceback.format_exc())
+            log.error("[%s] failed", cell.name, exc_info=True)
             return Outcome(cell.name, cell.label, "failed", f"{type(exc).__name__}: {exc}")
 
 
-def _init_worker(threads: int) -> None:
-    """A worker process: its share of the cores, and no transformers progress bars (as the CLI)."""
+def _init_worker(threads: int, records, level: int, bars: bool) -> None:
+    """A worker process: its share of the cores; its messages sent to the parent (``records``), where the
+    parent's logging configuration writes them, and its bars on or off as the parent's; no transformers
+    progress bars (as the CLI)."""
     import torch
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
+    progress.enabled = bars
+    logger = logging.getLogger("compress_eval")
+    logger.addHandler(QueueHandler(records))
+    logger.setLevel(level)
 
 
-def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1, log=print) -> list[Outcome]:
+class _Relay(logging.Handler):
+    """A worker's message, handled in this process as if logged here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1) -> list[Outcome]:
     """Run cells, ``jobs`` at a time (worker processes share the cores); then wait for any cell that
     another batch was running, so that on return every cell is finished or has failed."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     if jobs <= 1:
-        outcomes = [run_cell(c, runs_dir, data_dir, log=log) for c in cells]
+        outcomes = [run_cell(c, runs_dir, data_dir) for c in cells]
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(threads,)) as pool:
-            outcomes = list(pool.map(run_cell, cells, [runs_dir] * len(cells), [data_dir] * len(cells)))
+        context = multiprocessing.get_context("spawn")
+        records = context.Queue()
+        relay = QueueListener(records, _Relay())
+        relay.start()
+        try:
+            with futures.ProcessPoolExecutor(
+                    jobs, mp_context=context, initializer=_init_worker,
+                    initargs=(threads, records, logging.getLogger("compress_eval").getEffectiveLevel(),
+                              progress.enabled)) as pool:
+                outcomes = list(pool.map(run_cell, cells, [runs_dir] * len(cells), [data_dir] * len(cells)))
+        finally:
+            relay.stop()
     by_name = {c.name: c for c in cells}
     for i, outcome in enumerate(outcomes):
         if outcome.status == "busy":
-            log(f"[{outcome.cell}] busy in another batch: waiting for it")
-            outcomes[i] = run_cell(by_name[outcome.cell], runs_dir, data_dir, wait=True, log=log)
+            log.info("[%s] busy in another batch: waiting for it", outcome.cell)
+            outcomes[i] = run_cell(by_name[outcome.cell], runs_dir, data_dir, wait=True)
     return outcomes
 
 

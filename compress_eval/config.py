@@ -173,6 +173,17 @@ class CompressConfig(Amount, Quantization):
                 data = {**data, "options": options, "recovery": {**given, **moved}}
         return data
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        from compress_eval.sizes import parse_memory
+
+        try:
+            parse_memory(v)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _method_of_stages(cls, data):

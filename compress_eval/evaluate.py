@@ -1,17 +1,18 @@
 """Evaluation of a model or checkpoint, with results stored beside it.
 
 Perplexity tasks run our own loop (the papers' protocol); the benchmarks run through
-lm-evaluation-harness with our ``compressed`` model type, on the offline copies in the data
-directory (tasks ``ce_*`` in ``tasks/``) or, without one, on lm-eval's own Hub tasks.
+lm-evaluation-harness with our ``compressed`` model type (``compressed-multimodal`` when a task shows
+images), on the offline copies in the data directory (tasks ``ce_*`` in ``tasks/``) or, without one,
+on lm-eval's own Hub tasks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from pathlib import Path
 
+from compress_eval import distributed
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 from compress_eval.models.adapters import get_adapter
@@ -19,10 +20,10 @@ from compress_eval.models.loading import load_model, resolve_device
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
 from compress_eval.paths import data_dir as resolve_data_dir
-from compress_eval.plan import resolve_offload
+from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
-from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_tasks
+from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_image_tasks, split_tasks
 
 
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
@@ -41,14 +42,10 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
 
 
 def evaluation_offload(name_or_dir: str, offload: str, device, dtype, trust_remote_code: bool) -> str:
-    """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said on
-    stderr when the model is offloaded (the ordinary case, in memory, goes unsaid)."""
-    said = []
-    mode = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, trust_remote_code=trust_remote_code,
-                           log=said.append)
-    if mode != "none":
-        print(*said, file=sys.stderr)
-    return mode
+    """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said."""
+    choice = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, trust_remote_code=trust_remote_code)
+    say_offload(*choice)
+    return choice.mode
 
 
 def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
@@ -60,7 +57,8 @@ def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=No
 
 
 # The files that decide a checkpoint's answers (results files written beside them do not).
-MODEL_FILES = ("config.json", store.MANIFEST, "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+MODEL_FILES = ("config.json", store.MANIFEST, "tokenizer.json", "tokenizer_config.json", "*.safetensors",
+               "preprocessor_config.json", "processor_config.json", "chat_template.*")
 
 
 def cache_key(name_or_dir: str, dtype, device) -> str:
@@ -85,11 +83,14 @@ def lm_eval_cache(name_or_dir: str, dtype, device) -> str:
 
 def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limit=None, num_fewshot=None,
                      batch_size="1", device="cpu", dtype="auto") -> dict:
-    """lm-eval's results dict for ``tasks`` (canonical names) on an already built ``compressed`` model."""
+    """lm-eval's results dict for ``tasks`` (canonical names) on an already built ``compressed`` (or, for
+    image tasks, ``compressed-multimodal``) model. Image tasks run in the model's chat format when its
+    processor has one (lm-eval's MMMU README: scores are reported with --apply_chat_template), text tasks
+    as plain prompts, so a run of both is two lm-eval runs merged."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from compress_eval.lm_eval_plugin import MODEL_TYPE, tasks_dir
+    from compress_eval.lm_eval_plugin import MODEL_TYPE, MULTIMODAL_TYPE, tasks_dir
 
     start = time.perf_counter()
     root = resolve_data_dir(data_dir)
@@ -97,29 +98,42 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
     metadata = {**model_args, **({"data_dir": str(root)} if root else {})}
     # Offline, every task is ours: skipping lm-eval's own index saves its scan of ~15k task files.
     manager = TaskManager(include_path=tasks_dir(), include_defaults=root is None, metadata=metadata)
-    try:
-        results = simple_evaluate(
-            model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in tasks],
-            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-            use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False)
-    except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
-        raise UserError(f"cannot download the data of {', '.join(tasks)} from the Hugging Face Hub "
-                        f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
-                        f"COMPRESS_EVAL_DATA_DIR=DIR (laid out like shared/data)") from None
-    results["config"]["model"] = MODEL_TYPE
+    text_tasks, image_tasks = split_image_tasks(tasks)
+    chat = bool(image_tasks) and getattr(getattr(lm, "processor", None), "chat_template", None) is not None
+    results: dict = {}
+    for group, apply_chat in ((text_tasks, False), (image_tasks, chat)):
+        if not group:
+            continue
+        try:
+            done = simple_evaluate(
+                model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in group],
+                num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
+                use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False,
+                apply_chat_template=apply_chat)
+        except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
+            raise UserError(f"cannot download the data of {', '.join(group)} from the Hugging Face Hub "
+                            f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
+                            f"COMPRESS_EVAL_DATA_DIR=DIR (laid out like shared/data)") from None
+        results = store.merge_lm_eval_results(results, done)
+    results["config"]["model"] = MULTIMODAL_TYPE if getattr(lm, "MULTIMODAL", False) else MODEL_TYPE
     # The field lm-eval's own CLI writes (as a string) in its results file.
     results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))
     return results
 
 
 def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow_pickle: bool = False,
-             trust_remote_code: bool = False, offload: str = "none"):
-    """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too)."""
-    from compress_eval.lm_eval_plugin import CompressedLM
+             trust_remote_code: bool = False, offload: str = "none", images: bool = False):
+    """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too);
+    with ``images``, ``compressed-multimodal`` (text tasks run on it as well, through the language model)."""
+    from compress_eval.lm_eval_plugin import CompressedLM, CompressedMultimodalLM
 
-    return CompressedLM(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
-                        dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        offload=offload)
+    if images and str(batch_size) == "auto":
+        raise UserError("--batch-size auto does not work with image tasks (lm-eval's multimodal models have "
+                        "no automatic batch size): give a number")
+    lm_class = CompressedMultimodalLM if images else CompressedLM
+    return lm_class(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
+                    dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                    offload=offload)
 
 
 def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
@@ -136,9 +150,11 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
         return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
                         progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         offload=offload), None
+    for task in lm_tasks:
+        lm_eval_task_name(task, data_dir)  # a ce_ task without a data directory fails before the model loads
     offload = evaluation_offload(name_or_dir, offload, device, dtype, trust_remote_code)
     lm = build_lm(name_or_dir, batch_size, device, dtype, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, offload=offload)
+                  trust_remote_code=trust_remote_code, offload=offload, images=bool(split_image_tasks(lm_tasks)[1]))
     ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
                        progress) if ppl_tasks else {}
     lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
@@ -154,7 +170,7 @@ def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_
     ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
                                      limit, num_fewshot, allow_pickle=allow_pickle,
                                      trust_remote_code=trust_remote_code, offload=offload)
-    if Path(target).is_dir() and store.read_manifest(target) is not None:
+    if distributed.is_main() and Path(target).is_dir() and store.read_manifest(target) is not None:
         if ppl:
             store.store_ppl_results(target, ppl)
         if lm_results:

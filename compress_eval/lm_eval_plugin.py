@@ -1,4 +1,5 @@
-"""lm-eval model type ``compressed``: any compress-eval checkpoint or model name inside lm-eval.
+"""lm-eval model types ``compressed`` and ``compressed-multimodal``: any compress-eval checkpoint or model
+name inside lm-eval, the second for image tasks on vision-language models (lm-eval's ``hf-multimodal``).
 
 ``HFLM`` does everything (batching, caching, request handling); only model creation changes, so a
 depth-pruned, FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and
@@ -15,6 +16,7 @@ import inspect
 from pathlib import Path
 
 from lm_eval.api.registry import register_model
+from lm_eval.models.hf_vlms import HFMultimodalLM
 from lm_eval.models.huggingface import HFLM
 
 from compress_eval.config import CompressConfig, load_recipe, make_config
@@ -26,6 +28,10 @@ from compress_eval.models.registry import local_path_or_id, resolve
 from compress_eval.results.store import read_manifest
 
 MODEL_TYPE = "compressed"
+MULTIMODAL_TYPE = "compressed-multimodal"
+# Images per question: MMMU's reference evaluation of LLaVA-1.5 gives the model the first image only (lm-eval's
+# MMMU README recommends setting max_images; its default, 999, passes every image).
+MAX_IMAGES = 1
 # Our task YAMLs (offline benchmarks, papers' perplexity); lm-eval finds them via --include_path.
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
@@ -43,8 +49,16 @@ UNSUPPORTED = ("peft", "delta", "autogptq", "gptqmodel", "gguf_file", "paralleli
 # What HFLM always hands to model creation, set or not (the rest would be from_pretrained kwargs).
 HFLM_PLUMBING = ("revision", "trust_remote_code", "gpus", "max_memory_per_gpu", "max_cpu_memory",
                  "offload_folder", "quantization_config", "subfolder")
-# HFLM's own model args; every other name given with method= or recipe= is a method option.
-HFLM_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+
+
+def own_args(cls) -> frozenset[str]:
+    """The model args an lm-eval model class takes itself (through its HFLM ancestors); with method= or
+    recipe=, every other name is a method option."""
+    return frozenset(name for klass in cls.__mro__ if issubclass(klass, HFLM) and "__init__" in vars(klass)
+                     for name in inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+
+
+HFLM_ARGS = own_args(HFLM)
 # CompressConfig fields that only compression reads. The model is ``pretrained``; dtype and
 # trust_remote_code are HFLM's too (both read them); device and offload place the evaluated model, so
 # the evaluation's own values compress it; stages come from a recipe.
@@ -65,7 +79,7 @@ def sync_tied_embeddings(model) -> None:
 
 
 def compression_config(pretrained: str | None, recipe: str | None, allow_pickle: bool,
-                       args: dict) -> tuple[CompressConfig | None, dict]:
+                       args: dict, lm_args: frozenset[str] = HFLM_ARGS) -> tuple[CompressConfig | None, dict]:
     """The compression that model args ask for (None: evaluate ``pretrained`` as it is) and the args
     left for HFLM. As with ``compress-eval compress``, the args override the recipe, and the names
     that are neither HFLM's nor CompressConfig's are the method's options."""
@@ -76,7 +90,7 @@ def compression_config(pretrained: str | None, recipe: str | None, allow_pickle:
             raise UserError(f"model arg {next(iter(ours))}= is a compression setting: add method=NAME "
                             f"(see `compress-eval methods`) or recipe=FILE to compress on load")
         return None, rest
-    options = {k: rest.pop(k) for k in list(rest) if k not in HFLM_ARGS}
+    options = {k: rest.pop(k) for k in list(rest) if k not in lm_args}
     shared = {k: rest[k] for k in ("dtype", "trust_remote_code") if k in rest}
     values = {**ours, **shared, "model": pretrained, "allow_pickle": allow_pickle or None, "options": options}
     return (load_recipe(recipe, **values) if recipe else make_config(**values)), rest
@@ -96,13 +110,11 @@ class CompressedLM(HFLM):
     def __init__(self, pretrained: str | None = None, tokenizer=None, allow_pickle: bool = False,
                  offload: str = "none", recipe: str | None = None, save_dir: str | None = None,
                  data_dir: str | None = None, **kwargs) -> None:
-        from transformers import AutoTokenizer
-
         if offload not in ("none", "cpu", "disk"):
             raise ValueError(f"offload={offload!r}: use none, cpu or disk")
         if pretrained is None and recipe is None:
             raise UserError("model arg pretrained= is missing: give an alias, Hub id or directory (or recipe=FILE)")
-        self.compression, kwargs = compression_config(pretrained, recipe, allow_pickle, kwargs)
+        self.compression, kwargs = compression_config(pretrained, recipe, allow_pickle, kwargs, own_args(type(self)))
         if save_dir is not None:
             if self.compression is None:
                 raise UserError("save_dir= saves the model compressed on load: add method=NAME or recipe=FILE")
@@ -114,11 +126,21 @@ class CompressedLM(HFLM):
         if self.compression is not None:
             pretrained = self.compression.model
         location = local_path_or_id(resolve(pretrained)) if isinstance(pretrained, str) else pretrained
-        # HFLM would otherwise look the tokenizer up by name (on the Hub for an alias).
+        super().__init__(pretrained=location, **self._tokenizer_arg(location, tokenizer, kwargs), **kwargs)
+        accelerator = getattr(self, "accelerator", None)  # set by HFLM under a launcher of several processes
+        if accelerator is not None and self._world_size == 1:
+            # HFLM splits the requests over processes on several GPUs only; on CPUs (gloo) do the same.
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
+    def _tokenizer_arg(self, location, tokenizer, kwargs: dict) -> dict:
+        """HFLM's ``tokenizer``: loaded here from the resolved location (HFLM would otherwise look it up
+        by name, on the Hub for an alias)."""
+        from transformers import AutoTokenizer
+
         if tokenizer is None and isinstance(location, str):
             tokenizer = AutoTokenizer.from_pretrained(location,
                                                       trust_remote_code=kwargs.get("trust_remote_code", False))
-        super().__init__(pretrained=location, tokenizer=tokenizer, **kwargs)
+        return {"tokenizer": tokenizer}
 
     def _create_model(self, pretrained: str, dtype="auto", trust_remote_code=False, **kwargs) -> None:
         chosen = [name for name in UNSUPPORTED if kwargs.get(name)]
@@ -161,3 +183,37 @@ class CompressedLM(HFLM):
                 "params_before": m.params_before, "params_after": m.params_after,
                 "compressed_on_load": self.compression is not None, "saved_to": self.save_dir}
         return info
+
+
+@register_model(MULTIMODAL_TYPE)
+class CompressedMultimodalLM(CompressedLM, HFMultimodalLM):
+    """``--model compressed-multimodal``: ``compressed`` for image tasks (MMMU) on a vision-language model,
+    through lm-eval's ``hf-multimodal`` (its model args too: ``max_images``, default MAX_IMAGES here).
+    Text requests fall back to the language model, as in ``hf-multimodal``. The processor is read from
+    the checkpoint (or from ``tokenizer=``, a processor's name or directory)."""
+
+    def __init__(self, pretrained: str | None = None, max_images: int = MAX_IMAGES, **kwargs) -> None:
+        super().__init__(pretrained, max_images=int(max_images), **kwargs)
+
+    def _tokenizer_arg(self, location, tokenizer, kwargs: dict) -> dict:
+        """Nothing loaded here: ``_create_tokenizer`` loads the processor (lm-eval's returns a given
+        ``tokenizer=`` without setting ``self.processor``, so it travels under another name)."""
+        self._processor_source = local_path_or_id(resolve(tokenizer)) if isinstance(tokenizer, str) else tokenizer
+        return {}
+
+    def _create_tokenizer(self, pretrained, tokenizer, trust_remote_code: bool | None = False, **kwargs) -> None:
+        """``self.processor`` and its ``self.tokenizer``, from ``tokenizer=`` (a processor, or its name or
+        directory) or else the model's own directory."""
+        from transformers import AutoProcessor, ProcessorMixin
+
+        where = self._processor_source or pretrained
+        try:
+            processor = where if isinstance(where, ProcessorMixin) else AutoProcessor.from_pretrained(
+                where, trust_remote_code=bool(trust_remote_code), **self.pixels)
+        except OSError as exc:
+            raise UserError(f"{where} has no processor ({str(exc).splitlines()[0]}): image tasks need a vision-"
+                            f"language model saved with its processor") from None
+        if not isinstance(processor, ProcessorMixin):
+            raise UserError(f"{where} is a text model (no image processor): image tasks such as MMMU need a "
+                            f"vision-language model")
+        self.processor, self.tokenizer = processor, processor.tokenizer

@@ -59,6 +59,7 @@ class Manifest(BaseModel):
     weight_bytes_before: PositiveInt = Field(description="bytes of the stored tensors (see weight_bytes)")
     weight_bytes_after: PositiveInt
     offload: str | None = Field(None, description="where the weights waited while blocks ran: none, cpu or disk")
+    distributed: dict[str, Any] | None = Field(None, description="data parallel: world size, windows per rank")
     quantization: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None
     stages: list[StageRecord] = Field(default_factory=list, description="each stage in the order it ran")

@@ -7,6 +7,7 @@ Each step reads the previous step's output and nothing else; the CLI commands ar
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from compress_eval import distributed
 from compress_eval.config import CompressConfig, MethodStage, QuantizeStage, RecoverStage, dump_recipe
 from compress_eval.data.calibration import calibration_windows
 from compress_eval.errors import UserError
@@ -24,10 +26,12 @@ from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.registry import defaulted_amount, resolve_config, stage_methods
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.loading import load_model, resolve_device
-from compress_eval.plan import resolve_offload
+from compress_eval.models.loading import load_model, load_processor, resolve_device
+from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -52,44 +56,49 @@ class Compressed:
     tokenizer: object
     manifest: Manifest
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (charts)
+    processor: object | None = None  # a VLM's, saved so the checkpoint takes images
 
 
-def placement(cfg: CompressConfig, log=print) -> str:
-    """The offload mode of this run (``auto``: the plan's choice from the model's size, the first
-    method's predicted activations and the free memory), stated in the log; stages that need the whole
-    model at once refuse an offloaded one."""
+def placement(cfg: CompressConfig) -> tuple[str, str]:
+    """The offload mode of this run and why (``auto``: the plan's choice from the model's size, the
+    first method's predicted activations and the free memory); stages that need the whole model at once
+    refuse an offloaded one."""
     stages = cfg.stage_list()
     first = next((cfg.stage_config(s) if cfg.stages else cfg for s in stages if isinstance(s, MethodStage)), cfg)
-    mode = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, first.method,
-                           first.options, cfg.calib_samples, cfg.seqlen, first.sparsity, first.num_blocks,
-                           cfg.trust_remote_code, log)
+    mode, reason = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, first.method,
+                                   first.options, cfg.calib_samples, cfg.seqlen, first.sparsity, first.num_blocks,
+                                   cfg.trust_remote_code)
     whole = next((s for s in stages if isinstance(s, (RecoverStage, QuantizeStage))), None)
     if mode != "none" and whole is not None:
         stage = f"--recover {whole.recover}" if isinstance(whole, RecoverStage) else f"--quantize {whole.quantize}"
         raise UserError(f"{stage} needs the whole model on the device at once, and this run offloads it "
                         f"(--offload {mode}): run it on the saved checkpoint with --offload none, where "
                         f"the model fits")
-    return mode
+    return mode, reason
 
 
-def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print) -> Compressed:
+def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compressed:
     """Compress ``cfg.model`` in memory: its stages in order (methods, recovery fine-tunes), each
-    method's finishing step, then quantization; each stage recorded in the manifest."""
+    method's finishing step, then quantization; each stage recorded in the manifest.
+
+    What is compressed is said at DEBUG (the log file); INFO is for notices (a default amount, an
+    offloaded model, a recipe's stages), so input refused once the model is loaded (a block out of
+    range) is still answered by its one error line alone."""
     timer = Timer()
     default = defaulted_amount(cfg)
-    if default:
-        log(f"no amount given: {default} ({cfg.method}'s default)")
     cfg = resolve_config(cfg)
     stages = cfg.stage_list()
     methods = stage_methods(cfg)  # validates the methods and their options before any heavy work
     quantize = stages[-1] if isinstance(stages[-1], QuantizeStage) else None
     if quantize:
         bnb_config(quantize.quantize, quantize.double_quant, quantize.compute_dtype)  # bitsandbytes installed?
-    offload = placement(cfg, log)
+    offload, reason = placement(cfg)
     torch.manual_seed(cfg.seed)
     with timer.step("load"):
         model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype, cfg.allow_pickle,
                                               cfg.trust_remote_code, offload, cfg.offload_dir)
+        processor = load_processor(model, cfg.model, cfg.trust_remote_code)
+    say_offload(offload, reason)
     require_unquantized(model, cfg.model)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
@@ -100,7 +109,9 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
         with timer.step("calibrate"):
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
                                         cfg.seed, data_dir)
-    log(f"compressing {cfg.model} ({blocks_before} blocks) with {cfg.method}")
+    log.debug("compressing %s (%d blocks) with %s", cfg.model, blocks_before, cfg.method)
+    if default:
+        log.info("no amount given: %s (%s's default)", default, cfg.method)
     original = list(range(blocks_before))  # the original index of each block still there
     done: list[StageRecord] = []
     records: list[tuple[int, Compressor, CompressionRecord]] = []
@@ -111,7 +122,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
         start, removed, tied = time.perf_counter(), [], []
         if method is not None:
             if len(stages) > 1:
-                log(f"stage {number}/{len(stages)}: {method.name}")
+                log.info("stage %d/%d: %s", number, len(stages), method.name)
             with timer.step("compress"):
                 record = method.compress(adapter, calib)
             gone = set(record.removed_blocks)
@@ -121,7 +132,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
             removed, tied = record.removed_blocks, sorted(record.tie_map)
         else:
             with timer.step("recover"):
-                recovery = fine_tune(model, calib, stage, seed=cfg.seed, log=log)
+                recovery = fine_tune(model, calib, stage, seed=cfg.seed)
         done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
                                 removed_blocks=removed, tied=tied,
                                 params_after=checkpoint.parameter_count(model),
@@ -131,7 +142,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
     tie_map = {k: v for _, _, r in records for k, v in r.tie_map.items()}
     params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte
     if quantize:
-        log(f"quantizing to {quantize.quantize} with bitsandbytes")
+        log.info("quantizing to %s with bitsandbytes", quantize.quantize)
         start = time.perf_counter()
         with timer.step("quantize"):
             model, quantization = quantize_model(model, quantize.quantize, quantize.double_quant,
@@ -154,11 +165,12 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, log=print)
         removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=tie_map,
         params_before=params_before, params_after=params_after,
         weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
-        offload=offload, quantization=quantization, recovery=recovery, stages=done, details=details,
+        offload=offload, distributed=distributed.record(0 if calib is None else calib.size(0)),
+        quantization=quantization, recovery=recovery, stages=done, details=details,
         timings_s=timer.seconds, peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(),
         git_sha=checkpoint.git_sha(),
     )
-    return Compressed(model, tokenizer, manifest, artifacts)
+    return Compressed(model, tokenizer, manifest, artifacts, processor)
 
 
 def save(result: Compressed, out: str | Path) -> Path:
@@ -168,7 +180,7 @@ def save(result: Compressed, out: str | Path) -> Path:
     manifest = result.manifest
     with checkpoint.atomic_output_dir(out) as tmp:
         checkpoint.save_model_files(result.model, result.tokenizer, tmp, manifest.tie_map,
-                                    manifest.config.get("max_shard_size", "5GB"))
+                                    manifest.config.get("max_shard_size", "5GB"), result.processor)
         for name, content in result.artifacts.items():
             (tmp / name).write_bytes(content)
         store.write_recipe(tmp, manifest.recipe)
@@ -178,6 +190,11 @@ def save(result: Compressed, out: str | Path) -> Path:
     return out
 
 
-def compress_to_dir(cfg: CompressConfig, out: str | Path, data_dir: str | Path | None = None, log=print) -> Path:
+def compress_to_dir(cfg: CompressConfig, out: str | Path, data_dir: str | Path | None = None) -> Path:
+    """Compress and save; data parallel, process 0 writes and the others wait until it has."""
     checkpoint.ensure_new_output(out)  # fail before the slow part, not after it
-    return save(compress(cfg, data_dir, log), out)
+    result = compress(cfg, data_dir)
+    if distributed.is_main():
+        save(result, out)
+    distributed.barrier()
+    return Path(out)

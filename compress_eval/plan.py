@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress_eval.errors import UserError
 from compress_eval.sizes import parse_memory
+
+log = logging.getLogger(__name__)
 
 GB = 10**9
 MiB = 2**20
@@ -692,23 +695,26 @@ def _verdict(fits: bool, steps: list[StepMemory], device_avail: int, host_avail:
 
 def resolve_offload(mode: str, model: str, device: str, dtype=None, method: str = "none", options: dict | None = None,
                     calib_samples: int | None = None, seqlen: int | None = None, sparsity: float | None = None,
-                    num_blocks: int | None = None, trust_remote_code: bool = False, log=print) -> str:
-    """The offload mode a run uses: ``mode`` itself, or for ``auto`` the plan's choice for this run (from
-    the config alone: the weights and the run's predicted activations against the free memory), logged
-    with its reason. A model whose config cannot be read here is left to the loader to report."""
+                    num_blocks: int | None = None, trust_remote_code: bool = False) -> OffloadChoice:
+    """The offload mode a run uses and why: ``mode`` itself, or for ``auto`` the plan's choice for this run
+    (from the config alone: the weights and the run's predicted activations against the free memory). A
+    model whose config cannot be read here is left to the loader to report. The caller says it
+    (:func:`say_offload`) once its own checks passed."""
     from compress_eval.models.offload import MODES
 
     if mode not in MODES:
         raise UserError(f"unknown --offload {mode!r}: use {', '.join(MODES)}")
     if mode != "auto":
-        if mode != "none":
-            log(f"offload: {mode} (as asked)")
-        return mode
+        return OffloadChoice(mode, "as asked")
     try:
         plan = make_plan(model, method, options, device, dtype, "auto", calib_samples, seqlen, sparsity, num_blocks,
                          eval_seqlen=None, trust_remote_code=trust_remote_code)
     except (UserError, OSError, ValueError) as exc:
-        log(f"offload: none (the model's size is unknown here: {str(exc).splitlines()[0]})")
-        return "none"
-    log(f"offload: {plan.offload} ({plan.offload_reason})")
-    return plan.offload
+        return OffloadChoice("none", f"the model's size is unknown here: {str(exc).splitlines()[0]}")
+    return OffloadChoice(plan.offload, plan.offload_reason)
+
+
+def say_offload(mode: str, reason: str) -> None:
+    """An offloaded run says so (it is slower, and uses the disk or host memory); the ordinary case, the
+    model in memory, goes to the log file only."""
+    log.log(logging.INFO if mode != "none" else logging.DEBUG, "offload: %s (%s)", mode, reason)

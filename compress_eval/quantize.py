@@ -24,7 +24,7 @@ import time
 import torch
 
 from compress_eval.errors import UserError
-from compress_eval.models.adapters import is_conv1d, is_linear, out_in
+from compress_eval.models.adapters import is_conv1d, is_linear, out_in, vision_modules
 from compress_eval.models.checkpoint import weight_bytes
 from compress_eval.models.loading import (DTYPES, auto_model_class, copies_detached, from_pretrained_tied,
                                           keep_4bit_scales_on_save, quiet_int8_cast_warning, retie)
@@ -107,16 +107,17 @@ def check_trainable(model: torch.nn.Module, how: str) -> None:
 
 def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str],
                      unquantized: dict[str, str] | None = None) -> list[str] | None:
-    """Transformers' default skips plus the tie map's copies and the ``unquantized`` linears (those
-    ``four_bit_unfit`` names). A copy is stored nowhere (its module is re-tied on load); skipping it
-    lets the loader give it a throwaway float init, where transformers would fail to initialize a
-    missing quantized weight."""
-    if not tie_map and not unquantized:
+    """Transformers' default skips plus the tie map's copies, the ``unquantized`` linears (those
+    ``four_bit_unfit`` names) and a VLM's vision tower and projector (the stage quantizes the language
+    model, which is what the methods compress). A copy is stored nowhere (its module is re-tied on load);
+    skipping it lets the loader give it a throwaway float init, where transformers would fail to
+    initialize a missing quantized weight."""
+    kept = [*tie_map, *(unquantized or {}), *vision_modules(model)]
+    if not kept:
         return None
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    return (sorted(get_keys_to_not_convert(model)) + [re.escape(dst) for dst in tie_map]
-            + [re.escape(name) for name in unquantized or {}])
+    return sorted(get_keys_to_not_convert(model)) + [re.escape(name) for name in kept]
 
 
 def four_bit_refusal(in_features: int, out_features: int) -> str | None:

@@ -14,8 +14,13 @@ PPL_TASKS = {"wikitext2": "wikitext2", "wiki": "wikitext2", "wikitext2_ppl": "wi
 # Short names -> lm-eval task names; with a data directory each runs as our offline "ce_" twin.
 LM_EVAL_TASKS = {"piqa": "piqa", "arc_easy": "arc_easy", "arc_e": "arc_easy", "arc_challenge": "arc_challenge",
                  "arc_c": "arc_challenge", "hellaswag": "hellaswag", "hs": "hellaswag",
-                 "winogrande": "winogrande", "wg": "winogrande"}
+                 "winogrande": "winogrande", "wg": "winogrande",
+                 "mmmu": "mmmu_val", "mmmu_val": "mmmu_val", "ce_mmmu": "ce_mmmu"}
 OFFLINE_PREFIX = "ce_"
+# Offline twins named otherwise than ce_ + the lm-eval name (MMMU's is one task, not a group of 30 subjects).
+OFFLINE_TWINS = {"mmmu_val": "ce_mmmu"}
+# Tasks that show the model images: they run on the ``compressed-multimodal`` model type.
+IMAGE_TASKS = ("mmmu_val", "ce_mmmu")
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -42,9 +47,23 @@ def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
 
 
 def lm_eval_task_name(task: str, data_dir) -> str:
-    """Our offline twin of an lm-eval task when there is a data directory, else lm-eval's own."""
-    return OFFLINE_PREFIX + task if resolve_data_dir(data_dir) is not None else task
+    """Our offline twin of an lm-eval task when there is a data directory, else lm-eval's own; a task named
+    ce_ needs the data directory."""
+    offline = resolve_data_dir(data_dir) is not None
+    if task.startswith(OFFLINE_PREFIX):
+        if not offline:
+            raise UserError(f"task {task} reads its offline copy from the data directory: set --data-dir or "
+                            f"COMPRESS_EVAL_DATA_DIR, or run {display_name(task)} (lm-eval's task, from the Hub)")
+        return task
+    return OFFLINE_TWINS.get(task, OFFLINE_PREFIX + task) if offline else task
+
+
+def split_image_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(text tasks, image tasks) of canonical lm-eval task names."""
+    return [t for t in tasks if t not in IMAGE_TASKS], [t for t in tasks if t in IMAGE_TASKS]
 
 
 def display_name(lm_eval_task: str) -> str:
-    return lm_eval_task.removeprefix(OFFLINE_PREFIX)
+    """The lm-eval task an offline twin reproduces (``ce_piqa`` -> ``piqa``, ``ce_mmmu`` -> ``mmmu_val``)."""
+    twin_of = {twin: task for task, twin in OFFLINE_TWINS.items()}
+    return twin_of.get(lm_eval_task, lm_eval_task.removeprefix(OFFLINE_PREFIX))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datasets
 
-from compress_eval.data.benchmarks import load_benchmark
+from compress_eval.data.benchmarks import load_benchmark, mmmu_files
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 
@@ -38,6 +38,16 @@ def hellaswag(**meta):
 
 def winogrande(**meta):
     return _split("validation", load_benchmark("winogrande", meta.get("data_dir")))
+
+
+def mmmu(**meta):
+    """MMMU's validation split as the Hub serves it: the parquet files' own features decode image_1..7
+    (read in memory, as the other loaders are, not through the datasets cache)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f) for f in mmmu_files(meta.get("data_dir"))])
+    return datasets.DatasetDict({"validation": datasets.Dataset(table)})
 
 
 def _tokenizer(meta: dict):

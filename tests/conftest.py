@@ -46,36 +46,86 @@ def tiny_config(family: str, hidden: int = 32, intermediate: int | None = None):
         vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=16, patch_size=8)
         return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**common), image_token_index=VOCAB - 1)
+    if family == "llava_next":  # any-resolution: a 16x16 base tile and 16x32 / 32x16 grids
+        vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)
+        return tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**common),
+                                  image_token_index=VOCAB - 1, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]])
+    if family == "qwen2_vl":  # its vision tokens take the vocabulary's last ids
+        vision = dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        text = dict(common, bos_token_id=0, eos_token_id=0, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        return tf.Qwen2VLConfig(text_config=text, vision_config=vision, vision_end_token_id=VOCAB - 4,
+                                vision_start_token_id=VOCAB - 3, video_token_id=VOCAB - 2, image_token_id=VOCAB - 1)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_inner=intermediate, n_layer=4, n_head=4,
                              n_positions=256)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava", "starcoder2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma3_text", "gpt2", "llava", "llava_next",
+            "qwen2_vl", "starcoder2"]
+VLM_FAMILIES = ["llava", "llava_next", "qwen2_vl"]
 
 
 def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32, intermediate: int | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    auto = AutoModelForImageTextToText if family == "llava" else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if family in VLM_FAMILIES else AutoModelForCausalLM
     model = auto.from_config(tiny_config(family, hidden, intermediate), dtype=torch.float32)
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A byte-level BPE trained in milliseconds on TEXT, with VOCAB entries at most."""
+def tiny_tokenizer(specials: tuple[str, ...] = ()):
+    """A byte-level BPE trained in milliseconds on TEXT, with VOCAB entries at most; ``specials`` (a
+    VLM's image tokens) take the last ids, VOCAB - len(specials) onwards."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(specials), special_tokens=["<eos>"], show_progress=False,
                                   initial_alphabet=[])
     tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    if specials:
+        assert len(tokenizer) == VOCAB - len(specials)
+        tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+# A minimal chat template: lm-eval's --apply_chat_template needs one, and tiny tokenizers have none.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                 "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def tiny_processor(family: str):
+    """The processor of a tiny LLaVA of ``family``: an image processor for its 16x16 tiles, the tiny
+    tokenizer with ``<image>`` at the config's image token id, a chat template. (Qwen2-VL's processor
+    needs torchvision, which is not installed here.)"""
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer(("<image>",))
+    clip = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                chat_template=CHAT_TEMPLATE)
+    if family == "llava":
+        images = tf.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        return tf.LlavaProcessor(images, tokenizer, **clip)
+    if family == "llava_next":
+        images = tf.LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                            image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]])
+        return tf.LlavaNextProcessor(images, tokenizer, **clip)
+    raise ValueError(family)
+
+
+def saved_vlm_dir(path: Path, family: str, seed: int = 0) -> Path:
+    """A tiny VLM saved with its processor, as llava-hf publishes one."""
+    tiny_model(family, seed).save_pretrained(path)
+    tiny_processor(family).save_pretrained(path)
+    return path
 
 
 def stub_manifest(**fields):

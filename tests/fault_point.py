@@ -27,20 +27,22 @@ def install(point: str, ready: Path) -> None:
     from compress_eval.scoring import ppl
 
     if point == "method":
-        get_method = pipeline.get_method
+        stage_methods = pipeline.stage_methods
 
-        def paused_method(cfg):
-            method = get_method(cfg)
-            compress = method.compress
+        def paused_methods(cfg):
+            methods = stage_methods(cfg)
+            for method in methods:
+                if method is not None:
+                    compress = method.compress
 
-            def run(adapter, calib):
-                pause_here(ready)
-                return compress(adapter, calib)
+                    def run(adapter, calib, compress=compress):
+                        pause_here(ready)
+                        return compress(adapter, calib)
 
-            method.compress = run
-            return method
+                    method.compress = run
+            return methods
 
-        pipeline.get_method = paused_method
+        pipeline.stage_methods = paused_methods
     elif point == "save":
         save = checkpoint.save_model_files
 

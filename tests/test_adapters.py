@@ -106,7 +106,7 @@ def test_multimodal_families_come_from_the_table():
     from compress_eval.models.adapters import FAMILIES as ROWS
     from compress_eval.models.adapters import is_multimodal
 
-    assert sorted(m for m in ROWS if is_multimodal(m)) == ["gemma3", "llava"]
+    assert sorted(m for m in ROWS if is_multimodal(m)) == ["gemma3", "llava", "llava_next", "qwen2_vl"]
     assert not is_multimodal(None) and not is_multimodal("mamba")
 
 

@@ -199,15 +199,17 @@ def test_a_busy_cell_is_waited_for(tiny_model_dir, data_dir, tmp_path):
     holder.start()
     held.wait(10)
     threading.Timer(0.5, release.set).start()
-    assert [o.status for o in run_cells(cells, runs, log=lambda m: None)] == ["ran"]
+    assert [o.status for o in run_cells(cells, runs)] == ["ran"]
     holder.join()
 
 
 @pytest.mark.slow
-def test_jobs_run_cells_in_worker_processes(tiny_model_dir, data_dir, tmp_path):
+def test_jobs_run_cells_in_worker_processes(tiny_model_dir, data_dir, tmp_path, caplog):
     runs, cells = tmp_path / "runs", smoke_cells(tiny_model_dir)
-    assert [o.status for o in run_cells(cells, runs, jobs=2)] == ["ran"] * 3
+    with caplog.at_level("INFO", logger="compress_eval"):
+        assert [o.status for o in run_cells(cells, runs, jobs=2)] == ["ran"] * 3
     assert finished(runs, cells)
+    assert {f"[{c.name}] compressing" for c in cells} <= set(caplog.messages)  # the workers' messages came here
 
 
 @pytest.mark.slow
@@ -221,7 +223,7 @@ def test_two_batch_processes_on_one_runs_dir(tiny_model_dir, data_dir, tmp_path)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     cells = smoke_cells(tiny_model_dir)
-    assert sum(out.count("compressing /") for out in outputs) == 3  # each cell compressed once
+    assert sum(out.count("] compressing\n") for out in outputs) == 3  # each cell compressed once
     assert finished(runs, cells)
 
 

@@ -39,8 +39,7 @@ def test_the_pipeline_writes_what_the_readers_parse(tiny_model_dir, data_dir, tm
     from compress_eval.models.loading import load_model
     from compress_eval.pipeline import compress, save
 
-    result = compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[2]), data_dir,
-                      log=lambda *_: None)
+    result = compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[2]), data_dir)
     save(result, tmp_path / "out")
     manifest = store.read_manifest(tmp_path / "out")
     assert manifest == result.manifest

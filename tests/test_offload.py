@@ -60,7 +60,7 @@ def run(directory, method, mode, out, **kw):
     options = kw.pop("options", {})
     cfg = make_config(model=str(directory), method=method, device="cpu", offload=mode, calib_samples=4, seqlen=32,
                       options=options, **kw)
-    result = compress(cfg, None, log=lambda *a: None)
+    result = compress(cfg, None)
     return result, save(result, out)
 
 
@@ -140,7 +140,7 @@ def test_sharded_save_writes_an_index_transformers_reads(tmp_path, six_block_dir
 
     cfg = make_config(model=str(six_block_dir), method="drop", blocks=[2], device="cpu", offload="disk",
                       max_shard_size="60KB")
-    out = compress_to_dir(cfg, tmp_path / "out", log=lambda *a: None)
+    out = compress_to_dir(cfg, tmp_path / "out")
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
@@ -157,16 +157,16 @@ def test_sharded_save_writes_an_index_transformers_reads(tmp_path, six_block_dir
 def test_in_memory_save_is_sharded_too(tmp_path, six_block_dir):
     cfg = make_config(model=str(six_block_dir), method="drop", blocks=[2], device="cpu", offload="none",
                       max_shard_size="60KB")
-    out = compress_to_dir(cfg, tmp_path / "out", log=lambda *a: None)
+    out = compress_to_dir(cfg, tmp_path / "out")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 2
 
 
-def test_auto_keeps_a_small_model_in_memory(tmp_path, six_block_dir):
-    messages = []
+def test_auto_keeps_a_small_model_in_memory(tmp_path, six_block_dir, caplog):
     cfg = make_config(model=str(six_block_dir), method="drop", blocks=[2], device="cpu")
-    result = compress(cfg, None, log=messages.append)
+    with caplog.at_level("DEBUG", logger="compress_eval"):
+        result = compress(cfg, None)
     assert result.manifest.offload == "none"
-    assert any(m.startswith("offload: none (model") and "fit the" in m for m in messages)
+    assert any(m.startswith("offload: none (model") and "fit the" in m for m in caplog.messages)
 
 
 def test_choose_offload_rule():
@@ -186,7 +186,7 @@ def test_choose_offload_rule():
 def test_stages_needing_the_whole_model_refuse_offload(tmp_path, six_block_dir, extra, message):
     cfg = make_config(model=str(six_block_dir), method="drop", blocks=[2], device="cpu", offload="disk", **extra)
     with pytest.raises(UserError, match=message):
-        compress(cfg, None, log=lambda *a: None)
+        compress(cfg, None)
 
 
 def test_bad_shard_size_and_mode_are_one_line_errors():

@@ -284,7 +284,7 @@ def test_pipeline_drop_then_int8_reloads_identically(tiny_model_dir, data_dir, t
     from compress_eval.pipeline import compress, save
 
     cfg = make_config(model=str(tiny_model_dir), method="drop", blocks=[1], quantize="int8")
-    result = compress(cfg, data_dir, log=lambda *_: None)
+    result = compress(cfg, data_dir)
     model = result.model
     save(result, tmp_path / "out")
     reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")
@@ -310,7 +310,7 @@ def test_pipeline_keeps_a_methods_tie_through_quantization(tiny_model_dir, data_
 
     monkeypatch.setitem(registry._REGISTRY, "share-mlp", ShareMlp)
     cfg = make_config(model=str(tiny_model_dir), method="share-mlp", quantize="nf4")
-    result = compress(cfg, data_dir, log=lambda *_: None)
+    result = compress(cfg, data_dir)
     model = result.model
     save(result, tmp_path / "out")
     reloaded, _, _ = load_model(str(tmp_path / "out"), "cpu")

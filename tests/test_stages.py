@@ -30,7 +30,7 @@ def six_blocks(tmp_path):
 
 
 def run(model_dir, data_dir, **values):
-    return compress(make_config(model=str(model_dir), **CALIB, **values), data_dir, log=lambda m: None)
+    return compress(make_config(model=str(model_dir), **CALIB, **values), data_dir)
 
 
 def test_stage_removals_are_named_in_the_original_model(six_blocks, data_dir):

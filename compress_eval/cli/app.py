@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import signal
 import sys
+from pathlib import Path
 
 import typer
+from tqdm import tqdm
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 from transformers.utils import logging as hf_logging
 
 import compress_eval.cli as cli_package
+from compress_eval import distributed, progress
+from compress_eval.cli.common import user_errors
+from compress_eval.errors import UserError
 
 # Our own progress bars say what is happening; transformers' per-load bars only add noise.
 hf_logging.disable_progress_bar()
@@ -48,6 +54,64 @@ for info in sorted(pkgutil.iter_modules(cli_package.__path__), key=lambda i: i.n
     module = importlib.import_module(f"{cli_package.__name__}.{info.name}")
     if hasattr(module, "register"):
         module.register(app)
+
+
+class ConsoleHandler(logging.Handler):
+    """Messages as plain lines on the current stderr (looked up per message: the test runner swaps it),
+    written above any progress bar; warnings and errors say so first, as our ``error:`` lines do."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                text = f"{record.levelname.lower()}: {text}"
+            tqdm.write(text, file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(quiet: bool, log_file: Path | None) -> None:
+    """Where the library's messages (the ``compress_eval`` loggers) go during one command: INFO and up
+    on stderr (WARNING and up with --quiet, which also turns the progress bars off); with --log-file,
+    everything from DEBUG, timestamped, appended to that file as well."""
+    logger = logging.getLogger("compress_eval")
+    console = ConsoleHandler(logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(console)
+    logger.setLevel(console.level)
+    progress.enabled = not quiet
+    if log_file is not None:
+        try:
+            file = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write --log-file {log_file}: {exc.strerror or exc}") from None
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(file)
+        logger.setLevel(logging.DEBUG)
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` when the command ends (tests run many commands in one process)."""
+    logger = logging.getLogger("compress_eval")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.NOTSET)
+    progress.enabled = True
+
+
+@app.callback()
+@user_errors
+def global_options(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only: no messages, no progress "
+                               "bars (results still go to stdout)"),
+    log_file: Path = typer.Option(None, "--log-file", help="also append every message, from DEBUG on and "
+                                  "timestamped, to this file"),
+) -> None:
+    """Options that come before the command: ``compress-eval --quiet run ...``."""
+    ctx.call_on_close(reset_logging)
+    # Data parallel: one voice, process 0's; the others say only warnings and errors.
+    configure_logging(quiet or not distributed.is_main(), log_file)
 
 
 def exit_on_sigterm() -> None:

@@ -47,7 +47,7 @@ def batch_command(
             raise typer.Exit(2)
         typer.echo(f"{len(cells)} cells OK")
         return
-    outcomes = run_cells(cells, runs, resolve_data_dir(data_dir), jobs, log=typer.echo)
+    outcomes = run_cells(cells, runs, resolve_data_dir(data_dir), jobs)
     table = Table("cell", "method", "status", "message", title=f"{grid} -> {runs}")
     for o in outcomes:
         table.add_row(o.cell, o.label, o.status, o.message)

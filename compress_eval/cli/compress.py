@@ -140,7 +140,7 @@ def compress_command(
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
         raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
-    path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir, log=typer.echo)
+    path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir)
     typer.echo(f"saved {path}")
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,

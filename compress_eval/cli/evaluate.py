@@ -63,8 +63,8 @@ def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, dev
 @user_errors
 def eval_command(
     model: str = typer.Argument(..., help="alias, Hub id, local model or checkpoint directory"),
-    tasks: str = typer.Option(..., help="comma-separated tasks: wiki, c4, piqa, arc_e, arc_c, hs, wg "
-                                        "(or their full names)"),
+    tasks: str = typer.Option(..., help="comma-separated tasks: wiki, c4, piqa, arc_e, arc_c, hs, wg, mmmu "
+                                        "(images: a vision-language model) or their full names"),
     seqlen: int = EvalSeqlen,
     max_windows: int = MaxWindows,
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 
 from compress_eval.cli.common import user_errors
 from compress_eval.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @user_errors
@@ -29,9 +32,9 @@ def leaderboard_command(
     out = out or runs_dir / "leaderboard"
     board = build(runs_dir, exclude=out)
     for path, why in board.problems:
-        typer.echo(f"skipped {path}: {why}", err=True)
+        log.warning("skipped %s: %s", path, why)
     if not board.rows:
-        typer.echo(f"warning: no finished runs in {runs_dir}", err=True)
+        log.warning("no finished runs in %s", runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(board)
     (out / "leaderboard.md").write_text(table)
@@ -39,7 +42,7 @@ def leaderboard_command(
     plot = pareto_png(board, out / "pareto.png")
     write_html(board, runs_dir, out / "leaderboard.html", plot.name if plot else None)
     typer.echo(table)
-    typer.echo(f"wrote {out}/leaderboard.md, .csv, .html" + (", pareto.png" if plot else ""), err=True)
+    log.info("wrote %s/leaderboard.md, .csv, .html%s", out, ", pareto.png" if plot else "")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from compress_eval.models.adapters import Adapter, from_out_in, out_in
+from compress_eval.progress import bar
 
 STD_FLOOR = 1e-7  # the paper's clip of the standard deviation (dead neurons would divide by 0)
 
@@ -83,7 +84,7 @@ def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "prod
         handles.append(module.register_forward_hook(grab_hidden))
         handles.append(adapter.mlp(block).register_forward_hook(grab_output))
     try:
-        for w in windows:
+        for w in bar(windows, "FF features", unit="window", leave=False):
             model(input_ids=w[None].to(device), use_cache=False)
     finally:
         for h in handles:

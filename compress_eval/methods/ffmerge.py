@@ -25,6 +25,7 @@ from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, render_window_scores
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import Adapter
+from compress_eval.progress import bar
 from compress_eval.scoring.prefix import PrefixStates
 
 
@@ -184,7 +185,7 @@ class MergeFF(Compressor):
         features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
         scorer = WindowScorer(adapter, calib[: o.score_samples])
         candidates, best = [], None
-        for s in starts:
+        for s in bar(starts, "merge: window search", unit="window"):
             layers = range(s, s + size)
             plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute, device)
             ppl = scorer.ppl(layers, merged_ff(adapter, layers, plan))

@@ -13,8 +13,8 @@ output with the block, and collapses the result into plain weights. Methods:
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from typing import ClassVar, Literal
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from compress_eval import distributed
 from compress_eval.errors import UserError
 from compress_eval.memory import peak_memory_mb
 from compress_eval.methods.base import CompressionRecord, Compressor
@@ -31,9 +32,12 @@ from compress_eval.methods.fusion import FusedLinear, fuse_linear, frozen_weight
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import embed_inputs
+from compress_eval.progress import bar
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import token_cosines
 from compress_eval.scoring.prefix import PrefixStates, batches
+
+log = logging.getLogger(__name__)
 
 # Profiles fill every option left unset; calibration (samples, seqlen) too when not given.
 PROFILES: dict[str, dict] = {
@@ -90,7 +94,8 @@ class FuseOptions(MIOptions):
 
 def macro_influence(prefix: PrefixStates) -> list[float]:
     """MI_i = 1 - mean_{n,t} cos(H_t, H^(-i)_t) for every block i of the current model."""
-    tokens = sum(prefix.final(b).shape[0] * prefix.final(b).shape[1] for b in range(prefix.num_batches))
+    tokens = distributed.all_sum(float(sum(prefix.final(b).shape[0] * prefix.final(b).shape[1]
+                                           for b in range(prefix.num_batches))))
     cos_sums = prefix.score_each_removal(lambda h, b: token_cosines(prefix.final(b), h).sum().item())
     return [1.0 - s / tokens for s in cos_sums]
 
@@ -114,10 +119,6 @@ def kl_of_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class IterativeFusion(Compressor):
@@ -147,7 +148,7 @@ class IterativeFusion(Compressor):
                 inputs = torch.cat([prefix.entering(start, b) for b in range(prefix.num_batches)])
             else:
                 inputs = torch.cat([runner.run(embed_inputs(adapter, ids.to(prefix.device)), 0, start)
-                                    for ids in batches(calib, bs)])
+                                    for ids in batches(distributed.shard(calib), bs)])
             targets = torch.cat([runner.run(x, start, stop) for x in batches(inputs, bs)])
         return inputs, targets
 
@@ -190,6 +191,8 @@ class IterativeFusion(Compressor):
 
     def fine_tune(self, runner, group, f, inputs, targets, coef, slow, gen, label) -> list[float]:
         """Adam(0.9, 0.95), two learning rates, cosine decay over all steps; returns epoch mean losses.
+        Data parallel: each process runs its members of every batch (kl-batch's softmax then spans
+        each process's part of the batch), and the gradients are summed.
 
         A NaN/inf loss or trainable weight stops it at that step with a :class:`UserError`."""
         o = self.options
@@ -197,31 +200,39 @@ class IterativeFusion(Compressor):
                               {"params": slow, "lr": o.lr_lora, "flag": "--lr-lora"}) if g["params"]]
         lrs = {g.pop("flag"): g["lr"] for g in groups}
         opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
-        per_epoch = math.ceil(inputs.size(0) / o.batch_size)
+        windows = int(distributed.all_sum(float(inputs.size(0))))  # of every process
+        per_epoch = math.ceil(windows / o.batch_size)
         steps = o.epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         members = [j for j in group if j != f]
         self.suffix_start = group[-1] + 1
         losses = []
-        with torch.enable_grad():
-            for epoch in range(o.epochs):
-                order = torch.randperm(inputs.size(0), generator=gen)
+        epochs = bar(range(o.epochs), f"{self.name}: fine-tune", unit="epoch", leave=False)
+        with torch.enable_grad(), epochs:  # the bar cleared before a divergence is reported
+            for epoch in epochs:
+                order = torch.randperm(windows, generator=gen)
                 total = 0.0
                 for step, idx in enumerate(batches(order, o.batch_size), 1):
-                    h = inputs[idx.to(inputs.device)]
-                    for j in members:
-                        h = runner.run_block(j, h)
-                    loss = self.group_loss(runner, h, targets[idx.to(targets.device)])
+                    mine = distributed.local_positions(idx)  # the whole batch in one process
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    value = 0.0
+                    if mine.numel():
+                        h = inputs[mine.to(inputs.device)]
+                        for j in members:
+                            h = runner.run_block(j, h)
+                        loss = self.group_loss(runner, h, targets[mine.to(targets.device)])
+                        loss.backward()
+                        value = loss.item() * (mine.numel() / idx.numel())
+                    distributed.reduce_gradients(coef + slow, mine.numel(), idx.numel())
                     opt.step()
                     sched.step()
-                    value = loss.item()
+                    value = distributed.all_sum(value)
                     require_finite(value, coef + slow, f"{self.name} fine-tune, {label} epoch {epoch + 1}/"
                                    f"{o.epochs} step {step}/{per_epoch}", lrs)
                     total += value * idx.numel()
-                losses.append(total / inputs.size(0))
-                progress(f"[{self.name}] {label} epoch {epoch + 1}/{o.epochs} loss {losses[-1]:.6g}")
+                losses.append(total / windows)
+                epochs.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+                log.debug("[%s] %s epoch %d/%d loss %.6g", self.name, label, epoch + 1, o.epochs, losses[-1])
         for p in coef + slow:
             p.requires_grad_(False)
         return losses
@@ -246,7 +257,7 @@ class IterativeFusion(Compressor):
             raise UserError(f"--resume {o.resume} already removed {len(saved['iterations'])} blocks, "
                             f"more than the {total} asked for: raise the sparsity or use a new directory")
         store.restore(adapter, saved)
-        progress(f"[{self.name}] resuming from {o.resume} after {len(saved['iterations'])} removals")
+        log.info("[%s] resuming from %s after %d removals", self.name, o.resume, len(saved["iterations"]))
         return store, saved
 
     def compress(self, adapter, calib) -> CompressionRecord:
@@ -259,41 +270,43 @@ class IterativeFusion(Compressor):
         store, state = self.loop_state(adapter, total)
         alive, iterations, ranks = state["alive"], state["iterations"], state["ranks"]  # alive: original indices
         mi_calib = calib if o.mi_samples is None else calib[: o.mi_samples]
-        for k in range(len(iterations), total):
-            started = time.perf_counter()
-            gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + k)
-            prefix = o.prefix_states(adapter, mi_calib)
-            mi = macro_influence(prefix)
-            f = min(range(len(mi)), key=mi.__getitem__)
-            label = f"block {k + 1}/{total}"
-            progress(f"[{self.name}] {label}: removing block {alive[f]} (MI {mi[f]:.5g})")
-            it = {"removed": alive[f], "mi": {str(alive[i]): round(s, 8) for i, s in enumerate(mi)}}
-            members = []
-            if self.training is not None:
-                group = partial_group(f, adapter.num_blocks, o.group_size)
-                members = [j for j in group if j != f]
-                inputs, targets = self.group_io(prefix, calib, group, reuse=mi_calib is calib)
-                runner = prefix.runner
-                del prefix
-                # Offloaded: only the group is on the device, and what the fine-tune made of it is stored.
-                with adapter.hold([f]), adapter.hold(members, write=True):
-                    coef, slow, r = self.make_student(adapter, group, f, gen)
-                    ranks.update(r)
-                    losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
-                    del inputs, targets, coef, slow
-                    if o.collapse:
-                        for j in group:
-                            materialize_block(adapter, adapter.blocks[j])
-                it.update(group=[alive[j] for j in group], epoch_losses=[round(x, 8) for x in losses])
-            adapter.keep_blocks([i for i in range(adapter.num_blocks) if i != f])
-            alive.pop(f)
-            it["seconds"] = round(time.perf_counter() - started, 2)
-            iterations.append(it)
-            if store is not None:
-                kept = [j - (j > f) for j in members]  # the changed blocks' indices after the removal
-                with adapter.hold(kept):
-                    state = store.save({**state, "alive": alive, "iterations": iterations, "ranks": ranks},
-                                       {alive[j]: adapter.blocks[j] for j in kept}, k)
+        with bar(range(len(iterations), total), f"{self.name}: removals", total=total, initial=len(iterations),
+                 unit="block") as removals:  # a with: cleared before an error is reported
+            for k in removals:
+                started = time.perf_counter()
+                gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + k)
+                prefix = o.prefix_states(adapter, mi_calib)
+                mi = macro_influence(prefix)
+                f = min(range(len(mi)), key=mi.__getitem__)
+                label = f"block {k + 1}/{total}"
+                log.info("[%s] %s: removing block %d (MI %.5g)", self.name, label, alive[f], mi[f])
+                it = {"removed": alive[f], "mi": {str(alive[i]): round(s, 8) for i, s in enumerate(mi)}}
+                members = []
+                if self.training is not None:
+                    group = partial_group(f, adapter.num_blocks, o.group_size)
+                    members = [j for j in group if j != f]
+                    inputs, targets = self.group_io(prefix, calib, group, reuse=mi_calib is calib)
+                    runner = prefix.runner
+                    del prefix
+                    # Offloaded: only the group is on the device, and what the fine-tune made of it is stored.
+                    with adapter.hold([f]), adapter.hold(members, write=True):
+                        coef, slow, r = self.make_student(adapter, group, f, gen)
+                        ranks.update(r)
+                        losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
+                        del inputs, targets, coef, slow
+                        if o.collapse:
+                            for j in group:
+                                materialize_block(adapter, adapter.blocks[j])
+                    it.update(group=[alive[j] for j in group], epoch_losses=[round(x, 8) for x in losses])
+                adapter.keep_blocks([i for i in range(adapter.num_blocks) if i != f])
+                alive.pop(f)
+                it["seconds"] = round(time.perf_counter() - started, 2)
+                iterations.append(it)
+                if store is not None:
+                    kept = [j - (j > f) for j in members]  # the changed blocks' indices after the removal
+                    with adapter.hold(kept):
+                        state = store.save({**state, "alive": alive, "iterations": iterations, "ranks": ranks},
+                                           {alive[j]: adapter.blocks[j] for j in kept}, k)
         for i, block in enumerate(adapter.blocks):
             if any(isinstance(m, FusedLinear) for m in block.modules()):
                 with adapter.hold([i], write=True):

@@ -9,17 +9,23 @@ so their LoRA factors are shared too.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 
 import torch
 from torch import nn
 
+from compress_eval import distributed
 from compress_eval.config import RecoveryOptions
 from compress_eval.errors import UserError
 from compress_eval.methods.finite import require_finite
-from compress_eval.models.adapters import from_out_in, is_conv1d, is_linear, out_in
+from compress_eval.models.adapters import from_out_in, is_conv1d, is_linear, out_in, vision_modules
+from compress_eval.progress import bar
 from compress_eval.quantize import check_trainable
+
+log = logging.getLogger(__name__)
 
 # Paper defaults: lr 5e-5 for full fine-tunes (GPT-2, ViT, MT), 5e-4 for (Q)LoRA (OLMo-7B).
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "qlora": 5e-4}
@@ -132,8 +138,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
-def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0,
-              log=None) -> dict:
+def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0) -> dict:
     """Next-token fine-tune of ``model`` in place on ``windows``; returns a summary for the manifest.
 
     Every step checks the loss and the trainable weights (all of them for ``full``: a float32 sum per
@@ -154,27 +159,36 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_schedule(s, warmup))
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(sequences.size(0), generator=generator)
+    local = distributed.shard(sequences)  # data parallel: each process runs its members of every batch
     losses = []
     was_training = model.training
     model.train()
+    steps = bar(range(options.recover_steps), f"recovery {mode}", unit="step")
     try:
-        for step in range(options.recover_steps):
-            idx = [int(order[(step * options.recover_batch_size + j) % len(order)])
-                   for j in range(options.recover_batch_size)]
-            ids = sequences[idx].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+        for step in steps:
+            idx = torch.tensor([int(order[(step * options.recover_batch_size + j) % len(order)])
+                                for j in range(options.recover_batch_size)])
+            mine = distributed.local_positions(idx)  # the whole batch in one process
+            value = 0.0
+            if mine.numel():
+                ids = local[mine].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                value = loss.item() * (mine.numel() / idx.numel())
+            distributed.reduce_gradients(trainable, mine.numel(), idx.numel())
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
+            value = distributed.all_sum(value)
             require_finite(value, trainable, f"recovery {mode} step {step + 1}/{options.recover_steps}",
                            {"--recover-lr": lr})
             losses.append(round(value, 4))
-            if log and (step + 1) % max(1, options.recover_steps // 5) == 0:
-                log(f"recovery {mode} step {step + 1}/{options.recover_steps} loss {losses[-1]}")
+            steps.set_postfix(loss=losses[-1], refresh=False)
+            if (step + 1) % max(1, options.recover_steps // 5) == 0:
+                log.debug("recovery %s step %d/%d loss %s", mode, step + 1, options.recover_steps, losses[-1])
     finally:
+        steps.close()  # now, not when the traceback of an error goes: the error line after the bar
         model.train(was_training)
     if mode in ("lora", "qlora"):
         merge_lora_(model)
@@ -189,17 +203,21 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
 
 
 def _prepare(model: nn.Module, options: RecoveryOptions) -> list[nn.Parameter]:
-    """Make the parameters to train trainable (and only those); for (Q)LoRA inject the adapters."""
+    """Make the parameters to train trainable (and only those); for (Q)LoRA inject the adapters. A VLM's
+    vision tower and projector get no adapter and stay float (text calibration never reaches them)."""
     for p in model.parameters():
         p.requires_grad_(options.recover == "full")
     if options.recover == "full":
         return [p for p in model.parameters()]
     from peft import LoraConfig, inject_adapter_in_model
 
+    vision = vision_modules(model)
     if options.recover == "qlora":
-        to_nf4_(model, skip=(model.get_output_embeddings(),))
+        kept = (m for path in vision for m in model.get_submodule(path).modules())
+        to_nf4_(model, skip=(model.get_output_embeddings(), *kept))
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=_linear_names(model), bias="none")
+                        target_modules=_linear_names(model), bias="none",
+                        exclude_modules="|".join(rf"{re.escape(path)}\..*" for path in vision) or None)
     inject_adapter_in_model(config, model)
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in trainable:

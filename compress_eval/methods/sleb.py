@@ -15,6 +15,7 @@ from compress_eval.errors import UserError
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions, lowest
 from compress_eval.methods.registry import register_method
+from compress_eval.progress import bar
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import removal_ppl
 from compress_eval.scoring.prefix import calibration_tokens
@@ -43,7 +44,7 @@ class Sleb(Compressor):
         original = list(range(adapter.num_blocks))  # original index of each current block
         tokens = calibration_tokens(calib)
         iterations, start = [], time.perf_counter()
-        for _ in range(k):
+        for _ in bar(range(k), "sleb: removals", unit="block"):
             candidates = candidate_blocks(adapter.num_blocks, self.options.protect_ends)
             nll, ppl = removal_ppl(self.options.prefix_states(adapter, calib), candidates)
             best = candidates[lowest(nll, 1)[0]]

@@ -78,6 +78,8 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "transformer.h", "transformer.ln_f", {"qkv": "attn.c_attn", "o": "attn.c_proj"},
                    {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, ("ln_1", "ln_2"), conv1d=True),
     "llava": _multimodal("llava", _PRE_NORMS),
+    "llava_next": _multimodal("llava_next", _PRE_NORMS),
+    "qwen2_vl": _multimodal("qwen2_vl", _PRE_NORMS),  # q/k/v biases, as Qwen2
     "gemma3": _multimodal("gemma3", _QK_NORMS + _SANDWICH_NORMS),
 }
 
@@ -87,6 +89,16 @@ def is_multimodal(model_type: str | None) -> bool:
     (loaded with ``AutoModelForImageTextToText``): the families whose decoder config is nested."""
     family = FAMILIES.get(model_type)
     return family is not None and family.text_config is not None
+
+
+def vision_modules(model: nn.Module) -> list[str]:
+    """Paths of the modules beside a vision-language model's language model (vision tower, projector):
+    compression leaves them as they are, the quantization stage included; [] for a text model."""
+    if not is_multimodal(getattr(model.config, "model_type", None)):
+        return []
+    language_model = FAMILIES[model.config.model_type].blocks.rpartition(".")[0]  # model.language_model
+    parent, _, name = language_model.rpartition(".")
+    return [f"{parent}.{child}" for child, _ in _get(model, parent).named_children() if child != name]
 
 
 # --- linears: plain nn.Linear or GPT-2's Conv1D ------------------------------------------------

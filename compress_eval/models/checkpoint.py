@@ -155,9 +155,10 @@ def git_sha() -> str | None:
 
 
 def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] | None = None,
-                     max_shard_size: str = "5GB") -> None:
+                     max_shard_size: str = "5GB", processor=None) -> None:
     """Weights as safetensors (never pickle) in shards of at most ``max_shard_size``, config,
-    generation config and tokenizer. An offloaded model is written unit by unit."""
+    generation config, tokenizer and a VLM's processor (``AutoProcessor`` loads the checkpoint as it
+    loaded the source). An offloaded model is written unit by unit."""
     offloader = offloader_of(model)
     with copies_detached(model, tie_map or {}):
         if offloader is None:
@@ -168,5 +169,6 @@ def save_model_files(model, tokenizer, directory: Path, tie_map: dict[str, str] 
             if model.can_generate() and model.generation_config is not None:
                 model.generation_config.save_pretrained(directory)
             save_sharded(offloader, directory, parse_memory(max_shard_size))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    for part in (tokenizer, processor):
+        if part is not None:
+            part.save_pretrained(directory)

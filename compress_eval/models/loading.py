@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from compress_eval import distributed
 from compress_eval.errors import UserError
 from compress_eval.manifest import Manifest
 from compress_eval.models.adapters import is_multimodal
@@ -27,6 +28,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def default_device() -> str:
+    """The GPU if there is one (under a data-parallel launcher, this process's own), else the CPU."""
+    if distributed.world_size() > 1:
+        return str(distributed.device())
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -133,6 +137,24 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
         raise UserError(f"cannot load model from {where}: {str(exc).splitlines()[0]}{hint}") from None
     model.to(device).eval()
     return model, tokenizer, source
+
+
+def load_processor(model, name: str, trust_remote_code: bool = False):
+    """The processor (image processor + tokenizer) of a vision-language model, saved with its
+    checkpoint so that the checkpoint takes images; None for a text model or a source without one
+    (said in the log: such a checkpoint is text-only)."""
+    if not is_multimodal(getattr(model.config, "model_type", None)):
+        return None
+    from transformers import AutoProcessor, ProcessorMixin
+
+    where = local_path_or_id(resolve(name))
+    try:
+        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ImportError, AttributeError) as exc:  # no preprocessor_config.json; a missing torchvision
+        log.warning("%s has no loadable processor (%s): its checkpoint keeps the tokenizer only and takes no "
+                    "images", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return processor if isinstance(processor, ProcessorMixin) else None
 
 
 def model_directory(where: str) -> Path:

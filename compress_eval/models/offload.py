@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from compress_eval.errors import UserError
+from compress_eval.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -396,15 +397,18 @@ def save_sharded(offloader: Offloader, directory: Path, max_shard_bytes: int) ->
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for file, shard in zip(files, shards):
-        with open(directory / file, "wb") as f:
-            f.write(_header([(name, t) for _, todo in shard for name, *_, t in todo]))
-            for unit, todo in shard:
-                with offloader.hold(unit.roots[:1]):
-                    for name, module, attr, is_param, _ in todo:
-                        value = (module._parameters if is_param else module._buffers)[attr]
-                        f.write(memoryview(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
-                        weight_map[name] = file
+    with bar(desc="saving", total=sum(len(shard) for shard in shards), unit="unit") as shown:
+        for file, shard in zip(files, shards):
+            with open(directory / file, "wb") as f:
+                f.write(_header([(name, t) for _, todo in shard for name, *_, t in todo]))
+                for unit, todo in shard:
+                    with offloader.hold(unit.roots[:1]):
+                        for name, module, attr, is_param, _ in todo:
+                            value = (module._parameters if is_param else module._buffers)[attr]
+                            f.write(memoryview(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                                               .numpy()))
+                            weight_map[name] = file
+                    shown.update()
     if len(files) > 1:
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -128,8 +128,9 @@ def results_section(ppl: dict, accuracies: dict[str, float], lm_eval: dict) -> s
     return "\n\n".join(parts)
 
 
-def usage_section(manifest: Manifest, repo_id: str | None) -> str:
-    """``compress-eval eval`` always; transformers alone only when nothing needs our loader."""
+def usage_section(manifest: Manifest, repo_id: str | None, multimodal: bool = False) -> str:
+    """``compress-eval eval`` always; transformers alone only when nothing needs our loader (a VLM's
+    Auto classes for a vision-language model)."""
     download = f"hf download {repo_id} --local-dir DIR\n" if repo_id else ""
     parts = ["## Use", f"`DIR` is this checkpoint's directory{', downloaded from the Hub first' if repo_id else ''}:",
              f"```bash\n{download}compress-eval eval DIR --tasks {EVAL_TASKS}\n```"]
@@ -141,19 +142,23 @@ def usage_section(manifest: Manifest, repo_id: str | None) -> str:
                   "```python\nfrom compress_eval.models.loading import load_model\n\n"
                   "model, tokenizer, _ = load_model(\"DIR\")\n```"]
     else:
-        parts.append("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                     "model = AutoModelForCausalLM.from_pretrained(\"DIR\")\n"
-                     "tokenizer = AutoTokenizer.from_pretrained(\"DIR\")\n```")
+        auto, pre, name = (("AutoModelForImageTextToText", "AutoProcessor", "processor") if multimodal
+                           else ("AutoModelForCausalLM", "AutoTokenizer", "tokenizer"))
+        parts.append(f"```python\nfrom transformers import {auto}, {pre}\n\n"
+                     f"model = {auto}.from_pretrained(\"DIR\")\n"
+                     f"{name} = {pre}.from_pretrained(\"DIR\")\n```")
     return "\n\n".join(parts)
 
 
 def render_card(manifest: Manifest, base_model: str | None = None, ppl: dict | None = None,
                 accuracies: dict[str, float] | None = None, lm_eval: dict | None = None,
-                repo_id: str | None = None) -> str:
+                repo_id: str | None = None, multimodal: bool = False) -> str:
     """The README.md text. ``base_model``: the Hub id of the compressed model, if it has one;
     ``accuracies``: {lm-eval task: accuracy} as the leaderboard reads them from ``lm_eval`` (lm-eval's
-    results JSON, which also gives documents, shots and limit); ``repo_id``: where the card is pushed."""
-    data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+    results JSON, which also gives documents, shots and limit); ``repo_id``: where the card is pushed;
+    ``multimodal``: a vision-language model (its pipeline tag and Auto classes)."""
+    data = ModelCardData(base_model=base_model, library_name="transformers",
+                         pipeline_tag="image-text-to-text" if multimodal else "text-generation",
                          tags=card_tags(manifest))
     name = base_model or manifest.base_model.name
     done = [m for m in methods_of(manifest) if m != "none"]
@@ -164,7 +169,7 @@ def render_card(manifest: Manifest, base_model: str | None = None, ppl: dict | N
              + ". Everything else (per-step timings, package versions, git sha) is in `compress_eval.json`.")
     body = [f"# {Path(name).name}: {' + '.join(done) or 'unchanged'}", intro,
             compression_section(manifest), results_section(ppl or {}, accuracies or {}, lm_eval or {}),
-            usage_section(manifest, repo_id)]
+            usage_section(manifest, repo_id, multimodal)]
     if manifest.recipe:
         body.append(f"## Recipe\n\n`compress-eval compress --recipe recipe.yaml --out OUT` makes it again:\n\n"
                     f"```yaml\n{manifest.recipe.rstrip()}\n```")

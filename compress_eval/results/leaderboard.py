@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress_eval.results.store import LOCK_DIR, Run, RunError, read_run
+from compress_eval.tasknames import display_name
 
 PPL_ORDER = ["wikitext2_ppl", "c4_ppl"]
 ACC_ORDER = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]  # FuseGPT's Table II
@@ -95,7 +96,7 @@ def build(runs_dir: Path, exclude: Path | None = None) -> Board:
 def metric_title(metric: str) -> str:
     if metric == AVG_ACC:
         return "avg acc (%)"
-    return f"{metric.removesuffix('_ppl')} ppl" if is_ppl(metric) else f"{metric} (%)"
+    return f"{metric.removesuffix('_ppl')} ppl" if is_ppl(metric) else f"{display_name(metric)} (%)"
 
 
 def shown(metric: str, value: float) -> float:

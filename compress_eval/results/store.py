@@ -23,6 +23,7 @@ from compress_eval.config import validation_message
 from compress_eval.errors import UserError
 from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic, write_text_atomic
 from compress_eval.manifest import Manifest
+from compress_eval.models.adapters import is_multimodal
 from compress_eval.models.registry import hub_id
 from compress_eval.results.card import MARKER, render_card
 from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS, display_name
@@ -91,14 +92,19 @@ def store_lm_eval_results(run_dir: str | Path, results: dict) -> Path:
     ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
     """
     path = Path(run_dir) / LM_EVAL_FILE
-    merged = _results(path)
+    write_json_atomic(path, merge_lm_eval_results(_results(path), results))
+    write_card(run_dir)
+    return path
+
+
+def merge_lm_eval_results(merged: dict, results: dict) -> dict:
+    """``merged`` with ``results`` of other tasks added: the per-task sections (``results``, ``configs``,
+    ``versions``, ...) merged, the run-level fields those of ``results``; samples are not kept."""
     for key, value in results.items():
         if key != "samples":
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and key != "config" \
                 else value
-    write_json_atomic(path, merged)
-    write_card(run_dir)
-    return path
+    return merged
 
 
 def write_recipe(run_dir: Path, recipe: str | None) -> None:
@@ -130,8 +136,9 @@ def write_card(run_dir: str | Path, repo_id: str | None = None) -> Path | None:
     if manifest is None or (path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace")):
         return None
     lm_eval = _results(run_dir / LM_EVAL_FILE)
+    multimodal = is_multimodal((read_json(run_dir / "config.json") or {}).get("model_type"))
     text = render_card(manifest, base_model_id(manifest), _results(run_dir / PPL_FILE),
-                       lm_eval_accuracies(lm_eval), lm_eval, repo_id)
+                       lm_eval_accuracies(lm_eval), lm_eval, repo_id, multimodal)
     return write_text_atomic(path, text)
 
 
@@ -152,7 +159,8 @@ def completed_tasks(run_dir: Path, tasks: list[str]) -> set[str]:
     """
     ppl = read_json(run_dir / PPL_FILE) or {}
     lm_eval = {display_name(t) for t in (read_json(run_dir / LM_EVAL_FILE) or {}).get("results", {})}
-    return {t for t in tasks if (t in PPL_TASKS and ppl_key(t) in ppl) or LM_EVAL_TASKS.get(t, t) in lm_eval}
+    return {t for t in tasks
+            if (t in PPL_TASKS and ppl_key(t) in ppl) or display_name(LM_EVAL_TASKS.get(t, t)) in lm_eval}
 
 
 @contextlib.contextmanager

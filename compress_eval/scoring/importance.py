@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from compress_eval import distributed
 from compress_eval.models.adapters import get_adapter
 from compress_eval.scoring.prefix import PrefixStates, batches
 from compress_eval.scoring.ppl import model_device, window_nll
@@ -38,6 +39,7 @@ def block_influence(prefix: PrefixStates) -> list[float]:
             cos = token_cosines(prefix.entering(i, b), prefix.entering(i + 1, b))
             cos_sum += cos.sum().item()
             count += cos.numel()
+        cos_sum, count = distributed.all_sum([cos_sum, count])
         scores.append(1.0 - cos_sum / count)
     return scores
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compress_eval import distributed
+from compress_eval.progress import bar
+
 
 @dataclass
 class PplResult:
@@ -43,19 +46,17 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> PplResult:
-    """Perplexity of ``model`` over (n, seqlen) token windows."""
+    """Perplexity of ``model`` over (n, seqlen) token windows (``progress``: with a bar)."""
     device = model_device(model)
     start = time.perf_counter()
     total = 0.0
-    batches = range(0, windows.size(0), batch_size)
-    if progress:
-        from rich.progress import track
-
-        batches = track(batches, description=f"ppl ({windows.size(0)} x {windows.size(1)} tokens)")
-    for b in batches:
-        ids = windows[b: b + batch_size].to(device)
+    local = distributed.shard(windows)  # data parallel: this process's windows, NLL summed over all
+    for b in bar(range(0, local.size(0), batch_size), f"ppl ({windows.size(0)} x {windows.size(1)} tokens)",
+                 disable=not progress, unit="batch"):
+        ids = local[b: b + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits
         total += window_nll(logits, ids).sum().item()
+    total = distributed.all_sum(total)
     tokens = windows.size(0) * (windows.size(1) - 1)
     mean = total / tokens
     return PplResult(math.exp(mean) if mean < 700 else math.inf, total, tokens, windows.size(0), time.perf_counter() - start)

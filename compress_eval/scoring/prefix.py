@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from compress_eval import distributed
 from compress_eval.models.adapters import Adapter, BlockRunner, embed_inputs
+from compress_eval.progress import bar
 from compress_eval.scoring.ppl import window_nll
 
 
@@ -28,6 +30,7 @@ def calibration_tokens(windows: torch.Tensor) -> int:
 
 class PrefixStates:
     """X_0..X_L for every calibration batch: ``states[i][b]`` enters block i (X_L = last block's output).
+    Under data parallelism each process caches its share of the windows, and the scores are summed.
 
     ``store`` is where the cache lives (``"cpu"`` keeps GPU memory for the suffix runs on big models);
     each tensor moves to the model's device only while it is being used.
@@ -38,15 +41,17 @@ class PrefixStates:
         self.device = adapter.device
         self.store = torch.device(store) if store else self.device
         self.runner = BlockRunner(adapter, calib.size(1))
-        self.input_ids = list(batches(calib, batch_size))
+        self.input_ids = list(batches(distributed.shard(calib), batch_size))  # this process's windows
         self.states: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_blocks + 1)]
-        with torch.no_grad():
+        with torch.no_grad(), bar(desc="calibration forwards", total=len(self.input_ids) * adapter.num_blocks,
+                                  unit="block", leave=False) as shown:
             for ids in self.input_ids:
                 hidden = embed_inputs(self.adapter, ids.to(self.device))
                 self.states[0].append(hidden.to(self.store))
                 for i in range(adapter.num_blocks):
                     hidden = self.runner.run_block(i, hidden)
                     self.states[i + 1].append(hidden.to(self.store))
+                    shown.update()
 
     @property
     def num_batches(self) -> int:
@@ -66,8 +71,8 @@ class PrefixStates:
 
     @property
     def tokens(self) -> int:
-        """Calibration tokens that carry an NLL term."""
-        return sum(calibration_tokens(ids) for ids in self.input_ids)
+        """Calibration tokens that carry an NLL term (of every process)."""
+        return int(distributed.all_sum(float(sum(calibration_tokens(ids) for ids in self.input_ids))))
 
     def batch_nll(self, hidden: torch.Tensor, b: int) -> float:
         """Summed next-token NLL of calibration batch b given its last hidden state H.
@@ -92,7 +97,7 @@ class PrefixStates:
     @torch.no_grad()
     def score_each_removal(self, score: Callable[[torch.Tensor, int], float],
                            candidates: Iterable[int] | None = None, width: int = 1) -> list[float]:
-        """For each candidate i (default: every possible start): sum over batches of
+        """For each candidate i (default: every possible start): sum over batches (of every process) of
         ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped.
 
         Block-major: per batch, every candidate's state advances through block j while j is on the
@@ -101,15 +106,18 @@ class PrefixStates:
         n = self.adapter.num_blocks
         candidates = list(range(n - width + 1) if candidates is None else candidates)
         totals = [0.0] * len(candidates)
-        for b in range(self.num_batches):
-            live: dict[int, torch.Tensor] = {}  # candidate position -> its state past the skipped blocks
-            for j in range(n + 1):
-                live.update({k: self.entering(i, b) for k, i in enumerate(candidates) if i + width == j})
-                if j == n or not live:
-                    continue
-                with self.adapter.hold([j]):
-                    for k in live:
-                        live[k] = self.runner.run_block(j, live[k])
-            for k in range(len(candidates)):
-                totals[k] += score(live.pop(k), b)
-        return totals
+        runs = self.num_batches * sum(n - i - width for i in candidates)  # block runs: the bar's ETA is exact
+        with bar(desc="scoring candidates", total=runs, unit="block", leave=False) as shown:
+            for b in range(self.num_batches):
+                live: dict[int, torch.Tensor] = {}  # candidate position -> its state past the skipped blocks
+                for j in range(n + 1):
+                    live.update({k: self.entering(i, b) for k, i in enumerate(candidates) if i + width == j})
+                    if j == n or not live:
+                        continue
+                    with self.adapter.hold([j]):
+                        for k in live:
+                            live[k] = self.runner.run_block(j, live[k])
+                    shown.update(len(live))
+                for k in range(len(candidates)):
+                    totals[k] += score(live.pop(k), b)
+        return distributed.all_sum(totals)

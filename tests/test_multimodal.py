@@ -1,0 +1,282 @@
+"""Vision-language models: their language model compressed, the checkpoint a plain llava-hf one (processor,
+config, untouched vision tower), lm-eval's multimodal type and the offline MMMU task on tiny VLMs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compress_eval.cli.app import app
+from conftest import VLM_FAMILIES, saved_model_dir, saved_vlm_dir, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def image(seed: int = 0, size=(24, 20)):
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def untouched(state: dict) -> dict:
+    """The tensors outside the language model (vision tower, projector, image newline)."""
+    return {k: v for k, v in state.items() if "language_model" not in k and not k.startswith("lm_head")}
+
+
+def image_inputs(model, family: str, directory: Path) -> dict:
+    """A chat prompt with one image, as the checkpoint's processor makes it; Qwen2-VL's processor needs
+    torchvision, so its inputs are assembled from its image processor and the config's token ids."""
+    if family != "qwen2_vl":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(directory)
+        content = [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return dict(processor(images=[image()], text=[text], return_tensors="pt"))
+    from transformers import Qwen2VLImageProcessor
+
+    pixels = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=256,
+                                   max_pixels=1024)(images=[image()], return_tensors="pt")
+    cfg = model.config
+    n_image = int(pixels["image_grid_thw"].prod()) // cfg.vision_config.spatial_merge_size ** 2
+    ids = [5, 7, cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [cfg.vision_end_token_id, 9, 11]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            **pixels}
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_compressed_vlm_is_a_plain_checkpoint(family, data_dir, tmp_path):
+    """shortgpt (calibrated as text through the language model) prunes a block; the checkpoint loads
+    with the Auto classes at the new depth, keeps the vision side bit for bit, and generates the same
+    tokens from an image with and without the KV cache."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    src = tmp_path / "src"
+    if family == "qwen2_vl":
+        saved_model_dir(src, tiny_model(family))
+    else:
+        saved_vlm_dir(src, family)
+    out = tmp_path / "out"
+    result = invoke("compress", src, "--method", "shortgpt", "--num-blocks", 1, "--calib-samples", 2,
+                    "--seqlen", 16, "--out", out)
+    assert result.exit_code == 0, result.output
+    config = AutoConfig.from_pretrained(out)
+    text = config.get_text_config()
+    assert text.num_hidden_layers == 3
+    for name, value in text.to_dict().items():  # every per-layer list follows the depth
+        assert not isinstance(value, list) or len(value) != 4, name
+    if getattr(text, "layer_types", None) is not None:
+        assert len(text.layer_types) == 3
+    if family != "qwen2_vl":
+        assert type(AutoProcessor.from_pretrained(out)).__name__ == type(AutoProcessor.from_pretrained(src)).__name__
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "AutoModelForImageTextToText.from_pretrained" in card
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert len(model.model.language_model.layers) == 3
+    before = untouched(AutoModelForImageTextToText.from_pretrained(src).state_dict())
+    after = untouched(model.state_dict())
+    assert before and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    inputs = image_inputs(model, family, out)
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+FUSE_FAST = ["--set", "epochs=1", "--set", "batch_size=2", "--set", "group_size=3", "--set", "coef_rank=64",
+             "--set", "lora_rank=4"]
+
+
+@pytest.mark.parametrize("method", [["sleb", "--num-blocks", 1], ["drop-window", "--num-blocks", 1],
+                                    ["fuse", "--num-blocks", 1, *FUSE_FAST],
+                                    ["drop", "--blocks", 1, "--recover", "lora", "--recover-steps", 2]],
+                         ids=["sleb", "drop-window", "fuse", "lora-recovery"])
+def test_every_method_compresses_the_language_model_only(method, data_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    src = saved_vlm_dir(tmp_path / "src", "llava_next")
+    result = invoke("compress", src, "--method", *method, "--calib-samples", 4, "--seqlen", 16,
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert model.config.text_config.num_hidden_layers == len(model.model.language_model.layers) == 3
+    before = untouched(AutoModelForImageTextToText.from_pretrained(src).state_dict())
+    after = untouched(model.state_dict())
+    assert before and before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_adapters_stay_in_the_language_model():
+    from compress_eval.config import RecoveryOptions
+    from compress_eval.methods.recovery import _prepare
+    from compress_eval.models.adapters import vision_modules
+
+    model = tiny_model("llava")
+    trainable = _prepare(model, RecoveryOptions(recover="lora"))
+    names = [n for n, p in model.named_parameters() if any(p is t for t in trainable)]
+    assert names and all(".language_model." in n for n in names)
+    assert not any("lora_" in n for n, _ in model.named_parameters() if n.startswith(tuple(vision_modules(model))))
+
+
+def test_a_vlm_without_a_processor_is_saved_text_only(data_dir, tmp_path, caplog):
+    src = saved_model_dir(tmp_path / "src", tiny_model("llava"))
+    result = invoke("compress", src, "--method", "drop", "--blocks", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "preprocessor_config.json").exists()
+    assert "no loadable processor" in caplog.text
+
+
+# --- names ---------------------------------------------------------------------------------------
+def test_mmmu_names(tmp_path, monkeypatch):
+    from compress_eval.errors import UserError
+    from compress_eval.tasknames import display_name, lm_eval_task_name, parse_tasks, split_image_tasks
+
+    monkeypatch.delenv("COMPRESS_EVAL_DATA_DIR", raising=False)
+    assert parse_tasks("mmmu,mmmu_val,piqa,ce_mmmu") == ["mmmu_val", "piqa", "ce_mmmu"]
+    assert split_image_tasks(["piqa", "mmmu_val", "ce_mmmu"]) == (["piqa"], ["mmmu_val", "ce_mmmu"])
+    assert lm_eval_task_name("mmmu_val", None) == "mmmu_val"
+    assert lm_eval_task_name("mmmu_val", tmp_path) == "ce_mmmu" == lm_eval_task_name("ce_mmmu", tmp_path)
+    assert lm_eval_task_name("piqa", tmp_path) == "ce_piqa"
+    assert display_name("ce_mmmu") == "mmmu_val" and display_name("ce_piqa") == "piqa"
+    with pytest.raises(UserError, match="data directory"):
+        lm_eval_task_name("ce_mmmu", None)
+
+
+# --- easy-vqa in MMMU's schema ---------------------------------------------------------------------
+def test_easy_vqa_questions_are_mmmu_multiple_choice():
+    pytest.importorskip("easy_vqa")
+    import ast
+
+    import easy_vqa
+    from lm_eval.tasks.mmmu.utils import doc_to_image, doc_to_text
+
+    from compress_eval.data.easy_vqa import answer_groups, mmmu_rows
+
+    rows = mmmu_rows("test", seed=3, limit=60)
+    assert rows == mmmu_rows("test", seed=3, limit=60) and rows != mmmu_rows("test", seed=4, limit=60)
+    _, answers, _ = easy_vqa.get_test_questions()
+    groups = answer_groups()
+    for row in rows:
+        options = ast.literal_eval(row["options"])
+        truth = answers[int(row["id"].rsplit("_", 1)[1]) - 1]
+        assert options[ord(row["answer"]) - ord("A")] == truth
+        assert set(options) <= set(groups[truth]) and len(set(options)) == len(options) == min(4, len(groups[truth]))
+        doc = {**row, "image_1": "IMAGE"}
+        assert doc_to_image(doc) == ["IMAGE"] and doc_to_text(doc).startswith("<image> ")
+    assert {r["subfield"] for r in rows} == {"yes/no", "shape", "colour"}
+
+
+@pytest.fixture
+def vlm_data(tmp_path, monkeypatch):
+    """A data directory with the text corpora, shared/data's PIQA when it is beside the checkout, and 8
+    easy-vqa questions that the converter script wrote in MMMU's layout."""
+    pytest.importorskip("easy_vqa")
+    from conftest import SHARED_DATA, write_data_dir
+
+    root = write_data_dir(tmp_path / "data")
+    if (SHARED_DATA / "piqa").is_dir():
+        (root / "piqa").symlink_to(SHARED_DATA / "piqa")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "easy_vqa_to_mmmu.py"), "--out", str(root / "mmmu"),
+                           "--limit", "8"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 8 questions" in done.stdout and (root / "mmmu" / "EasyVQA" / "SOURCE-validation.md").is_file()
+    monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
+    monkeypatch.setenv("COMPRESS_EVAL_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """lm-eval sends one small request at a time: a second OpenMP thread only waits (see test_lm_eval)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_eval_ce_mmmu_offline(vlm_data, tmp_path):
+    vlm = saved_vlm_dir(tmp_path / "vlm", "llava")
+    result = invoke("eval", vlm, "--tasks", "ce_mmmu", "--limit", 4)
+    assert result.exit_code == 0, result.output
+    assert "mmmu_val" in result.output and "acc" in result.output
+
+
+def test_run_then_eval_mmmu_with_text_tasks(vlm_data, tmp_path):
+    """One run: perplexity and a text benchmark through the language model, MMMU through the whole VLM;
+    lm-eval's results of both kinds merged in the checkpoint."""
+    text = ["piqa"] if (vlm_data / "piqa").exists() else []
+    out = tmp_path / "out"
+    result = invoke("run", saved_vlm_dir(tmp_path / "vlm", "llava_next"), "--method", "drop", "--blocks", 1,
+                    "--out", out, "--then-eval", ",".join(["wiki", *text, "mmmu"]), "--limit", 1,
+                    "--eval-seqlen", 16, "--max-windows", 2)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "lm_eval_results.json").read_text())
+    assert set(stored["results"]) == {"ce_mmmu", *(f"ce_{t}" for t in text)}
+    assert stored["config"]["model"] == "compressed-multimodal"
+    assert "wikitext2_ppl" in json.loads((out / "results_ppl.json").read_text())
+
+
+def test_image_tasks_run_in_the_chat_format_with_one_image(vlm_data, tmp_path):
+    from compress_eval.evaluate import build_lm, evaluate_lm_eval
+
+    vlm = str(saved_vlm_dir(tmp_path / "vlm", "llava"))
+    lm = build_lm(vlm, images=True)
+    evaluate_lm_eval(lm, vlm, ["mmmu_val"], limit=1)
+    assert lm.chat_applied and lm.max_images == 1
+
+
+def test_multimodal_type_sets_the_processor_from_a_tokenizer_arg(tmp_path):
+    """lm-eval's own hf-multimodal returns a given tokenizer= without setting its processor."""
+    from transformers import ProcessorMixin
+
+    from compress_eval.lm_eval_plugin import CompressedMultimodalLM
+
+    vlm = str(saved_vlm_dir(tmp_path / "vlm", "llava"))
+    lm = CompressedMultimodalLM(pretrained=vlm, tokenizer=vlm, device="cpu")
+    assert isinstance(lm.processor, ProcessorMixin) and lm.tokenizer is lm.processor.tokenizer
+
+
+def test_image_tasks_refuse_a_text_model(vlm_data, tiny_model_dir):
+    from compress_eval.errors import UserError
+    from compress_eval.evaluate import evaluate_tasks
+
+    with pytest.raises(UserError, match="is a text model"):
+        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], device="cpu")
+    with pytest.raises(UserError, match="--batch-size auto"):
+        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], batch_size="auto", device="cpu")
+
+
+def test_merged_int8_vlm_loads_in_the_multimodal_type(data_dir, tmp_path):
+    """FF merging (a tie map) then LLM.int8(): the language model's linears are quantized, the vision side
+    stays float and equal to the source's, and compressed-multimodal rebuilds the ties."""
+    pytest.importorskip("bitsandbytes")
+    from compress_eval.lm_eval_plugin import CompressedMultimodalLM
+    from compress_eval.models.adapters import get_adapter, vision_modules
+
+    src = saved_vlm_dir(tmp_path / "src", "llava")
+    out = tmp_path / "out"
+    result = invoke("compress", src, "--method", "merge", "--window", "1-2", "--calib-samples", 2, "--seqlen", 16,
+                    "--quantize", "int8", "--out", out)
+    assert result.exit_code == 0, result.output
+    lm = CompressedMultimodalLM(pretrained=str(out), device="cpu")
+    adapter = get_adapter(lm.model)
+    assert adapter.mlp(adapter.blocks[1]) is adapter.mlp(adapter.blocks[2])
+    assert type(adapter.linear(adapter.blocks[0], "q")).__name__ == "Linear8bitLt"
+    source = tiny_model("llava").state_dict()
+    for path in vision_modules(lm.model):
+        for name, module in lm.model.get_submodule(path).named_modules():
+            assert type(module).__name__ != "Linear8bitLt", f"{path}.{name}"
+        for name, tensor in lm.model.get_submodule(path).state_dict().items():
+            assert torch.equal(tensor, source[f"{path}.{name}"]), f"{path}.{name}"
