@@ -102,10 +102,11 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("collectives")
+        comm = f"{c['calls']}, {c['bytes'] / 2**20:.1f}, {c['seconds']}" if c else "-"
         lines.append(
             f"| {r['run']} | {r['seconds_1']} | {r['seconds_2']} | {r['time_ratio']} | {r.get('removed_1', '-')} | "
             f"{r.get('removed_2', '-')} | {r.get('max_weight_difference', '-')} | {r.get('ppl_1', '-')} | "
-            f"{r.get('ppl_2', '-')} | {f'{c['calls']}, {c['bytes'] / 2**20:.1f}, {c['seconds']}' if c else '-'} | "
+            f"{r.get('ppl_2', '-')} | {comm} | "
             f"{' / '.join(map(str, r['expected_s'].values())) if 'expected_s' in r else '-'} |")
     (RESULTS / "distributed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
