@@ -107,6 +107,18 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def peer_failure(exc: BaseException) -> str | None:
+    """The one line for a collective that failed because another process of the run is gone, else None."""
+    # gloo reports a dead peer as a plain RuntimeError naming its transport; NCCL as a DistError
+    said = str(exc)
+    if world_size() > 1 and (isinstance(exc, torch.distributed.DistError)
+                             or any(mark in said for mark in ("/gloo/", "NCCL", "closed by peer", "reset by peer"))):
+        first = (said.strip().splitlines() or [type(exc).__name__])[0][:160]
+        return (f"another process of this run stopped ({first}): this one stops too and writes nothing; "
+                f"the launcher's report names the process that failed")
+    return None
+
+
 def record(windows: int) -> dict | None:
     """The manifest's account of the split: world size, each rank's number of windows, and rank 0's
     collectives so far (calls, bytes, seconds: the communication share of the run)."""

@@ -10,12 +10,16 @@ weights written, manifest not yet), ``loop-state`` (a FuseGPT --resume state was
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 
 def pause_here(ready: Path) -> None:
+    """Pause (in every process, or under a launcher only in rank $FAULT_RANK when it is set)."""
+    if os.environ.get("FAULT_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+        return
     ready.write_text("ready")
     time.sleep(3600)
 

@@ -105,13 +105,14 @@ def test_perplexity_windows_are_split(six_blocks, data_dir):
 
 
 def test_a_killed_rank_stops_every_rank_and_writes_nothing(six_blocks, data_dir, tmp_path):
-    """SIGKILL one rank inside the method: torchrun stops the other (SIGTERM: it unwinds), no --out."""
+    """SIGKILL rank 1 inside the method while rank 0 waits in a collective: rank 0 stops with one line,
+    torchrun ends the run, no --out."""
     import signal
     import time
     from pathlib import Path
 
     ready, out = tmp_path / "ready", tmp_path / "out"
-    env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "FAULT_RANK": "1"}
     fault = Path(__file__).parent / "fault_point.py"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(fault), "method", str(ready), "compress", str(six_blocks), "--method", "sleb",
@@ -133,10 +134,14 @@ def test_a_killed_rank_stops_every_rank_and_writes_nothing(six_blocks, data_dir,
             if rank is not None:
                 ranks[int(rank)] = int(pid)
     assert set(ranks) == {0, 1}, ranks
+    time.sleep(3)  # rank 0 reaches the first all-reduce of the scores and waits for rank 1
     os.kill(ranks[1], signal.SIGKILL)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
     assert not out.exists()
+    said = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and "another process of this run stopped" in said[0], output
+    assert "[rank0]: Traceback" not in output  # torchrun's own report follows, ours is the one line
     for pid in ranks.values():
         assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower(), \
             output

@@ -6,6 +6,7 @@ import functools
 
 import typer
 
+from compress_eval import distributed
 from compress_eval.errors import UserError
 
 
@@ -18,6 +19,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except RuntimeError as exc:  # data parallel: a collective whose peer process died
+            line = distributed.peer_failure(exc)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
