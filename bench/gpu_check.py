@@ -93,31 +93,39 @@ def scale_runs(model_dir: Path, device: str, data_dir) -> list[dict]:
     return rows
 
 
+def table(header: list[str], rows: list[dict], cells) -> list[str]:
+    """A markdown table of runs: ``cells(row)`` for a run that finished, its error across the row otherwise."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        body = [f"error: {r['error']}"] + [""] * (len(header) - 3) if "error" in r else cells(r)
+        lines.append("| " + " | ".join([r["run"], *map(str, body), "yes" if r["ok"] else "no"]) + " |")
+    return lines
+
+
+def method_cells(r: dict) -> list:
+    a, b = r["fp32"], r["bf16"]
+    return [a["removed"] or a["tied"] or "-", b["removed"] or b["tied"] or "-", f"{a['ppl']:.3f}", f"{b['ppl']:.3f}",
+            f"{r['rel_diff']:.2%}", f"{a['compress_s']} / {b['compress_s']}",
+            f"{a['peak_device_mb']} / {b['peak_device_mb']}"]
+
+
+def scale_cells(r: dict) -> list:
+    a, b = r["none"], r["cpu"]
+    return [a["removed"], b["removed"], a["peak_device_mb"], b["peak_device_mb"],
+            f"{a['compress_s']} / {b['compress_s']}"]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# CUDA bf16 check ({report['device_name']})", "",
              f"`{report['command']}`: {report['seconds']:.0f} s, {'PASSED' if report['ok'] else 'FAILED'}. "
              f"{report['model']}, calibration 8 x 512 (WikiText-2, seed 0), WikiText-2 perplexity on "
              f"{report['windows']} windows of 512; tolerance {report['tolerance']:.0%} (3x when bf16 chooses "
-             f"other blocks).", "",
-             "| run | removed (fp32) | removed (bf16) | ppl fp32 | ppl bf16 | rel. diff | compress s fp32 / bf16 "
-             "| peak device MB fp32 / bf16 | ok |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["methods"]:
-        if "error" in r:
-            lines.append(f"| {r['run']} | error: {r['error']} | | | | | | | no |")
-            continue
-        a, b = r["fp32"], r["bf16"]
-        lines.append(f"| {r['run']} | {a['removed'] or a['tied'] or '-'} | {b['removed'] or b['tied'] or '-'} | "
-                     f"{a['ppl']:.3f} | {b['ppl']:.3f} | {r['rel_diff']:.2%} | {a['compress_s']} / {b['compress_s']} "
-                     f"| {a['peak_device_mb']} / {b['peak_device_mb']} | {'yes' if r['ok'] else 'no'} |")
-    lines += ["", "| scale model (bf16) | removed in memory | removed --offload cpu | peak device MB in memory "
-                  "| peak device MB --offload cpu | compress s | ok |", "|---|---|---|---|---|---|---|"]
-    for r in report["scale"]:
-        if "error" in r:
-            lines.append(f"| {r['run']} | error: {r['error']} | | | | | no |")
-            continue
-        a, b = r["none"], r["cpu"]
-        lines.append(f"| {r['run']} | {a['removed']} | {b['removed']} | {a['peak_device_mb']} | "
-                     f"{b['peak_device_mb']} | {a['compress_s']} / {b['compress_s']} | {'yes' if r['ok'] else 'no'} |")
+             f"other blocks).", ""]
+    lines += table(["run", "removed (fp32)", "removed (bf16)", "ppl fp32", "ppl bf16", "rel. diff",
+                    "compress s fp32 / bf16", "peak device MB fp32 / bf16", "ok"], report["methods"], method_cells)
+    lines += [""] + table(["scale model (bf16)", "removed in memory", "removed --offload cpu",
+                           "peak device MB in memory", "peak device MB --offload cpu", "compress s", "ok"],
+                          report["scale"], scale_cells)
     return "\n".join(lines) + "\n"
 
 
