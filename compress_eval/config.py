@@ -43,11 +43,22 @@ class RecoveryOptions(MethodOptions):
 
 
 class Amount(MethodOptions):
-    """How much a method removes: one of a fraction of the blocks, a number of them, or which."""
+    """How much a method removes: one of a fraction of the blocks, a number of them, which, or a fraction
+    of the decoder's parameters (so that methods that remove blocks and methods that remove parts of
+    blocks compare at one size)."""
 
     sparsity: float | None = Field(None, description="fraction of blocks to remove, rounded up")
+    param_sparsity: float | None = Field(None, description="fraction of the decoder blocks' parameters to "
+                                                           "remove (at least; block methods round up to blocks)")
     num_blocks: int | None = Field(None, description="number of blocks to remove (instead of sparsity)")
     blocks: list[int] | None = Field(None, description="explicit block indices (method 'drop')")
+
+    def amount(self) -> dict[str, Any]:
+        """The amount fields, as given (None where not)."""
+        return {k: getattr(self, k) for k in Amount.model_fields}
+
+    def amount_given(self) -> bool:
+        return any(v is not None for v in self.amount().values())
 
     @field_validator("blocks")
     @classmethod
@@ -60,18 +71,18 @@ class Amount(MethodOptions):
                 raise ValueError(f"block {twice[0]} is listed twice in {v}: give each block once")
         return v
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", "param_sparsity")
     @classmethod
-    def _sparsity_in_range(cls, v):
+    def _sparsity_in_range(cls, v, info):
         if v is not None and not 0 < v < 1:
-            raise ValueError(f"sparsity must be in (0, 1), got {v}")
+            raise ValueError(f"{info.field_name} must be in (0, 1), got {v}")
         return v
 
     @model_validator(mode="after")
     def _one_amount(self):
-        given = [x is not None for x in (self.sparsity, self.num_blocks, self.blocks)]
+        given = [x is not None for x in (self.sparsity, self.num_blocks, self.blocks, self.param_sparsity)]
         if sum(given) > 1:
-            raise ValueError("give only one of sparsity, num_blocks, blocks")
+            raise ValueError("give only one of sparsity, num_blocks, blocks, param_sparsity")
         return self
 
 
@@ -126,7 +137,7 @@ Stage = Annotated[
                   custom_error_message="a stage is a mapping with one of the keys method, recover or quantize"),
 ]
 # What a stage sets; with ``stages`` these stay unset at the top level.
-STAGE_FIELDS = ("sparsity", "num_blocks", "blocks", "options", "recovery", "quantize", "double_quant",
+STAGE_FIELDS = ("sparsity", "num_blocks", "blocks", "param_sparsity", "options", "recovery", "quantize", "double_quant",
                 "compute_dtype")
 
 
@@ -216,8 +227,7 @@ class CompressConfig(Amount, Quantization):
         """The stages this config runs, in order: its ``stages``, or the one the flags describe."""
         if self.stages is not None:
             return list(self.stages)
-        stages: list = [MethodStage(method=self.method, sparsity=self.sparsity, num_blocks=self.num_blocks,
-                                    blocks=self.blocks, options=self.options)]
+        stages: list = [MethodStage(method=self.method, options=self.options, **self.amount())]
         if self.recovery.recover != "none":
             stages.append(RecoverStage(**self.recovery.model_dump()))
         if self.quantize:
@@ -232,13 +242,14 @@ class CompressConfig(Amount, Quantization):
         return CompressConfig.model_validate({**shared, **stage.model_dump(exclude_none=True)})
 
     def blocks_to_remove(self, num_layers: int) -> int:
-        """ceil(L * sparsity) as the papers round (guarding against 30 * 0.1 = 3.0000000000000004)."""
+        """ceil(L * sparsity) as the papers round (guarding against 30 * 0.1 = 3.0000000000000004). A
+        fraction of the parameters is the same fraction of the blocks: a decoder's blocks are one size."""
         if self.blocks is not None:
             n = len(set(self.blocks))
         elif self.num_blocks is not None:
             n = self.num_blocks
-        elif self.sparsity is not None:
-            n = math.ceil(round(num_layers * self.sparsity, 6))
+        elif self.sparsity is not None or self.param_sparsity is not None:
+            n = math.ceil(round(num_layers * (self.sparsity or self.param_sparsity), 6))
         else:
             raise UserError(f"method {self.method!r} needs an amount: give --sparsity or --num-blocks")
         if n < 1:

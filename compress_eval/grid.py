@@ -54,6 +54,7 @@ class MethodEntry(BaseModel):
     sparsities: list[float | None] | None = Field(None, description="overrides the grid's sparsities")
     num_blocks: list[int] | None = None
     blocks: list[list[int]] | None = None
+    param_sparsities: list[float] | None = Field(None, description="fractions of the decoder's parameters")
     config: dict[str, Any] = Field(default_factory=dict, description="CompressConfig keys for this method")
 
     @model_validator(mode="after")
@@ -118,7 +119,8 @@ class Cell:
         """Run directory name: readable prefix (model, label, amount) + the hash that identifies it."""
         cfg = self.config
         amount = (f"s{cfg.sparsity:g}" if cfg.sparsity is not None else f"n{cfg.num_blocks}"
-                  if cfg.num_blocks is not None else "b" + "-".join(map(str, cfg.blocks)) if cfg.blocks else "")
+                  if cfg.num_blocks is not None else f"p{cfg.param_sparsity:g}" if cfg.param_sparsity is not None
+                  else "b" + "-".join(map(str, cfg.blocks)) if cfg.blocks else "")
         parts = [Path(cfg.model).name, self.label, amount, self.key]
         return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p)
 
@@ -149,6 +151,8 @@ def amounts(entry: MethodEntry, grid: Grid) -> list[dict]:
         return [{"blocks": b} for b in entry.blocks]
     if entry.num_blocks is not None:
         return [{"num_blocks": n} for n in entry.num_blocks]
+    if entry.param_sparsities is not None:
+        return [{"param_sparsity": p} for p in entry.param_sparsities]
     sparsities = entry.sparsities if entry.sparsities is not None else grid.sparsities
     if entry.method == "none" or entry.stages is not None or not sparsities:
         return [{}]

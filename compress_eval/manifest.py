@@ -1,7 +1,7 @@
 """The manifest (``compress_eval.json``): what was done to a checkpoint, as one typed model.
 
 Written by the pipeline's save, parsed by every reader (the loader re-ties modules from
-``tie_map``, a quantized checkpoint is placed from ``quantization``, the leaderboard reads the
+``tie_map`` and empties the ``skipped`` sublayers, a quantized checkpoint is placed from ``quantization``, the leaderboard reads the
 counts). Fields other writers (older or newer releases) added are kept and ignored, so every
 manifest written so far still reads.
 """
@@ -34,6 +34,7 @@ class StageRecord(BaseModel):
     method: str | None = None
     removed_blocks: list[int] = Field(default_factory=list)
     tied: list[str] = Field(default_factory=list, description="module paths that share another's storage")
+    skipped: list[str] = Field(default_factory=list, description="sublayers it removed (module paths after it)")
     params_after: PositiveInt
     weight_bytes_after: PositiveInt
     seconds: float
@@ -54,6 +55,8 @@ class Manifest(BaseModel):
     blocks_after: PositiveInt | None = None
     removed_blocks: list[int] = Field(default_factory=list, description="indices in the original model")
     tie_map: dict[str, str] = Field(default_factory=dict, description="module path -> the path it shares")
+    skipped: list[str] = Field(default_factory=list, description="module paths of removed attention or MLP "
+                                                                 "sublayers (no weights; empty modules on load)")
     params_before: PositiveInt
     params_after: PositiveInt
     weight_bytes_before: PositiveInt = Field(description="bytes of the stored tensors (see weight_bytes)")

@@ -27,6 +27,7 @@ from compress_eval.methods.registry import defaulted_amount, resolve_config, sta
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, load_processor, resolve_device
+from compress_eval.models.sublayers import skipped_paths
 from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
@@ -77,6 +78,20 @@ def placement(cfg: CompressConfig) -> tuple[str, str]:
     return mode, reason
 
 
+def require_whole_sublayers(methods: list[Compressor | None], model) -> None:
+    """Refuse, before any method runs, a method that reads blocks' linears (fusion, merging) where a
+    block lacks a sublayer: in the loaded checkpoint, or after an earlier sublayer stage."""
+    why = "the model it is given lacks" if skipped_paths(model) else None
+    for method in methods:
+        if method is None:
+            continue
+        if why and not method.runs_partial_blocks:
+            raise UserError(f"method {method.name!r} reads every block's attention and MLP, and {why} some: "
+                            f"run it before the sublayer pruning, or on a checkpoint without removed sublayers")
+        if method.removes_sublayers:
+            why = why or f"the {method.name!r} stage before it removes"
+
+
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compressed:
     """Compress ``cfg.model`` in memory: its stages in order (methods, recovery fine-tunes), each
     method's finishing step, then quantization; each stage recorded in the manifest.
@@ -100,6 +115,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
         processor = load_processor(model, cfg.model, cfg.trust_remote_code)
     say_offload(offload, reason)
     require_unquantized(model, cfg.model)
+    require_whole_sublayers(methods, model)
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
@@ -119,7 +135,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     for number, (stage, method) in enumerate(zip(stages, methods), 1):
         if stage is quantize:
             break
-        start, removed, tied = time.perf_counter(), [], []
+        start, removed, tied, skipped_before = time.perf_counter(), [], [], skipped_paths(model)
         if method is not None:
             if len(stages) > 1:
                 log.info("stage %d/%d: %s", number, len(stages), method.name)
@@ -135,6 +151,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
                 recovery = fine_tune(model, calib, stage, seed=cfg.seed)
         done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
                                 removed_blocks=removed, tied=tied,
+                                skipped=[p for p in skipped_paths(model) if p not in skipped_before],
                                 params_after=checkpoint.parameter_count(model),
                                 weight_bytes_after=checkpoint.weight_bytes(model),
                                 seconds=round(time.perf_counter() - start, 3)))
@@ -163,6 +180,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
         recipe=dump_recipe(cfg), seed=cfg.seed,
         blocks_before=blocks_before, blocks_after=adapter.num_blocks,
         removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=tie_map,
+        skipped=skipped_paths(model),
         params_before=params_before, params_after=params_after,
         weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
         offload=offload, distributed=distributed.record(0 if calib is None else calib.size(0)),

@@ -259,7 +259,8 @@ class RunShape(BaseModel):
     score_samples: int = Field(description="windows in the prefix cache")
     batch_size: int
     cache_on_host: bool = False
-    logits_scoring: bool = False  # scores are token NLLs (SLEB, window drop)
+    logits_scoring: bool = False  # scores are token NLLs (SLEB, window drop, sublayer)
+    candidates: int = Field(0, description="suffix states the scoring advances together (one per candidate)")
     training: str | None = None  # fusion: fuse, lora, lowrank
     group_size: int = 0
     coef_rank: int = 0
@@ -395,7 +396,7 @@ def _steps(a: Architecture, run: RunShape) -> list[_Step]:
         # The activations add up (a block's, then a window's logits: the allocator keeps the first
         # for the second); an offloaded run holds one unit at a time beside them: the embeddings
         # (before any block ran), a block, or the head (for the logits).
-        act = work + logits
+        act = work + logits + run.candidates * B * state
         units = max(block, (a.head or a.embedding) * b if logits else 0, a.embedding * b - work - logits)
         steps.append(_Step("score", device_weights=on_device(units), host_weights=on_host(units),
                            device_act=act + (0 if run.cache_on_host else cache),
@@ -576,9 +577,12 @@ def run_shape(a: Architecture, method: str, options: dict, device_type: str, dty
                         group_size=getattr(o, "group_size", 0) or 0, coef_rank=getattr(o, "coef_rank", 0) or 0,
                         lora_rank=getattr(o, "lora_rank", 0) or 0, extra_rank=getattr(o, "extra_rank", 0) or 0,
                         kd_logits=getattr(o, "loss", None) == "kd-logits", **common)
+    # Suffix-scored methods advance one state per candidate through the blocks at once (block-major).
+    candidates = {"sleb": L - 2 if getattr(o, "protect_ends", True) else L, "drop-window": L - removed + 1,
+                  "sublayer": 2 * L}.get(method, 0)
     return RunShape(kind="depth", remove_blocks=removed, score_samples=cfg.calib_samples,
                     cache_on_host=getattr(o, "cache_store", "device") == "cpu",
-                    logits_scoring=method in ("sleb", "drop-window"), **common)
+                    logits_scoring=candidates > 0, candidates=candidates, **common)
 
 
 def make_plan(model: str, method: str, options: dict | None = None, device: str = "cpu", dtype: str | None = None,

@@ -24,10 +24,11 @@ import time
 import torch
 
 from compress_eval.errors import UserError
-from compress_eval.models.adapters import is_conv1d, is_linear, out_in, vision_modules
+from compress_eval.models.adapters import get_adapter, is_conv1d, is_linear, out_in, vision_modules
 from compress_eval.models.checkpoint import weight_bytes
 from compress_eval.models.loading import (DTYPES, auto_model_class, copies_detached, from_pretrained_tied,
                                           keep_4bit_scales_on_save, quiet_int8_cast_warning, retie)
+from compress_eval.models.sublayers import skipped_paths
 
 KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
 COMPUTE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -107,12 +108,12 @@ def check_trainable(model: torch.nn.Module, how: str) -> None:
 
 def skip_modules_for(model: torch.nn.Module, tie_map: dict[str, str],
                      unquantized: dict[str, str] | None = None) -> list[str] | None:
-    """Transformers' default skips plus the tie map's copies, the ``unquantized`` linears (those
-    ``four_bit_unfit`` names) and a VLM's vision tower and projector (the stage quantizes the language
-    model, which is what the methods compress). A copy is stored nowhere (its module is re-tied on load);
-    skipping it lets the loader give it a throwaway float init, where transformers would fail to
-    initialize a missing quantized weight."""
-    kept = [*tie_map, *(unquantized or {}), *vision_modules(model)]
+    """Transformers' default skips plus the tie map's copies, the removed sublayers, the ``unquantized``
+    linears (those ``four_bit_unfit`` names) and a VLM's vision tower and projector (the stage quantizes
+    the language model, which is what the methods compress). A copy or a removed sublayer is stored
+    nowhere (re-tied or emptied on load); skipping it lets the loader give it a throwaway float init,
+    where transformers would fail to initialize a missing quantized weight."""
+    kept = [*tie_map, *skipped_paths(model), *(unquantized or {}), *vision_modules(model)]
     if not kept:
         return None
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -177,8 +178,11 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
     with tempfile.TemporaryDirectory(prefix="compress-eval-quantize-") as tmp:
         with copies_detached(model, tie_map):
             model.save_pretrained(tmp)
-        quantized = from_pretrained_tied(auto_model_class(tmp), tmp, tie_map, quantization_config=config,
-                                         dtype=dtype, device_map={"": device})
+        skipped = skipped_paths(model)
+        quantized = from_pretrained_tied(auto_model_class(tmp), tmp, [*tie_map, *skipped],
+                                         quantization_config=config, dtype=dtype, device_map={"": device})
+    if skipped:
+        get_adapter(quantized).skip_paths(skipped)
     retie(quantized, tie_map)
     quantized.eval()
     keep_4bit_scales_on_save(quantized)

@@ -77,6 +77,21 @@ def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32, intermedi
     return model.eval()
 
 
+def deep_tiny(family: str = "llama", seed: int = 0, layers: int = 8):
+    """A tiny text model with more blocks (``layers``), so that choosing among them is not trivial."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family)
+    if family == "gpt2":
+        cfg.n_layer = layers
+    else:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
 def tiny_tokenizer(specials: tuple[str, ...] = ()):
     """A byte-level BPE trained in milliseconds on TEXT, with VOCAB entries at most; ``specials`` (a
     VLM's image tokens) take the last ids, VOCAB - len(specials) onwards."""

@@ -14,24 +14,9 @@ from compress_eval.methods.registry import get_method
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_checkpoint
 from compress_eval.scoring.importance import naive_block_influence, naive_removal_nll
-from conftest import VOCAB, tiny_config
+from conftest import VOCAB, deep_tiny
 
-L = 8
-
-
-def deep_tiny(family="llama", seed=0):
-    """A tiny model with L blocks, so that the choices are not trivial."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(family)
-    if family == "gpt2":
-        cfg.n_layer = L
-    else:
-        cfg.num_hidden_layers = L
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = ["sliding_attention", "full_attention"] * (L // 2)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+L = 8  # conftest.deep_tiny's default depth
 
 
 def run_method(method, model, calib, **amount):

@@ -75,6 +75,7 @@ METHOD_CASES = {
                                                     "collapse": False}),
     "merge": dict(options={"num_merge": 1, "feature_tokens": 64}),
     "merge-untied": dict(options={"num_merge": 2, "feature_tokens": 64, "untied_export": True}),
+    "sublayer": dict(options={"num_sublayers": 3}),
 }
 
 
@@ -101,6 +102,7 @@ def test_methods_offloaded_to_disk_match_in_memory_bitwise(tmp_path, six_block_d
     assert got.manifest.offload == "disk" and ref.manifest.offload == "none"
     assert got.manifest.removed_blocks == ref.manifest.removed_blocks
     assert got.manifest.tie_map == ref.manifest.tie_map
+    assert got.manifest.skipped == ref.manifest.skipped
     assert (got.manifest.params_after, got.manifest.weight_bytes_after) == \
            (ref.manifest.params_after, ref.manifest.weight_bytes_after)
     a, b = tensors(ref_dir), tensors(got_dir)

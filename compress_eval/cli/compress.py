@@ -53,8 +53,10 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
 
 def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                  device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None,
-                 allow_pickle=False, trust_remote_code=False, offload=None, offload_dir=None, max_shard_size=None):
+                 allow_pickle=False, trust_remote_code=False, offload=None, offload_dir=None, max_shard_size=None,
+                 param_sparsity=None):
     values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
+                  param_sparsity=param_sparsity,
                   calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
                   dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
                   allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None,
@@ -70,9 +72,9 @@ def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_
 def stage_amount(stage) -> str:
     """A method stage's amount as given (or its method's default), for directory names."""
     o = stage.options
-    amount = next((v for v in (stage.sparsity, stage.num_blocks,
+    amount = next((v for v in (stage.sparsity, stage.num_blocks, stage.param_sparsity and f"p{stage.param_sparsity}",
                                stage.blocks and "b" + "-".join(map(str, stage.blocks)),
-                               o.get("num_merge"), o.get("ff_fraction"),
+                               o.get("num_merge"), o.get("ff_fraction"), o.get("num_sublayers"),
                                o.get("window") if o.get("window", "auto") != "auto" else None) if v is not None), 0)
     return str(round(amount, 3) if isinstance(amount, float) else amount)
 
@@ -91,6 +93,9 @@ def compress_command(
     method: str = typer.Option(None, "--method", "-m", help="compression method (see `compress-eval methods`)"),
     sparsity: float = typer.Option(None, help="fraction of blocks to remove, in (0, 1); rounded up"),
     num_blocks: int = typer.Option(None, help="number of blocks to remove (instead of --sparsity)"),
+    param_sparsity: float = typer.Option(None, help="fraction of the decoder blocks' parameters to remove, in "
+                                                    "(0, 1) (instead of --sparsity; compares block and sublayer "
+                                                    "methods at one size)"),
     blocks: str = typer.Option(None, help="explicit blocks for --method drop, e.g. 3,4"),
     calib_data: str = typer.Option(None, help="calibration corpus: wikitext2 or c4"),
     calib_samples: int = typer.Option(None, help="number of calibration windows"),
@@ -134,7 +139,7 @@ def compress_command(
 
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
-                       allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size)
+                       allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size, param_sparsity)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
     if push_to_hub:
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression

@@ -35,6 +35,9 @@ class Compressor(ABC):
     needs_calibration: ClassVar[bool] = True
     takes_blocks: ClassVar[bool] = False  # explicit --blocks (others choose their blocks themselves)
     ties_modules: ClassVar[bool] = False  # shares modules across blocks (the manifest's tie map)
+    removes_sublayers: ClassVar[bool] = False  # leaves blocks without their attention or MLP
+    # Works on blocks that lost a sublayer (it runs or drops whole blocks; it never reads their linears).
+    runs_partial_blocks: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # What a run given no amount uses (CompressConfig fields; method options under "options"), stated
     # in the log and recorded in the manifest's config; empty: the amount must be given.
@@ -52,8 +55,9 @@ class Compressor(ABC):
 
     @classmethod
     def amount_given(cls, cfg: CompressConfig) -> bool:
-        """Whether the user said how much to remove (depth methods: --sparsity/--num-blocks/--blocks)."""
-        return any(v is not None for v in (cfg.sparsity, cfg.num_blocks, cfg.blocks))
+        """Whether the user said how much to remove (depth methods: --sparsity/--num-blocks/--blocks/
+        --param-sparsity)."""
+        return cfg.amount_given()
 
     @abstractmethod
     def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:

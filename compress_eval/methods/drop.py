@@ -10,6 +10,7 @@ from compress_eval.methods.registry import register_method
 @register_method
 class Drop(Compressor):
     name = "drop"
+    runs_partial_blocks = True
     needs_calibration = False
     takes_blocks = True
     summary = "remove the blocks given by --blocks (original indices)"

@@ -14,6 +14,7 @@ from compress_eval.scoring.importance import removal_ppl
 @register_method
 class DropWindow(Compressor):
     name = "drop-window"
+    runs_partial_blocks = True
     options_class = DepthPruningOptions
     default_amount = DEPTH_DEFAULT
     summary = "remove the contiguous window of blocks with the lowest calibration ppl when skipped"

@@ -170,9 +170,9 @@ class MergeFF(Compressor):
 
     def compress(self, adapter, calib) -> CompressionRecord:
         o: MergeOptions = self.options
-        if any(v is not None for v in (self.cfg.sparsity, self.cfg.num_blocks, self.cfg.blocks)):
+        if self.cfg.amount_given():
             raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge or --ff-fraction "
-                            "instead of --sparsity/--num-blocks/--blocks")
+                            "instead of --sparsity/--num-blocks/--blocks/--param-sparsity")
         n = adapter.num_blocks
         size = o.window_size(n)
         if o.window == "auto":

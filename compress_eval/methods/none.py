@@ -9,6 +9,7 @@ from compress_eval.methods.registry import register_method
 @register_method
 class NoCompression(Compressor):
     name = "none"
+    runs_partial_blocks = True
     needs_calibration = False
     summary = "leave the model as it is (dense reference, or quantization alone with --quantize)"
 

@@ -73,8 +73,7 @@ def resolve_config(cfg: CompressConfig) -> CompressConfig:
             one = _resolve_one(cfg.stage_config(stage))
             calibration = {k: getattr(one, k) for k in ("calib_samples", "seqlen") if getattr(one, k) != getattr(cfg, k)}
             cfg = cfg.model_copy(update=calibration)
-            stage = MethodStage(method=one.method, sparsity=one.sparsity, num_blocks=one.num_blocks,
-                                blocks=one.blocks, options=one.options)
+            stage = MethodStage(method=one.method, options=one.options, **one.amount())
         stages.append(stage)
     return cfg.model_copy(update={"stages": stages})
 

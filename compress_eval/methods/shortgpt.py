@@ -12,6 +12,7 @@ from compress_eval.scoring.importance import block_influence
 @register_method
 class ShortGPT(Compressor):
     name = "shortgpt"
+    runs_partial_blocks = True
     options_class = DepthPruningOptions
     default_amount = DEPTH_DEFAULT
     summary = "remove the blocks of lowest Block Influence, 1 - cos(X_i, X_i+1), in one shot (ShortGPT)"

@@ -32,6 +32,7 @@ def candidate_blocks(num_blocks: int, protect_ends: bool) -> list[int]:
 @register_method
 class Sleb(Compressor):
     name = "sleb"
+    runs_partial_blocks = True
     options_class = SlebOptions
     default_amount = DEPTH_DEFAULT
     summary = "remove blocks one by one, each time the one whose skipping least raises calibration NLL (SLEB)"

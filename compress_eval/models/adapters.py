@@ -13,6 +13,7 @@ every batch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 
 from compress_eval.errors import UserError
 from compress_eval.models import offload
+from compress_eval.models.sublayers import CACHE_ARGUMENTS, KINDS, is_skipped, skipped_module
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Family:
     mlp_linears: dict[str, str]
     norms: tuple[str, ...]
     mlp: str = "mlp"
+    attn: str = "self_attn"  # the attention sublayer (its linears lie inside it)
     text_config: str | None = None  # e.g. LLaVA keeps the decoder's config in config.text_config
     conv1d: bool = False  # GPT-2's Conv1D stores weights transposed (in, out)
 
@@ -76,7 +79,7 @@ FAMILIES: dict[str, Family] = {
     "starcoder2": Family("starcoder2", "model.layers", "model.norm", _LLAMA_ATTN,
                          {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, _PRE_NORMS),
     "gpt2": Family("gpt2", "transformer.h", "transformer.ln_f", {"qkv": "attn.c_attn", "o": "attn.c_proj"},
-                   {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, ("ln_1", "ln_2"), conv1d=True),
+                   {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}, ("ln_1", "ln_2"), attn="attn", conv1d=True),
     "llava": _multimodal("llava", _PRE_NORMS),
     "llava_next": _multimodal("llava_next", _PRE_NORMS),
     "qwen2_vl": _multimodal("qwen2_vl", _PRE_NORMS),  # q/k/v biases, as Qwen2
@@ -213,6 +216,54 @@ class Adapter:
         """Dotted path of block ``i``'s MLP in the model (the names of its parameters start with it)."""
         return f"{self.family.blocks}.{i}.{self.family.mlp}"
 
+    # --- sublayers: a block's attention and MLP, each removable (``models.sublayers``) ---------------
+    def sublayer_name(self, kind: str) -> str:
+        """The attribute path of a block's attention (``attn``) or MLP (``mlp``) sublayer."""
+        if kind not in KINDS:
+            raise ValueError(f"sublayer kind must be one of {KINDS}, got {kind!r}")
+        return self.family.attn if kind == "attn" else self.family.mlp
+
+    def sublayer_path(self, i: int, kind: str) -> str:
+        """Dotted path of block ``i``'s sublayer in the model."""
+        return f"{self.family.blocks}.{i}.{self.sublayer_name(kind)}"
+
+    def has_sublayer(self, i: int, kind: str) -> bool:
+        """Whether block ``i`` still has its ``kind`` sublayer (not removed)."""
+        return not is_skipped(_get(self.blocks[i], self.sublayer_name(kind)))
+
+    def sublayer_parameters(self, i: int, kind: str) -> int:
+        """Parameters of block ``i``'s sublayer (its linears; offloaded placeholders count too)."""
+        return sum(p.numel() for p in _get(self.blocks[i], self.sublayer_name(kind)).parameters())
+
+    def skip_sublayer(self, i: int, kind: str) -> None:
+        """Remove block ``i``'s ``kind`` sublayer for good: an empty module takes its place."""
+        block = self.blocks[i]
+        _set(block, self.sublayer_name(kind), skipped_module(kind, _get(block, self.sublayer_name(kind))))
+        offloader = offload.offloader_of(self.model)
+        if offloader is not None:
+            offloader.forget_missing()
+
+    @contextlib.contextmanager
+    def sublayer_skipped(self, i: int, kind: str):
+        """Context: block ``i`` runs without its ``kind`` sublayer (for scoring; put back on exit)."""
+        block, name = self.blocks[i], self.sublayer_name(kind)
+        original = _get(block, name)
+        _set(block, name, skipped_module(kind, original))
+        try:
+            yield
+        finally:
+            _set(block, name, original)
+
+    def skip_paths(self, paths: list[str]) -> None:
+        """Put a checkpoint's removed sublayers (its manifest's ``skipped`` module paths) back in place on
+        the model loaded from it, whatever the loader initialized there."""
+        for path in paths:
+            kind = next((k for k in KINDS if path.endswith("." + self.sublayer_name(k))), None)
+            if kind is None or not path.startswith(self.family.blocks + "."):
+                raise UserError(f"the manifest's removed sublayer {path!r} is not an attention or MLP of a "
+                                f"{self.family.name} block: the checkpoint is damaged; compress it again")
+            self.model.set_submodule(path, skipped_module(kind, self.model.get_submodule(path)))
+
     def norm_parameters(self, block: nn.Module) -> list[nn.Parameter]:
         """The parameters of a block's norms (weights, and biases where they have them), in module order."""
         return [p for path in self.family.norms for p in _get(block, path).parameters(recurse=False)]
@@ -280,10 +331,6 @@ class Adapter:
 
 def get_adapter(model: nn.Module) -> Adapter:
     return Adapter(model)
-
-
-# What transformers versions have called a decoder layer's cache argument.
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 class _Stop(Exception):

@@ -187,7 +187,7 @@ def load_offloaded(where: str, manifest: Manifest | None, mode: str, device: str
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if manifest is not None:
-        retie(model, manifest.tie_map)
+        restore_structure(model, manifest)
     sources = checkpoint_sources(directory)
     if mode == "cpu":
         sources = host_sources(sources, dtype)
@@ -214,6 +214,21 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         model.set_submodule(dst, model.get_submodule(src))
 
 
+def absent_modules(manifest: Manifest) -> list[str]:
+    """Module paths whose weights a checkpoint leaves out on purpose: tie-map copies, removed sublayers."""
+    return [*manifest.tie_map, *manifest.skipped]
+
+
+def restore_structure(model: torch.nn.Module, manifest: Manifest) -> None:
+    """Put back on a model loaded from a checkpoint what its weights leave out on purpose: its removed
+    sublayers (empty modules) and its ties."""
+    if manifest.skipped:
+        from compress_eval.models.adapters import get_adapter
+
+        get_adapter(model).skip_paths(manifest.skipped)
+    retie(model, manifest.tie_map)
+
+
 def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dtype: torch.dtype | None = None,
                     device: str | None = None) -> tuple[torch.nn.Module, Manifest]:
     """(model, manifest) of one of our checkpoint directories, with its tie map re-applied. A
@@ -225,18 +240,19 @@ def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dty
     if manifest.quantized:
         quiet_int8_cast_warning()
         placement = {"device_map": {"": device}} if device else {}
-    model = from_pretrained_tied(auto_model_class(str(directory)), directory, manifest.tie_map, dtype=dtype,
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest), dtype=dtype,
                                  **placement)
-    retie(model, manifest.tie_map)
+    restore_structure(model, manifest)
     if manifest.quantized:
         keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
     return model, manifest
 
 
-def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
-    """``cls.from_pretrained`` without transformers' "MISSING" report for the tie map's copies,
-    which are absent on purpose (one copy on disk); any other missing tensor is still reported."""
-    if not tie_map:
+def from_pretrained_tied(cls, directory, absent: list[str], **kwargs):
+    """``cls.from_pretrained`` without transformers' "MISSING" report for the modules whose weights are
+    absent on purpose (a tie map's copies, stored once; removed sublayers); any other missing tensor is
+    still reported."""
+    if not absent:
         return cls.from_pretrained(directory, **kwargs)
     from transformers.utils import logging as hf_logging
 
@@ -246,7 +262,7 @@ def from_pretrained_tied(cls, directory, tie_map: dict[str, str], **kwargs):
         model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
-    prefixes = tuple(f"{path}." for path in tie_map)
+    prefixes = tuple(f"{path}." for path in absent)
     missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
     if missing:
         log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",

@@ -85,6 +85,9 @@ def compression_section(manifest: Manifest) -> str:
     if manifest.tie_map:
         facts.append("- **Tied modules** (stored once, re-tied on load): "
                      + ", ".join(f"`{dst}` → `{src}`" for dst, src in manifest.tie_map.items()))
+    if manifest.skipped:
+        facts.append("- **Removed sublayers** (no weights; empty modules on load): "
+                     + ", ".join(f"`{path}`" for path in manifest.skipped))
     if manifest.recovery:
         r = manifest.recovery
         facts.append(f"- **Recovery**: {r.get('mode')} fine-tune, {r.get('steps')} steps, learning rate "
@@ -135,10 +138,12 @@ def usage_section(manifest: Manifest, repo_id: str | None, multimodal: bool = Fa
     parts = ["## Use", f"`DIR` is this checkpoint's directory{', downloaded from the Hub first' if repo_id else ''}:",
              f"```bash\n{download}compress-eval eval DIR --tasks {EVAL_TASKS}\n```"]
     needs = ([f"stores {len(manifest.tie_map)} tied module(s) once (`tie_map`)"] if manifest.tie_map else []) \
+        + ([f"removed {len(manifest.skipped)} sublayer(s) (`skipped`)"] if manifest.skipped else []) \
         + (["is quantized with bitsandbytes"] if manifest.quantized else [])
     if needs:
         parts += [f"This checkpoint {' and '.join(needs)}: load it through compress-eval's loader, which "
-                  f"reads `compress_eval.json` to re-tie and place its weights.",
+                  f"reads `compress_eval.json` to rebuild, re-tie and place its weights "
+                  f"(`compress-eval export DIR --out PLAIN` writes a copy plain transformers loads).",
                   "```python\nfrom compress_eval.models.loading import load_model\n\n"
                   "model, tokenizer, _ = load_model(\"DIR\")\n```"]
     else:

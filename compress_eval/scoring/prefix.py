@@ -7,6 +7,7 @@ a full forward pass. Over all candidates that is about half the naive cost.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -94,30 +95,54 @@ class PrefixStates:
         """Calibration perplexity from a summed NLL of all the windows."""
         return math.exp(nll / self.tokens)
 
-    @torch.no_grad()
     def score_each_removal(self, score: Callable[[torch.Tensor, int], float],
                            candidates: Iterable[int] | None = None, width: int = 1) -> list[float]:
         """For each candidate i (default: every possible start): sum over batches (of every process) of
-        ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped.
-
-        Block-major: per batch, every candidate's state advances through block j while j is on the
-        device, so an offloaded model loads each block once per batch, not once per candidate (the
-        same operations on the same inputs as running each suffix in turn, so the same numbers)."""
+        ``score(H, b)``, H being the last hidden state with blocks i..i+width-1 skipped."""
         n = self.adapter.num_blocks
         candidates = list(range(n - width + 1) if candidates is None else candidates)
-        totals = [0.0] * len(candidates)
-        runs = self.num_batches * sum(n - i - width for i in candidates)  # block runs: the bar's ETA is exact
+        return self._score_suffixes(score, [(i + width, functools.partial(self.entering, i), False)
+                                            for i in candidates])
+
+    def score_each_sublayer_removal(self, score: Callable[[torch.Tensor, int], float],
+                                    candidates: list[tuple[int, str]]) -> list[float]:
+        """For each candidate (i, kind): the summed ``score(H, b)`` with block i's attention or MLP
+        sublayer skipped: block i runs without it on the cached X_i, then the blocks after it."""
+        def without(i: int, kind: str, b: int) -> torch.Tensor:
+            with self.adapter.sublayer_skipped(i, kind):
+                return self.runner.run_block(i, self.entering(i, b))
+
+        return self._score_suffixes(score, [(i + 1, functools.partial(without, i, kind), True)
+                                            for i, kind in candidates])
+
+    @torch.no_grad()
+    def _score_suffixes(self, score: Callable[[torch.Tensor, int], float],
+                        starts: list[tuple[int, Callable[[int], torch.Tensor], bool]]) -> list[float]:
+        """For each candidate (j, state, runs_block): the sum over batches (of every process) of
+        ``score(H, b)``, H being ``state(b)``, the hidden state entering block j, run through blocks
+        j..L-1; ``runs_block``: ``state`` runs block j-1 (else it reads the cache).
+
+        Block-major: per batch, every candidate's state advances through block j while j is on the
+        device, and the states made by running block j are made then too, so an offloaded model loads
+        each block once per batch, not once per candidate (the same operations on the same inputs as
+        running each suffix in turn, so the same numbers)."""
+        n = self.adapter.num_blocks
+        totals = [0.0] * len(starts)
+        runs = self.num_batches * sum(n - j for j, *_ in starts)  # block runs: the bar's ETA is exact
         with bar(desc="scoring candidates", total=runs, unit="block", leave=False) as shown:
             for b in range(self.num_batches):
-                live: dict[int, torch.Tensor] = {}  # candidate position -> its state past the skipped blocks
+                live: dict[int, torch.Tensor] = {}  # candidate -> its state entering the next block
                 for j in range(n + 1):
-                    live.update({k: self.entering(i, b) for k, i in enumerate(candidates) if i + width == j})
-                    if j == n or not live:
+                    live.update({k: state(b) for k, (start, state, runs_block) in enumerate(starts)
+                                 if start == j and not runs_block})
+                    made_here = [k for k, (start, _, runs_block) in enumerate(starts) if start == j + 1 and runs_block]
+                    if j == n or not (live or made_here):
                         continue
                     with self.adapter.hold([j]):
                         for k in live:
                             live[k] = self.runner.run_block(j, live[k])
-                    shown.update(len(live))
-                for k in range(len(candidates)):
+                        shown.update(len(live))
+                        live.update({k: starts[k][1](b) for k in made_here})
+                for k in range(len(starts)):
                     totals[k] += score(live.pop(k), b)
         return distributed.all_sum(totals)

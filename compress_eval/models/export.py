@@ -1,0 +1,54 @@
+"""A plain transformers copy of one of our checkpoints: what ``AutoModelForCausalLM`` (or a VLM's
+Auto class) loads with no compress-eval installed.
+
+Two things of ours have no counterpart in a transformers decoder layer: a tied module stored once
+(the copy is written out in full) and a removed sublayer (written as the original module with every
+weight zero, so it adds zero to the residual stream: the same function at full size). Depth-pruned
+blocks need nothing: the config already has the new depth.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from compress_eval.errors import UserError
+from compress_eval.models.checkpoint import atomic_output_dir, ensure_new_output
+from compress_eval.models.loading import absent_modules, auto_model_class, from_pretrained_tied
+from compress_eval.results.store import read_manifest
+
+
+def zero_module(module: torch.nn.Module) -> None:
+    """Every parameter of ``module`` zero (an attention with zero projections, an MLP with zero
+    linears, both output exactly zero)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+
+
+def export_plain(directory: str | Path, out: str | Path) -> Path:
+    """Write ``directory`` (our checkpoint) to ``out`` as a plain transformers checkpoint: weights,
+    config, generation config, tokenizer and processor; no manifest (nothing is left to rebuild)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise UserError(f"{directory} is not a compress-eval checkpoint (no compress_eval.json): "
+                        f"transformers loads it as it is")
+    if manifest.quantized:
+        raise UserError(f"{directory} is quantized with bitsandbytes: export works on float checkpoints; "
+                        f"export the checkpoint before quantizing, then quantize the export")
+    ensure_new_output(out)
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest))
+    for dst, src in manifest.tie_map.items():
+        model.set_submodule(dst, copy.deepcopy(model.get_submodule(src)))
+    for path in manifest.skipped:
+        zero_module(model.get_submodule(path))
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        if (Path(directory) / "preprocessor_config.json").is_file():
+            AutoProcessor.from_pretrained(directory).save_pretrained(tmp)
+    return Path(out)
