@@ -36,7 +36,15 @@ class RecoveryOptions(MethodOptions):
                                        description="tokens per training sequence (default: calibration seqlen)")
     recover_batch_size: int = Field(1, ge=1, description="sequences per step")
     recover_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then 1/sqrt decay)")
+    recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then the schedule)")
+    recover_schedule: Literal["inv-sqrt", "cosine"] = Field(
+        "inv-sqrt", description="after warm-up: 1/sqrt decay (the FF-merging paper) or cosine to 0")
+    recover_data: Literal["calibration", "train"] = Field(
+        "calibration", description="training text: the calibration windows, or consecutive sequences of the "
+                                   "calibration corpus' train split (steps x batch of them, disjoint from "
+                                   "evaluation; offline WikiText-2 is its tokenized train file)")
+    recover_loss: Literal["ce", "kd"] = Field(
+        "ce", description="next-token cross-entropy, or KL divergence to the uncompressed model's logits (kd)")
     lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
     lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")

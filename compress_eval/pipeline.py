@@ -6,6 +6,7 @@ Each step reads the previous step's output and nothing else; the CLI commands ar
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import time
@@ -17,7 +18,7 @@ import torch
 
 from compress_eval import distributed
 from compress_eval.config import CompressConfig, MethodStage, QuantizeStage, RecoverStage, dump_recipe
-from compress_eval.data.calibration import calibration_windows
+from compress_eval.data.calibration import calibration_windows, training_windows
 from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
@@ -92,6 +93,16 @@ def require_whole_sublayers(methods: list[Compressor | None], model) -> None:
             why = why or f"the {method.name!r} stage before it removes"
 
 
+def recovery_windows(stage: RecoverStage, calib: torch.Tensor, tokenizer, cfg: CompressConfig,
+                     data_dir) -> torch.Tensor:
+    """What a recovery stage trains on: the calibration windows, or as many consecutive sequences of the
+    calibration corpus' train split as its steps take (each once)."""
+    if stage.recover_data == "calibration":
+        return calib
+    return training_windows(tokenizer, cfg.calib_data, stage.recover_steps * stage.recover_batch_size,
+                            stage.recover_seqlen or cfg.seqlen, data_dir)
+
+
 def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compressed:
     """Compress ``cfg.model`` in memory: its stages in order (methods, recovery fine-tunes), each
     method's finishing step, then quantization; each stage recorded in the manifest.
@@ -128,6 +139,9 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     log.debug("compressing %s (%d blocks) with %s", cfg.model, blocks_before, cfg.method)
     if default:
         log.info("no amount given: %s (%s's default)", default, cfg.method)
+    # Distillation learns the uncompressed model's logits: a frozen copy of it, kept while stages run.
+    teacher = copy.deepcopy(model) if any(isinstance(s, RecoverStage) and s.recover_loss == "kd"
+                                          for s in stages) else None
     original = list(range(blocks_before))  # the original index of each block still there
     done: list[StageRecord] = []
     records: list[tuple[int, Compressor, CompressionRecord]] = []
@@ -148,7 +162,8 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
             removed, tied = record.removed_blocks, sorted(record.tie_map)
         else:
             with timer.step("recover"):
-                recovery = fine_tune(model, calib, stage, seed=cfg.seed)
+                recovery = fine_tune(model, recovery_windows(stage, calib, tokenizer, cfg, data_dir), stage,
+                                     seed=cfg.seed, teacher=teacher if stage.recover_loss == "kd" else None)
         done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
                                 removed_blocks=removed, tied=tied,
                                 skipped=[p for p in skipped_paths(model) if p not in skipped_before],

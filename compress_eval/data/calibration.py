@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from compress_eval.data.corpora import corpus_text, eval_split
+from compress_eval.data.corpora import corpus_text, eval_split, training_text
 from compress_eval.errors import UserError
 
 # C4 evaluation keeps the first 256 x seqlen tokens (GPTQ's protocol).
@@ -50,3 +50,15 @@ def calibration_windows(tokenizer, dataset: str, nsamples: int, seqlen: int, see
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s: s + seqlen] for s in starts])
+
+
+def training_windows(tokenizer, dataset: str, count: int, seqlen: int,
+                     data_dir: str | Path | None = None) -> torch.Tensor:
+    """(count, seqlen) consecutive windows from the start of the train split: each trained on once."""
+    needed = count * seqlen
+    chars = needed * 8  # well over the characters per token of any LLaMA-class tokenizer
+    ids = tokenize(tokenizer, training_text(dataset, data_dir, chars))
+    if ids.numel() < needed:
+        raise UserError(f"the {dataset} train split has {ids.numel()} tokens, fewer than --recover-steps x "
+                        f"--recover-batch-size x --recover-seqlen = {needed}: lower one of them")
+    return ids[:needed].view(count, seqlen)

@@ -68,6 +68,25 @@ def c4_documents(split: str, data_dir: Path | None) -> list[str]:
     return list(texts[:C4_EVAL_DOCS]) if split == "validation" else list(texts)
 
 
+# Offline, WikiText-2's train split exists only in its tokenized form (``@-@``, ``<unk>``): text for
+# fine-tunes, never for calibration (whose offline stand-in stays the raw validation split).
+WIKITEXT2_TRAIN_TOKENS = "wikitext2/wiki.train.tokens.gz"
+
+
+def training_text(dataset: str, data_dir: str | Path | None, max_chars: int) -> str:
+    """The first ``max_chars`` characters of a corpus' train split, for recovery fine-tunes: WikiText-2
+    train (offline its tokenized file), C4's train shard (offline the local documents after the
+    evaluation ones). Disjoint from every evaluation split."""
+    _check_dataset(dataset)
+    root = resolve_data_dir(data_dir)
+    if dataset == "wikitext2" and root is not None:
+        import gzip
+
+        with gzip.open(data_file(root, WIKITEXT2_TRAIN_TOKENS), "rt", encoding="utf-8") as fh:
+            return fh.read(max_chars)
+    return corpus_text(dataset, "train", data_dir)[:max_chars]
+
+
 def corpus_text(dataset: str, split: str, data_dir: str | Path | None = None) -> str:
     """The whole corpus as one string, joined the way the papers join it."""
     _check_dataset(dataset)

@@ -1,4 +1,5 @@
-"""Recovery fine-tune after compression: full, LoRA, or QLoRA (nf4 base), on calibration windows.
+"""Recovery fine-tune after compression: full, LoRA, or QLoRA (nf4 base), on calibration windows or
+the train split, by next-token loss or by distillation of the uncompressed model's logits.
 
 A plain function over (model, token windows, options) so every method that removes or ties
 parameters can heal with the same fine-tune (FF merging, drop-window). Tied modules need nothing
@@ -46,6 +47,21 @@ def inverse_sqrt_schedule(step: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return math.sqrt(max(warmup, 1) / (step + 1))
+
+
+def cosine_schedule(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over tokens (fp32 softmax)."""
+    vocab = student_logits.size(-1)
+    return torch.nn.functional.kl_div(torch.log_softmax(student_logits.float().reshape(-1, vocab), -1),
+                                      torch.log_softmax(teacher_logits.float().reshape(-1, vocab), -1),
+                                      log_target=True, reduction="batchmean")
 
 
 def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
@@ -138,8 +154,10 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
-def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0) -> dict:
-    """Next-token fine-tune of ``model`` in place on ``windows``; returns a summary for the manifest.
+def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0,
+              teacher: nn.Module | None = None) -> dict:
+    """Next-token fine-tune of ``model`` in place on ``windows`` (or, with ``teacher``, distillation of
+    the teacher's logits); returns a summary for the manifest.
 
     Every step checks the loss and the trainable weights (all of them for ``full``: a float32 sum per
     tensor, ~16 ms against a ~5 s SmolLM2-135M step on CPU) and stops at the first NaN/inf with a
@@ -156,7 +174,9 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=options.recover_weight_decay)
     warmup = max(1, round(options.recover_steps * options.recover_warmup))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt_schedule(s, warmup))
+    factor = ((lambda s: cosine_schedule(s, warmup, options.recover_steps)) if options.recover_schedule == "cosine"
+              else (lambda s: inverse_sqrt_schedule(s, warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(sequences.size(0), generator=generator)
     local = distributed.shard(sequences)  # data parallel: each process runs its members of every batch
@@ -172,7 +192,12 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             value = 0.0
             if mine.numel():
                 ids = local[mine].to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if teacher is None:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                else:
+                    with torch.no_grad():
+                        target = teacher(input_ids=ids, use_cache=False).logits
+                    loss = distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
                 loss.backward()
                 value = loss.item() * (mine.numel() / idx.numel())
             distributed.reduce_gradients(trainable, mine.numel(), idx.numel())
@@ -196,7 +221,9 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             del model.peft_config
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"mode": mode, "steps": options.recover_steps, "lr": lr, "seqlen": sequences.size(1),
+    return {"mode": mode, "steps": options.recover_steps, "lr": lr, "schedule": options.recover_schedule,
+            "loss": options.recover_loss, "data": options.recover_data, "sequences": sequences.size(0),
+            "seqlen": sequences.size(1),
             "batch_size": options.recover_batch_size, "trainable_params": n_trainable,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
             "seconds": round(time.perf_counter() - start, 2)}

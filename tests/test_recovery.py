@@ -1,0 +1,73 @@
+"""The recovery stage's training text (calibration windows or the train split), its loss (next-token
+cross-entropy or distillation of the uncompressed model's logits) and its schedules."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import pytest
+import torch
+
+from compress_eval.config import make_config
+from compress_eval.data.calibration import tokenize, training_windows
+from compress_eval.errors import UserError
+from compress_eval.methods.recovery import cosine_schedule, distillation_loss
+from compress_eval.pipeline import compress
+from conftest import tiny_tokenizer
+
+TRAIN_TEXT = " = Train article = \n The train split is tokenized : 1 @-@ 2 , <unk> words . \n" * 200
+
+
+@pytest.fixture
+def train_data(data_dir):
+    with gzip.open(data_dir / "wikitext2" / "wiki.train.tokens.gz", "wt", encoding="utf-8") as fh:
+        fh.write(TRAIN_TEXT)
+    return data_dir
+
+
+def test_distillation_loss_is_the_token_mean_kl_and_zero_for_the_teacher_itself():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    p, log_q = teacher.softmax(-1), student.log_softmax(-1)
+    expected = (p * (p.log() - log_q)).sum(-1).mean()
+    assert distillation_loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    assert cosine_schedule(0, 10, 100) == pytest.approx(0.1)
+    assert cosine_schedule(10, 10, 100) == pytest.approx(1.0)
+    assert cosine_schedule(55, 10, 100) == pytest.approx(0.5)
+    assert cosine_schedule(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(cosine_schedule(s, 10, 100) >= cosine_schedule(s + 1, 10, 100) for s in range(10, 100))
+
+
+def test_training_windows_are_the_train_split_from_its_start(train_data):
+    tok = tiny_tokenizer()
+    windows = training_windows(tok, "wikitext2", 6, 16, train_data)
+    assert windows.shape == (6, 16)
+    assert torch.equal(windows.reshape(-1), tokenize(tok, TRAIN_TEXT)[:96])
+    with pytest.raises(UserError, match="fewer than --recover-steps"):
+        training_windows(tok, "wikitext2", 10_000, 512, train_data)
+
+
+def test_missing_train_file_is_a_one_line_error(data_dir):
+    with pytest.raises(UserError, match="wiki.train.tokens.gz"):
+        training_windows(tiny_tokenizer(), "wikitext2", 2, 16, data_dir)
+
+
+def test_recovery_on_the_train_split_with_distillation(tiny_model_dir, train_data):
+    """--recover-data train takes steps x batch sequences of the train split; --recover-loss kd starts at
+    zero when nothing was removed (LoRA's B starts at zero: the student is the teacher) and is recorded."""
+    recovery = dict(recover="lora", recover_steps=3, recover_batch_size=2, recover_seqlen=16,
+                    recover_data="train", recover_loss="kd", recover_schedule="cosine", lora_dropout=0.0)
+    result = compress(make_config(model=str(tiny_model_dir), method="none", calib_samples=2, seqlen=16,
+                                  recovery=recovery), train_data)
+    r = result.manifest.recovery
+    assert (r["data"], r["loss"], r["schedule"], r["sequences"], r["seqlen"]) == ("train", "kd", "cosine", 6, 16)
+    assert r["loss_first"] == pytest.approx(0.0, abs=1e-5)
+    # After a compression the student differs: the distillation loss is positive and finite.
+    result = compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[1], calib_samples=2,
+                                  seqlen=16, recovery=recovery), train_data)
+    assert 0 < result.manifest.recovery["loss_first"] < math.inf
