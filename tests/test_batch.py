@@ -47,6 +47,14 @@ def test_expansion_multiplies_models_methods_amounts_and_sweeps():
     assert expand(g, models=["c"])[0].config.model == "c"
 
 
+def test_param_sparsities_make_cells_at_one_size():
+    cells = expand(grid(models=["a"], sparsities=[0.25], methods=[
+        {"method": "sublayer", "param_sparsities": [0.2, 0.3]}, {"method": "sleb", "param_sparsities": [0.2]}]))
+    assert [(c.config.method, c.config.param_sparsity, c.config.sparsity) for c in cells] == [
+        ("sublayer", 0.2, None), ("sublayer", 0.3, None), ("sleb", 0.2, None)]
+    assert cells[0].name.startswith("a_sublayer_p0.2_")
+
+
 def test_hash_is_stable_and_covers_only_what_determines_the_result():
     cell = expand(load_grid(SMOKE))[0]
     assert cell.name == "smollm2-135m_none_84ba890b3df0"  # the same on every machine and release

@@ -1,0 +1,136 @@
+"""Quality at each size: SmolLM2-135M compressed by each method, with and without recovery at one fixed
+budget, on the issue's protocol (the first 40 x 512 WikiText-2 test windows and 10 x 512 C4 ones).
+
+Rows run one at a time (`--rows NAME ...`, default every row not yet in the results) and are merged
+into bench/results/quality_smollm2.json, so a long table is built over several runs; each row keeps
+its command, params kept, weight bytes, compress seconds (method and recovery) and peak RSS.
+
+The recovery budget, the same for every method: LoRA rank 16 (alpha 32, dropout 0.05) on every
+linear but the head, 200 steps of one 512-token sequence of WikiText-2 train (the first 102,400
+tokens, each seen once), lr 2e-4, 1 % warm-up then cosine, next-token loss.
+
+    COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py [--rows ...] [--list]
+
+Writes bench/results/quality_smollm2.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MODEL = "smollm2-135m"
+CALIB = ["--calib-samples", "8", "--seqlen", "512", "--seed", "0"]
+HEAL = ["--recover", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0.05", "--recover-steps",
+        "200", "--recover-seqlen", "512", "--recover-lr", "2e-4", "--recover-schedule", "cosine",
+        "--recover-data", "train"]
+# name -> (compress arguments, track); "@ROW" as the model: that row's checkpoint (healed separately, so a
+# row's quality before and after recovery is one compression).
+ROWS = {
+    "dense": (["--method", "none"], "none"),
+    "shortgpt 25 %": (["--method", "shortgpt", "--sparsity", "0.25", *CALIB], "no recovery"),
+    "sublayer 25 % params (4 x 512 calibration)": (
+        ["--method", "sublayer", "--param-sparsity", "0.25", "--calib-samples", "4", "--seqlen", "512", "--seed", "0"],
+        "no recovery"),
+    "fuse 25 %": (["--method", "fuse", "--sparsity", "0.25", "--profile", "cpu", *CALIB], "no recovery"),
+    "shortgpt 25 % + LoRA": (["@shortgpt 25 %", "--method", "none", *HEAL], "recovery"),
+    "sublayer 25 % params + LoRA": (["@sublayer 25 % params (4 x 512 calibration)", "--method", "none", *HEAL],
+                                    "recovery"),
+    "fuse 25 % + LoRA": (["@fuse 25 %", "--method", "none", *HEAL], "recovery"),
+}
+EVAL = {"wikitext2": 40, "c4": 10}
+
+
+def cli(args: list[str]) -> str:
+    result = subprocess.run([sys.executable, "-m", "compress_eval", *args], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        sys.exit(f"failed: compress-eval {' '.join(args)}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def run_row(name: str, work: Path, checkpoints: dict[str, Path]) -> dict:
+    args, track = ROWS[name]
+    base = args[0][1:] if args[0].startswith("@") else None
+    model, args = (str(checkpoints[base]), args[1:]) if base else (MODEL, args)
+    out = work / f"row{len(checkpoints)}"
+    start = time.perf_counter()
+    cli(["compress", model, *args, "--out", str(out)])
+    seconds = time.perf_counter() - start
+    checkpoints[name] = out
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    row = {"row": name, "track": track,
+           "command": " ".join(["compress-eval compress", f"<the '{base}' checkpoint>" if base else MODEL, *args]),
+           "params": manifest["params_after"], "weight_bytes": manifest["weight_bytes_after"],
+           "compress_s": round(sum(manifest["timings_s"].get(k, 0) for k in ("compress", "recover")), 1),
+           "wall_s": round(seconds, 1), "peak_rss_mb": manifest["peak_rss_mb"],
+           "removed_blocks": manifest["removed_blocks"], "skipped": manifest.get("skipped", []),
+           "recovery": {k: manifest["recovery"][k] for k in ("loss_first", "loss_last", "seconds")}
+           if manifest.get("recovery") else None,
+           "date": datetime.date.today().isoformat()}
+    for dataset, windows in EVAL.items():
+        stdout = cli(["ppl", str(out), "--dataset", dataset, "--seqlen", "512", "--max-windows", str(windows)])
+        row[dataset] = round(float(stdout.strip().splitlines()[-1]), 2)
+    return row
+
+
+def write(rows: list[dict]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality_smollm2.json").write_text(json.dumps(rows, indent=1))
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
+             "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
+             "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine)", "",
+             "| row | track | WikiText-2 (40 x 512) | C4 (10 x 512) | params | params kept | weight bytes "
+             "| compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kept = f"{r['params'] / dense['params']:.3f}" if dense else "-"
+        lines.append(f"| {r['row']} | {r['track']} | {r['wikitext2']} | {r['c4']} | {r['params']:,} | {kept} | "
+                     f"{r['weight_bytes']:,} | {r['compress_s']} | {r['peak_rss_mb']} |")
+    (RESULTS / "quality_smollm2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="*", help="rows to (re)run; default: those not in the results yet")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args()
+    if args.list:
+        print("\n".join(ROWS))
+        return
+    path = RESULTS / "quality_smollm2.json"
+    done = {r["row"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    wanted = args.rows or [name for name in ROWS if name not in done]
+    unknown = [name for name in wanted if name not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}: see --list")
+    # A healed row needs its base row's checkpoint: run the base in this run too.
+    needed = []
+    for name in wanted:
+        base = ROWS[name][0][0]
+        if base.startswith("@") and base[1:] not in needed:
+            needed.append(base[1:])
+        if name not in needed:
+            needed.append(name)
+    work = Path(tempfile.mkdtemp(prefix="quality-bench-"))
+    checkpoints: dict[str, Path] = {}
+    try:
+        for name in needed:
+            done[name] = run_row(name, work, checkpoints)
+            print(json.dumps(done[name]), flush=True)
+            write([done[n] for n in ROWS if n in done])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
