@@ -565,7 +565,7 @@ def run_shape(a: Architecture, method: str, options: dict, device_type: str, dty
     if isinstance(compressor, MergeFF):
         return RunShape(kind="merge", remove_blocks=0, score_samples=min(o.score_samples or cfg.calib_samples,
                                                                           cfg.calib_samples),
-                        merge_window=o.window_size(L), feature_tokens=o.feature_tokens, cka_tokens=o.cka_tokens,
+                        merge_window=o.window_sizes(L)[0], feature_tokens=o.feature_tokens, cka_tokens=o.cka_tokens,
                         permute=o.permute, **common)
     if not compressor.needs_calibration:
         return RunShape(kind="none", remove_blocks=removed if method != "none" else 0, score_samples=0, **common)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from compress_eval.cli.app import app
 from compress_eval.config import make_config
+from compress_eval.errors import UserError
 from compress_eval.methods import alignment
 from compress_eval.methods.ffmerge import MergeOptions, WindowScorer, align_window, merged_ff, tie_window
 from compress_eval.methods.recovery import RecoveryOptions, fine_tune
@@ -97,6 +98,29 @@ def test_merge_ties_one_module_and_records_the_search(family, permute):
     assert len(record.details["ff_output_cka"]) == 4
     assert all(v[:8] == b"\x89PNG\r\n\x1a\n" for v in record.artifacts.values())
     assert torch.isfinite(model(input_ids=calib(1)).logits).all()
+
+
+def test_several_windows_are_searched_in_turn_and_never_overlap():
+    from conftest import deep_tiny
+
+    model = deep_tiny("llama", layers=8)
+    params_before = sum(p.numel() for p in model.parameters())
+    record = merge(model, num_merge=3, num_windows=2)
+    windows = [w["window"] for w in record.details["windows"]]
+    assert [w["window_size"] for w in record.details["windows"]] == [3, 2]
+    layers = [set(range(a, b + 1)) for a, b in windows]
+    assert not layers[0] & layers[1]
+    # The second search skipped every start that overlaps the first window.
+    assert all(not layers[0] & set(range(a, b + 1)) for a, b in (c["window"] for c in
+                                                                 record.details["windows"][1]["candidates"]))
+    assert len(record.tie_map) == 3 and record.details["ff_removed"] == 3
+    adapter = get_adapter(model)
+    ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[0]).parameters())
+    assert sum(p.numel() for p in model.parameters()) == params_before - 3 * ff == \
+        params_before - record.details["ff_params_removed"]
+    assert record.details["window"] == windows[0] and "ffmerge_windows2.png" in record.artifacts
+    with pytest.raises(UserError, match="num-windows"):
+        merge(deep_tiny("llama", layers=8), num_merge=1, num_windows=2)
 
 
 def test_window_stride_scores_every_nth_start():

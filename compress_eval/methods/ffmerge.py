@@ -5,6 +5,8 @@ anchor's (correlation of their activations, linear assignment), the aligned subl
 and every layer of the window then uses that ONE module: k FF sublayers' parameters are gone from
 memory and, saved as one copy plus a tie map, from disk. The window is the best of a sliding-window
 search scored by perplexity on calibration windows (features are collected once for all windows).
+With ``--num-windows W`` the removed sublayers are split over W separate windows, searched one after
+another on the model as merged so far (largest first, none overlapping).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class MergeOptions(MethodOptions):
         "product", description="SwiGLU neuron features: act(gate)*up (paper appendix) or up_proj output (code)")
     window: str = Field("auto", description="'auto' (sliding-window search) or first-last layer, e.g. 10-16")
     window_stride: int = Field(1, ge=1, description="score every n-th start of the sliding search (1: all)")
+    num_windows: int = Field(1, ge=1, description="merge the FF sublayers removed in this many separate windows "
+                                                  "(each searched in turn, largest first, none overlapping)")
     feature_tokens: int = Field(10_000, ge=2, description="calibration tokens for the neuron correlations")
     score_samples: int | None = Field(None, ge=1, description="calibration windows scoring each candidate (default all)")
     cka_tokens: int = Field(1024, ge=2, description="tokens for the FF-output CKA chart")
@@ -67,7 +71,22 @@ class MergeOptions(MethodOptions):
             raise ValueError("give num_merge or ff_fraction, not both")
         if self.window == "auto" and self.num_merge is None and self.ff_fraction is None:
             raise ValueError("give --num-merge K, --ff-fraction F or an explicit --window FIRST-LAST")
+        if self.num_windows > 1 and self.window != "auto":
+            raise ValueError("--num-windows searches its windows: leave --window at auto")
         return self
+
+    def window_sizes(self, num_layers: int) -> list[int]:
+        """Layers of each window, largest first: the removed FF sublayers split as evenly as can be."""
+        removed = self.window_size(num_layers) - 1
+        if self.num_windows > removed:
+            raise UserError(f"--num-windows {self.num_windows} needs at least one FF sublayer removed per window, "
+                            f"and {removed} are: lower --num-windows or merge more")
+        per, extra = divmod(removed, self.num_windows)
+        sizes = [per + 1 + (w < extra) for w in range(self.num_windows)]
+        if sum(sizes) > num_layers:
+            raise UserError(f"{self.num_windows} windows of {sizes} layers do not fit in {num_layers} layers: "
+                            f"lower --num-windows")
+        return sizes
 
     def window_size(self, num_layers: int) -> int:
         """Number of FF sublayers in the merged window (removed ones + the one kept)."""
@@ -174,18 +193,58 @@ class MergeFF(Compressor):
             raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge or --ff-fraction "
                             "instead of --sparsity/--num-blocks/--blocks/--param-sparsity")
         n = adapter.num_blocks
-        size = o.window_size(n)
-        if o.window == "auto":
-            starts = list(range(0, n - size + 1, o.window_stride))
-        else:
-            starts = [int(o.window.split("-")[0])]
-            if starts[0] + size > n:
-                raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
+        sizes = o.window_sizes(n)
         device = adapter.device
         features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
+        tie_map, windows, taken, ff_params = {}, [], set(), 0
+        for number, size in enumerate(sizes, 1):
+            if o.window == "auto":
+                starts = [s for s in range(0, n - size + 1, o.window_stride) if not taken & set(range(s, s + size))]
+            else:
+                starts = [int(o.window.split("-")[0])]
+                if starts[0] + size > n:
+                    raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
+            if not starts:
+                raise UserError(f"no room left for window {number} of {size} layers beside {sorted(taken)}: "
+                                f"lower --num-windows or --window-stride")
+            layers, plan, candidates = self.search(adapter, calib, features, starts, size, device,
+                                                   f"merge: window {number}/{len(sizes)} search"
+                                                   if len(sizes) > 1 else "merge: window search")
+            module = merged_ff(adapter, layers, plan)
+            tie_map.update(tie_window(adapter, layers, module))
+            ff_params += sum(p.numel() for p in module.parameters()) * (len(layers) - 1)
+            taken |= set(layers)
+            windows.append({
+                "window": [layers[0], layers[-1]],
+                "window_size": len(layers),
+                "anchor": anchor_index(layers[0], len(layers), o.anchor),
+                "mean_matched_correlation": {str(j): round(plan[j][1], 4) for j in layers},
+                "candidates": candidates,
+            })
+        cka = linear_cka_matrix(features.outputs)
+        details = {
+            **windows[0],  # the first (largest) window's record under the keys a one-window run has
+            "windows": windows,
+            "ff_removed": sum(w["window_size"] - 1 for w in windows),
+            "ff_params_removed": ff_params if not o.untied_export else 0,
+            "permute": o.permute,
+            "features": o.features,
+            "feature_tokens": features.hidden[0].size(0),
+            "ff_output_cka": [[round(v, 4) for v in row] for row in cka.tolist()],
+        }
+        artifacts = {"ffmerge_windows.png": render_window_scores(windows[0]["candidates"], windows[0]["window"]),
+                     "ffmerge_cka.png": render_cka(cka, windows[0]["window"])}
+        artifacts.update({f"ffmerge_windows{k}.png": render_window_scores(w["candidates"], w["window"])
+                          for k, w in enumerate(windows[1:], 2)})
+        return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)
+
+    def search(self, adapter, calib, features, starts, size, device, label):
+        """(layers, alignment plan, scored candidates) of the window of ``size`` layers with the lowest
+        calibration perplexity among ``starts``, merged on the model as it is now."""
+        o = self.options
         scorer = WindowScorer(adapter, calib[: o.score_samples])
         candidates, best = [], None
-        for s in bar(starts, "merge: window search", unit="window"):
+        for s in bar(starts, label, unit="window"):
             layers = range(s, s + size)
             plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute, device)
             ppl = scorer.ppl(layers, merged_ff(adapter, layers, plan))
@@ -193,36 +252,15 @@ class MergeFF(Compressor):
             if best is None or ppl < best[0]:
                 best = (ppl, layers, plan)
         del scorer
-        _, layers, plan = best
-        module = merged_ff(adapter, layers, plan)
-        tie_map = tie_window(adapter, layers, module)
-        ff_params = sum(p.numel() for p in module.parameters())
-        cka = linear_cka_matrix(features.outputs)
-        window = [layers[0], layers[-1]]
-        details = {
-            "window": window,
-            "window_size": len(layers),
-            "ff_removed": len(layers) - 1,
-            "ff_params_removed": ff_params * (len(layers) - 1) if not o.untied_export else 0,
-            "anchor": anchor_index(layers[0], len(layers), o.anchor),
-            "permute": o.permute,
-            "features": o.features,
-            "feature_tokens": features.hidden[0].size(0),
-            "mean_matched_correlation": {str(j): round(plan[j][1], 4) for j in layers},
-            "candidates": candidates,
-            "ff_output_cka": [[round(v, 4) for v in row] for row in cka.tolist()],
-        }
-        artifacts = {"ffmerge_windows.png": render_window_scores(candidates, window),
-                     "ffmerge_cka.png": render_cka(cka, window)}
-        return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)
+        return best[1], best[2], candidates
 
     def finish(self, adapter, record: CompressionRecord) -> CompressionRecord:
         """--untied-export, after the recovery stage trained the tied module: every layer gets its
         own copy (larger, but plain transformers loads it)."""
         if not self.options.untied_export or not record.tie_map:
             return record
-        first, last = record.details["window"]
-        with adapter.hold(range(first, last + 1), write=True):
+        layers = [j for w in record.details["windows"] for j in range(w["window"][0], w["window"][1] + 1)]
+        with adapter.hold(layers, write=True):
             for dst, src in record.tie_map.items():
                 adapter.model.set_submodule(dst, copy.deepcopy(adapter.model.get_submodule(src)))
         return replace(record, tie_map={})
