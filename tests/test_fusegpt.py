@@ -238,3 +238,37 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, method):
         torch.testing.assert_close(resumed(ids).logits, whole(ids).logits, rtol=0, atol=0)
     with pytest.raises(Exception, match="different run"):
         run(2, resume=str(tmp_path / "state"), **({"epochs": 2} if method == "fuse" else {"mi_samples": 1}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_aligned_fusion_injects_the_removed_ffs_neurons_in_the_receivers_order(family):
+    """Block 2 is block 1 with its FF neurons shuffled (and both see the same inputs): aligned onto
+    block 1, the injected FF weights are block 1's own, exactly; attention weights are injected as they are."""
+    from test_ffmerge import plant_shuffled_copy
+
+    from compress_eval.methods import alignment
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    width = adapter.linear_weight(adapter.blocks[1], alignment.ff_roles(adapter)[1]).size(1)
+    plant_shuffled_copy(adapter, torch.randperm(width, generator=torch.Generator().manual_seed(3)))
+    fuse = get_method(make_config(model="tiny", method="fuse", sparsity=0.25,
+                                  options={**FAST, "align_ff": True, "align_tokens": 256}))
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    injected, quality = fuse.injected_weights(adapter, calib, [0, 1, 2, 3], 2)
+    assert quality[1] > 0.99
+    for role in alignment.ff_roles(adapter)[0]:
+        assert torch.equal(injected[1][role], adapter.linear_weight(adapter.blocks[1], role))
+    assert torch.equal(injected[1]["o"], adapter.linear_weight(adapter.blocks[2], "o"))
+    plain, none = get_method(make_config(model="tiny", method="fuse", sparsity=0.25, options=FAST)).injected_weights(
+        adapter, calib, [0, 1, 2, 3], 2)
+    assert none == {} and not torch.equal(plain[1][alignment.ff_roles(adapter)[0][0]],
+                                          adapter.linear_weight(adapter.blocks[1], alignment.ff_roles(adapter)[0][0]))
+
+
+def test_aligned_fusion_runs_and_records_the_matched_correlations():
+    record = run_method(tiny_model("llama"), "fuse", torch.randint(0, VOCAB, (4, 12)), sparsity=0.25,
+                        **{**FAST, "align_ff": True})
+    alignment_of = record.details["iterations"][0]["ff_alignment"]
+    assert set(alignment_of) == {str(j) for j in record.details["iterations"][0]["group"]
+                                 if j != record.details["iterations"][0]["removed"]}

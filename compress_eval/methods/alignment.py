@@ -55,8 +55,9 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "product",
                         max_tokens: int = 10_000, output_tokens: int = 2048,
-                        store_dtype: torch.dtype = torch.float16) -> FFFeatures:
-    """One pass over the first ``max_tokens`` calibration tokens, hooks on every FF sublayer.
+                        store_dtype: torch.dtype = torch.float16, layers: list[int] | None = None) -> FFFeatures:
+    """One pass over the first ``max_tokens`` calibration tokens, hooks on every FF sublayer (or on
+    those of ``layers``; the others' entries stay empty).
 
     Hidden activations are gathered in bf16 (fp16 could overflow on massive activations) and then
     standardized layer by layer into ``store_dtype``: 30 layers x 10k tokens x 1536 neurons would
@@ -71,6 +72,8 @@ def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "prod
     outputs: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_blocks)]
     handles = []
     for i, block in enumerate(adapter.blocks):
+        if layers is not None and i not in layers:
+            continue
         module, use_input = _feature_module(adapter, block, kind)
 
         def grab_hidden(mod, args, out, i=i, use_input=use_input):
@@ -91,9 +94,11 @@ def collect_ff_features(adapter: Adapter, calib: torch.Tensor, kind: str = "prod
             h.remove()
     standardized = []
     for i in range(len(hidden)):  # one layer at a time, so only one fp32 copy exists at once
-        standardized.append(standardize(torch.cat(hidden[i])[:max_tokens]).to(store_dtype))
+        standardized.append(standardize(torch.cat(hidden[i])[:max_tokens]).to(store_dtype) if hidden[i]
+                            else torch.empty(0))
         hidden[i] = []
-    return FFFeatures(hidden=standardized, outputs=[torch.cat(o)[:output_tokens] for o in outputs])
+    return FFFeatures(hidden=standardized,
+                      outputs=[torch.cat(o)[:output_tokens] if o else torch.empty(0) for o in outputs])
 
 
 def correlation(za: torch.Tensor, zb: torch.Tensor, device: torch.device | str | None = None,

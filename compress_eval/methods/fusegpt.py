@@ -25,13 +25,14 @@ from pydantic import Field, model_validator
 from compress_eval import distributed
 from compress_eval.errors import UserError
 from compress_eval.memory import peak_memory_mb
+from compress_eval.methods import alignment
 from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptions
 from compress_eval.methods.finite import require_finite
 from compress_eval.methods.fusion import FusedLinear, fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
 from compress_eval.methods.registry import register_method
-from compress_eval.models.adapters import embed_inputs
+from compress_eval.models.adapters import embed_inputs, out_in
 from compress_eval.progress import bar
 from compress_eval.scoring.chart import importance_chart
 from compress_eval.scoring.importance import token_cosines
@@ -90,6 +91,10 @@ class FuseOptions(MIOptions):
     lr_lora: float | None = Field(None, gt=0, le=1e30, description="learning rate of LoRA and norm weights")
     loss: Loss | None = Field(None, description="kl-batch (paper), mse on the group output, or kd-logits")
     collapse: bool | None = Field(None, description="write effective weights after every fusion")
+    align_ff: bool = Field(False, description="fuse: permute the removed block's FF neurons onto each receiving "
+                                              "block's (activation correlation + linear assignment, as FF "
+                                              "merging aligns) before injecting its FF weights")
+    align_tokens: int = Field(4096, ge=2, description="--align-ff: calibration tokens for the correlations")
 
 
 def macro_influence(prefix: PrefixStates) -> list[float]:
@@ -152,12 +157,32 @@ class IterativeFusion(Compressor):
             targets = torch.cat([runner.run(x, start, stop) for x in batches(inputs, bs)])
         return inputs, targets
 
-    def make_student(self, adapter, group: list[int], f: int, gen: torch.Generator):
-        """Wrap the group's linears; returns (coefficient params, lora+norm params, clamped ranks)."""
+    def injected_weights(self, adapter, calib, group: list[int], f: int) -> tuple[dict, dict]:
+        """Per receiving block j: the removed block f's (out, in) weights by role, its FF neurons permuted
+        onto j's with ``align_ff`` (the mean matched correlation per j beside them); {} for ablations."""
+        if self.training != "fuse":
+            return {}, {}
+        blocks, members = adapter.blocks, [j for j in group if j != f]
+        weights = {role: frozen_weight(adapter, blocks[f], role) for role in adapter.linear_roles()}
+        if not self.options.align_ff:
+            return {j: weights for j in members}, {}
+        features = alignment.collect_ff_features(adapter, calib, max_tokens=self.options.align_tokens,
+                                                 output_tokens=0, layers=group)
+        writers, reader = alignment.ff_roles(adapter)
+        injected, quality = {}, {}
+        for j in members:
+            perm, quality[j] = alignment.match_neurons(
+                alignment.correlation(features.hidden[j], features.hidden[f], adapter.device))
+            state = alignment.aligned_ff_state(adapter, blocks[f], perm)
+            injected[j] = {**weights, **{role: out_in(state[f"{adapter.mlp_linear_path(role)}.weight"],
+                                                      adapter.family.conv1d) for role in writers + [reader]}}
+        return injected, quality
+
+    def make_student(self, adapter, group: list[int], f: int, gen: torch.Generator, injected: dict):
+        """Wrap the group's linears, injecting ``injected[j]`` into block j; returns (coefficient params,
+        lora+norm params, clamped ranks)."""
         o = self.options
         blocks = adapter.blocks
-        injected = {role: frozen_weight(adapter, blocks[f], role) for role in adapter.linear_roles()} \
-            if self.training == "fuse" else {}
         coef, slow, ranks = [], [], {}
         for j in group:
             if j == f:
@@ -166,7 +191,7 @@ class IterativeFusion(Compressor):
                 module = fuse_linear(adapter.linear(blocks[j], role), adapter.family.conv1d, o.lora_rank, gen)
                 adapter.set_linear(blocks[j], role, module)
                 if self.training == "fuse":
-                    ranks[role] = module.inject(injected[role], o.coef_rank, gen)
+                    ranks[role] = module.inject(injected[j][role], o.coef_rank, gen)
                     if o.extra_rank:
                         ranks[f"{role}/extra"] = module.inject(None, o.extra_rank, gen)
                 elif self.training == "lowrank":
@@ -290,7 +315,11 @@ class IterativeFusion(Compressor):
                     del prefix
                     # Offloaded: only the group is on the device, and what the fine-tune made of it is stored.
                     with adapter.hold([f]), adapter.hold(members, write=True):
-                        coef, slow, r = self.make_student(adapter, group, f, gen)
+                        injected, quality = self.injected_weights(adapter, calib, group, f)
+                        if quality:
+                            it["ff_alignment"] = {str(alive[j]): round(q, 4) for j, q in quality.items()}
+                        coef, slow, r = self.make_student(adapter, group, f, gen, injected)
+                        del injected
                         ranks.update(r)
                         losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
                         del inputs, targets, coef, slow
