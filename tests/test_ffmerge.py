@@ -1,6 +1,7 @@
 """FF-sublayer merging: alignment exactness, tying in memory and on disk, recovery, CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -29,8 +30,9 @@ def ff_width(adapter):
     return adapter.linear_weight(adapter.blocks[0], alignment.ff_roles(adapter)[1]).size(1)
 
 
-def merge(model, **options):
-    cfg = make_config(model="tiny", method="merge", options={"feature_tokens": 64, **options})
+def merge(model, param_sparsity=None, **options):
+    cfg = make_config(model="tiny", method="merge", param_sparsity=param_sparsity,
+                      options={"feature_tokens": 64, **options})
     method, adapter = get_method(cfg), get_adapter(model)
     return method.finish(adapter, method.compress(adapter, calib()))
 
@@ -228,11 +230,23 @@ def test_options_are_validated():
         MergeOptions(window="10:16")
     with pytest.raises(ValueError, match="not both"):
         MergeOptions(num_merge=2, ff_fraction=0.5)
-    with pytest.raises(ValueError, match="--num-merge K"):
-        MergeOptions()
+    with pytest.raises(UserError, match="--num-merge K"):
+        MergeOptions().window_size(30)
     assert MergeOptions(ff_fraction=1 / 3).window_size(30) == 11
     assert MergeOptions(ff_fraction="1/2").window_size(30) == 16
     assert MergeOptions(window="10-16").window_size(30) == 7
+
+
+def test_param_sparsity_sets_how_many_ffs_merge_ties():
+    """25 % of the blocks' parameters, FFs being 2/3 of a tiny LLaMA block's (q/o 32x32, k/v 32x16, FF
+    3 x 32x64, two norms): ceil(0.25 * 4 * 10304 / 6144) = 2 FF sublayers."""
+    model = tiny_model("llama")
+    before = get_adapter(model).block_parameters()
+    record = merge(model, param_sparsity=0.25)
+    assert record.details["ff_removed"] == math.ceil(0.25 * before / 6144) == 2
+    assert before - get_adapter(model).block_parameters() == 2 * 6144
+    with pytest.raises(UserError, match="one amount"):
+        merge(tiny_model("llama"), param_sparsity=0.25, num_merge=1)
 
 
 def test_cli_merge_writes_tied_checkpoint_and_charts(tiny_model_dir, data_dir, tmp_path):

@@ -14,7 +14,6 @@ from compress_eval.cli.app import app
 from compress_eval.config import CompressConfig, make_config
 from compress_eval.errors import UserError
 from compress_eval.methods.registry import get_method
-from compress_eval.methods.sublayer import block_parameters
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model
 from compress_eval.models.sublayers import skipped_paths
@@ -76,13 +75,13 @@ def test_greedy_order_and_scores_match_brute_force(family, calib):
 
 def test_parameter_target_stops_as_soon_as_it_is_reached(calib):
     model = deep_tiny()
-    total = block_parameters(get_adapter(model))
+    total = get_adapter(model).block_parameters()
     record = run_method(model, calib, param_sparsity=0.3)
     removed = record.details["removed_parameters"]
     last = record.details["iterations"][-1]["parameters"]
     assert removed >= 0.3 * total > removed - last
     assert record.details["target_parameters"] == pytest.approx(0.3 * total, abs=1)
-    assert block_parameters(get_adapter(model)) == total - removed  # the weights are gone, not zeroed
+    assert get_adapter(model).block_parameters() == total - removed  # the weights are gone, not zeroed
 
 
 def test_a_block_without_both_sublayers_is_removed_as_a_block(calib, monkeypatch):

@@ -69,8 +69,6 @@ class MergeOptions(MethodOptions):
     def _one_amount(self):
         if self.num_merge is not None and self.ff_fraction is not None:
             raise ValueError("give num_merge or ff_fraction, not both")
-        if self.window == "auto" and self.num_merge is None and self.ff_fraction is None:
-            raise ValueError("give --num-merge K, --ff-fraction F or an explicit --window FIRST-LAST")
         if self.num_windows > 1 and self.window != "auto":
             raise ValueError("--num-windows searches its windows: leave --window at auto")
         return self
@@ -99,8 +97,11 @@ class MergeOptions(MethodOptions):
                                 f"--num-merge/--ff-fraction: give only one of them")
         elif self.num_merge is not None:
             removed = self.num_merge
-        else:
+        elif self.ff_fraction is not None:
             removed = self._from_fraction(num_layers)
+        else:  # the pipeline fills in the default (1/3) before this: only a direct use gets here
+            raise UserError("give --num-merge K, --ff-fraction F, --param-sparsity F or an explicit --window "
+                            "FIRST-LAST")
         if not 1 <= removed < num_layers:
             raise UserError(f"merging away {removed} of {num_layers} FF sublayers is impossible: "
                             f"use 1..{num_layers - 1}")
@@ -183,15 +184,17 @@ class MergeFF(Compressor):
     @classmethod
     def amount_given(cls, cfg) -> bool:
         o = cfg.options
-        return (any(o.get(key) is not None for key in ("num_merge", "ff_fraction"))
+        return (cfg.param_sparsity is not None or any(o.get(key) is not None for key in ("num_merge", "ff_fraction"))
                 or o.get("window", "auto") != "auto")
     summary = "align (permute), average and tie a window of adjacent FF sublayers (Verma et al.)"
 
     def compress(self, adapter, calib) -> CompressionRecord:
         o: MergeOptions = self.options
-        if self.cfg.amount_given():
-            raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge or --ff-fraction "
-                            "instead of --sparsity/--num-blocks/--blocks/--param-sparsity")
+        if any(v is not None for v in (self.cfg.sparsity, self.cfg.num_blocks, self.cfg.blocks)):
+            raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge, --ff-fraction or "
+                            "--param-sparsity instead of --sparsity/--num-blocks/--blocks")
+        if self.cfg.param_sparsity is not None:
+            o = self.options = o.model_copy(update={"num_merge": self.ff_to_merge(adapter)})
         n = adapter.num_blocks
         sizes = o.window_sizes(n)
         device = adapter.device
@@ -237,6 +240,15 @@ class MergeFF(Compressor):
         artifacts.update({f"ffmerge_windows{k}.png": render_window_scores(w["candidates"], w["window"])
                           for k, w in enumerate(windows[1:], 2)})
         return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)
+
+    def ff_to_merge(self, adapter) -> int:
+        """FF sublayers whose tying removes --param-sparsity of the blocks' parameters (rounded up)."""
+        o = self.options
+        if o.num_merge is not None or o.ff_fraction is not None or o.window != "auto":
+            raise UserError("give method 'merge' one amount: --param-sparsity, or --num-merge / --ff-fraction / "
+                            "--window")
+        ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[0]).parameters())
+        return math.ceil(round(self.cfg.param_sparsity * adapter.block_parameters() / ff, 6))
 
     def search(self, adapter, calib, features, starts, size, device, label):
         """(layers, alignment plan, scored candidates) of the window of ``size`` layers with the lowest

@@ -29,11 +29,6 @@ class SublayerOptions(DepthPruningOptions):
                                                               "parameter target)")
 
 
-def block_parameters(adapter) -> int:
-    """Parameters of the decoder's blocks (embeddings and head excluded): what a target is a fraction of."""
-    return sum(p.numel() for block in adapter.blocks for p in block.parameters())
-
-
 def parameter_target(cfg, adapter) -> int:
     """Parameters to remove: --param-sparsity (or --sparsity, the same fraction of the blocks'
     parameters) of the blocks, or --num-blocks blocks' worth."""
@@ -41,7 +36,7 @@ def parameter_target(cfg, adapter) -> int:
     if not fraction or fraction >= 1:
         raise UserError("method 'sublayer' needs an amount below the whole decoder: give --param-sparsity F, "
                         "--sparsity F (0 < F < 1), --num-blocks N (fewer than the blocks) or --num-sublayers N")
-    return math.ceil(round(fraction * block_parameters(adapter), 6))
+    return math.ceil(round(fraction * adapter.block_parameters(), 6))
 
 
 @register_method

@@ -235,6 +235,11 @@ class Adapter:
         """Parameters of block ``i``'s sublayer (its linears; offloaded placeholders count too)."""
         return sum(p.numel() for p in _get(self.blocks[i], self.sublayer_name(kind)).parameters())
 
+    def block_parameters(self) -> int:
+        """Parameters of the decoder's blocks (embeddings and head excluded): what --param-sparsity is a
+        fraction of (offloaded placeholders count too; a tied module once)."""
+        return sum(p.numel() for p in self.blocks.parameters())
+
     def skip_sublayer(self, i: int, kind: str) -> None:
         """Remove block ``i``'s ``kind`` sublayer for good: an empty module takes its place."""
         block = self.blocks[i]
