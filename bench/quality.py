@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compress_eval.results.card import table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m"
@@ -89,12 +91,11 @@ def write(rows: list[dict]) -> None:
     lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
              "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine)", "",
-             "| row | track | WikiText-2 (40 x 512) | C4 (10 x 512) | params | params kept | weight bytes "
-             "| compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kept = f"{r['params'] / dense['params']:.3f}" if dense else "-"
-        lines.append(f"| {r['row']} | {r['track']} | {r['wikitext2']} | {r['c4']} | {r['params']:,} | {kept} | "
-                     f"{r['weight_bytes']:,} | {r['compress_s']} | {r['peak_rss_mb']} |")
+             table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "params", "params kept", "weight bytes",
+                    "compress s", "peak RSS MB"],
+                   [[r["row"], r["track"], r["wikitext2"], r["c4"], f"{r['params']:,}",
+                     f"{r['params'] / dense['params']:.3f}" if dense else "-", f"{r['weight_bytes']:,}",
+                     r["compress_s"], r["peak_rss_mb"]] for r in rows])]
     (RESULTS / "quality_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

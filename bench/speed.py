@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compress_eval.results.card import table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m"
@@ -154,23 +156,30 @@ def main() -> None:
             row[f"{k}_of_bound"] = round(row[f"{k}_speedup"] / row["compute_bound"], 3)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speed_smollm2.json").write_text(json.dumps(
-        {"prompt": PROMPT, "new_tokens": NEW_TOKENS, "rounds": args.rounds, "threads": os.cpu_count(),
-         "rows": rows}, indent=1))
-    lines = [f"# Inference speed, SmolLM2-135M on {os.cpu_count()} CPU cores (fp32; int8/nf4 bitsandbytes)", "",
-             "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/speed.py" + (" --fuse DIR" if args.fuse else "")
-             + f"` ({args.rounds} rounds, round-robin, medians; prompt {PROMPT} tokens, {NEW_TOKENS - 1} cached decode steps)", "",
-             "| checkpoint | params | MACs/token (M) | compute bound | prefill tok/s b1 | b8 | decode tok/s b1 | b8 "
-             "| speed-up prefill b1 / b8 | decode b1 / b8 | of bound: decode b1, prefill b8 | RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r.get('params', '-')} | {r['macs_per_token'] / 1e6:.1f} | {r['compute_bound']}x | "
-            f"{r['prefill_b1']} | {r['prefill_b8']} | {r['decode_b1']} | {r['decode_b8']} | "
-            f"{r['prefill_b1_speedup']} / {r['prefill_b8_speedup']} | {r['decode_b1_speedup']} / "
-            f"{r['decode_b8_speedup']} | {r['decode_b1_of_bound']}, {r['prefill_b8_of_bound']} | {r['rss_mb']} |")
-    (RESULTS / "speed_smollm2.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    result = {"prompt": PROMPT, "new_tokens": NEW_TOKENS, "rounds": args.rounds, "threads": os.cpu_count(),
+              "fuse": bool(args.fuse), "rows": rows}
+    (RESULTS / "speed_smollm2.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (RESULTS / "speed_smollm2.md").write_text(text)
+    print(text)
+
+
+def markdown(result: dict) -> str:
+    """The results table (also re-rendered from the JSON alone)."""
+    rows = result["rows"]
+    lines = [f"# Inference speed, SmolLM2-135M on {result['threads']} CPU cores (fp32; int8/nf4 bitsandbytes)", "",
+             "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/speed.py" + (" --fuse DIR" if result["fuse"] else "")
+             + f"` ({result['rounds']} rounds, round-robin, medians; prompt {result['prompt']} tokens, "
+             f"{result['new_tokens'] - 1} cached decode steps)", "",
+             table(["checkpoint", "params", "MACs/token (M)", "compute bound", "prefill tok/s b1", "b8",
+                    "decode tok/s b1", "b8", "speed-up prefill b1 / b8", "decode b1 / b8",
+                    "of bound: decode b1, prefill b8", "RSS MB"],
+                   [[r["model"], r.get("params", "-"), f"{r['macs_per_token'] / 1e6:.1f}", f"{r['compute_bound']}x",
+                     r["prefill_b1"], r["prefill_b8"], r["decode_b1"], r["decode_b8"],
+                     f"{r['prefill_b1_speedup']} / {r['prefill_b8_speedup']}",
+                     f"{r['decode_b1_speedup']} / {r['decode_b8_speedup']}",
+                     f"{r['decode_b1_of_bound']}, {r['prefill_b8_of_bound']}", r["rss_mb"]] for r in rows])]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ import time
 import torch
 
 from compress_eval.errors import UserError
-from compress_eval.models.adapters import get_adapter, is_conv1d, is_linear, out_in, vision_modules
+from compress_eval.models.adapters import is_conv1d, is_linear, out_in, vision_modules
 from compress_eval.models.checkpoint import weight_bytes
 from compress_eval.models.loading import (DTYPES, auto_model_class, copies_detached, from_pretrained_tied,
-                                          keep_4bit_scales_on_save, quiet_int8_cast_warning, retie)
+                                          keep_4bit_scales_on_save, quiet_int8_cast_warning,
+                                          restore_structure)
 from compress_eval.models.sublayers import skipped_paths
 
 KINDS: tuple[str, ...] = ("int8", "nf4", "fp4")
@@ -181,9 +182,7 @@ def quantize_model(model, kind: str, double_quant: bool = False, compute_dtype: 
         skipped = skipped_paths(model)
         quantized = from_pretrained_tied(auto_model_class(tmp), tmp, [*tie_map, *skipped],
                                          quantization_config=config, dtype=dtype, device_map={"": device})
-    if skipped:
-        get_adapter(quantized).skip_paths(skipped)
-    retie(quantized, tie_map)
+    restore_structure(quantized, tie_map, skipped)
     quantized.eval()
     keep_4bit_scales_on_save(quantized)
     record = {

@@ -8,7 +8,8 @@ from transformers.pytorch_utils import Conv1D
 
 from compress_eval.config import make_config
 from compress_eval.errors import UserError
-from compress_eval.methods.fusegpt import kl_of_logits, kl_over_batch, partial_group
+from compress_eval.methods.fusegpt import kl_over_batch, partial_group
+from compress_eval.methods.recovery import kl_of_logits
 from compress_eval.methods.fusion import FusedLinear, frozen_weight, fuse_linear
 from compress_eval.methods.registry import get_method, resolve_config
 from compress_eval.models.adapters import BlockRunner, embed_inputs, get_adapter

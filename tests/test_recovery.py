@@ -12,7 +12,7 @@ import torch
 from compress_eval.config import make_config
 from compress_eval.data.calibration import tokenize, training_windows
 from compress_eval.errors import UserError
-from compress_eval.methods.recovery import cosine_schedule, distillation_loss
+from compress_eval.methods.recovery import cosine_schedule, kl_of_logits
 from compress_eval.pipeline import compress
 from conftest import tiny_tokenizer
 
@@ -26,13 +26,13 @@ def train_data(data_dir):
     return data_dir
 
 
-def test_distillation_loss_is_the_token_mean_kl_and_zero_for_the_teacher_itself():
+def test_kl_of_logits_is_the_token_mean_kl_and_zero_for_the_teacher_itself():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     p, log_q = teacher.softmax(-1), student.log_softmax(-1)
     expected = (p * (p.log() - log_q)).sum(-1).mean()
-    assert distillation_loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_of_logits(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl_of_logits(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

@@ -27,6 +27,7 @@ from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, render_window_scores
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import Adapter
+from compress_eval.models.loading import untie
 from compress_eval.progress import bar
 from compress_eval.scoring.prefix import PrefixStates
 
@@ -194,7 +195,7 @@ class MergeFF(Compressor):
             raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge, --ff-fraction or "
                             "--param-sparsity instead of --sparsity/--num-blocks/--blocks")
         if self.cfg.param_sparsity is not None:
-            o = self.options = o.model_copy(update={"num_merge": self.ff_to_merge(adapter)})
+            o = o.model_copy(update={"num_merge": self.ff_to_merge(adapter)})
         n = adapter.num_blocks
         sizes = o.window_sizes(n)
         device = adapter.device
@@ -273,6 +274,5 @@ class MergeFF(Compressor):
             return record
         layers = [j for w in record.details["windows"] for j in range(w["window"][0], w["window"][1] + 1)]
         with adapter.hold(layers, write=True):
-            for dst, src in record.tie_map.items():
-                adapter.model.set_submodule(dst, copy.deepcopy(adapter.model.get_submodule(src)))
+            untie(adapter.model, record.tie_map)
         return replace(record, tie_map={})

@@ -31,6 +31,7 @@ from compress_eval.methods.depth_pruning import DEPTH_DEFAULT, DepthPruningOptio
 from compress_eval.methods.finite import require_finite
 from compress_eval.methods.fusion import FusedLinear, fuse_linear, frozen_weight, materialize_block
 from compress_eval.methods.loop_state import LoopState
+from compress_eval.methods.recovery import kl_of_logits
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import embed_inputs, out_in
 from compress_eval.progress import bar
@@ -117,13 +118,6 @@ def kl_over_batch(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     log_s = F.log_softmax(student.float(), dim=0)
     log_t = F.log_softmax(target.float(), dim=0)
     return (log_t.exp() * (log_t - log_s)).sum() / student.shape[0]
-
-
-def kl_of_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || p_student) over the vocabulary."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
 class IterativeFusion(Compressor):

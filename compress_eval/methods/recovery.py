@@ -56,12 +56,12 @@ def cosine_schedule(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over tokens (fp32 softmax)."""
-    vocab = student_logits.size(-1)
-    return torch.nn.functional.kl_div(torch.log_softmax(student_logits.float().reshape(-1, vocab), -1),
-                                      torch.log_softmax(teacher_logits.float().reshape(-1, vocab), -1),
-                                      log_target=True, reduction="batchmean")
+def kl_of_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher || p_student) over the vocabulary, in fp32: the distillation
+    loss of the recovery stage and of FuseGPT's kd-logits group fine-tune."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
 def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
@@ -197,7 +197,7 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
                 else:
                     with torch.no_grad():
                         target = teacher(input_ids=ids, use_cache=False).logits
-                    loss = distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
+                    loss = kl_of_logits(model(input_ids=ids, use_cache=False).logits, target)
                 loss.backward()
                 value = loss.item() * (mine.numel() / idx.numel())
             distributed.reduce_gradients(trainable, mine.numel(), idx.numel())

@@ -9,14 +9,13 @@ blocks need nothing: the config already has the new depth.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from compress_eval.errors import UserError
 from compress_eval.models.checkpoint import atomic_output_dir, ensure_new_output
-from compress_eval.models.loading import absent_modules, auto_model_class, from_pretrained_tied
+from compress_eval.models.loading import absent_modules, auto_model_class, from_pretrained_tied, untie
 from compress_eval.results.store import read_manifest
 
 
@@ -42,8 +41,7 @@ def export_plain(directory: str | Path, out: str | Path) -> Path:
                         f"export the checkpoint before quantizing, then quantize the export")
     ensure_new_output(out)
     model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest))
-    for dst, src in manifest.tie_map.items():
-        model.set_submodule(dst, copy.deepcopy(model.get_submodule(src)))
+    untie(model, manifest.tie_map)
     for path in manifest.skipped:
         zero_module(model.get_submodule(path))
     with atomic_output_dir(out) as tmp:

@@ -9,6 +9,7 @@ only with ``trust_remote_code``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def load_offloaded(where: str, manifest: Manifest | None, mode: str, device: str
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if manifest is not None:
-        restore_structure(model, manifest)
+        restore_structure(model, manifest.tie_map, manifest.skipped)
     sources = checkpoint_sources(directory)
     if mode == "cpu":
         sources = host_sources(sources, dtype)
@@ -214,19 +215,25 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         model.set_submodule(dst, model.get_submodule(src))
 
 
+def untie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
+    """The inverse of :func:`retie`: every tie-map copy becomes its own module (a deep copy)."""
+    for dst, src in tie_map.items():
+        model.set_submodule(dst, copy.deepcopy(model.get_submodule(src)))
+
+
 def absent_modules(manifest: Manifest) -> list[str]:
     """Module paths whose weights a checkpoint leaves out on purpose: tie-map copies, removed sublayers."""
     return [*manifest.tie_map, *manifest.skipped]
 
 
-def restore_structure(model: torch.nn.Module, manifest: Manifest) -> None:
+def restore_structure(model: torch.nn.Module, tie_map: dict[str, str], skipped: list[str]) -> None:
     """Put back on a model loaded from a checkpoint what its weights leave out on purpose: its removed
     sublayers (empty modules) and its ties."""
-    if manifest.skipped:
+    if skipped:
         from compress_eval.models.adapters import get_adapter
 
-        get_adapter(model).skip_paths(manifest.skipped)
-    retie(model, manifest.tie_map)
+        get_adapter(model).skip_paths(skipped)
+    retie(model, tie_map)
 
 
 def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dtype: torch.dtype | None = None,
@@ -242,7 +249,7 @@ def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dty
         placement = {"device_map": {"": device}} if device else {}
     model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest), dtype=dtype,
                                  **placement)
-    restore_structure(model, manifest)
+    restore_structure(model, manifest.tie_map, manifest.skipped)
     if manifest.quantized:
         keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
     return model, manifest
