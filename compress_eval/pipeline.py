@@ -136,6 +136,9 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
         with timer.step("calibrate"):
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
                                         cfg.seed, data_dir)
+            # Each recovery stage's text, read now: a missing train split fails before any method runs.
+            training = {n: recovery_windows(s, calib, tokenizer, cfg, data_dir) for n, s in enumerate(stages, 1)
+                        if isinstance(s, RecoverStage)}
     log.debug("compressing %s (%d blocks) with %s", cfg.model, blocks_before, cfg.method)
     if default:
         log.info("no amount given: %s (%s's default)", default, cfg.method)
@@ -162,8 +165,8 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
             removed, tied = record.removed_blocks, sorted(record.tie_map)
         else:
             with timer.step("recover"):
-                recovery = fine_tune(model, recovery_windows(stage, calib, tokenizer, cfg, data_dir), stage,
-                                     seed=cfg.seed, teacher=teacher if stage.recover_loss == "kd" else None)
+                recovery = fine_tune(model, training.pop(number), stage, seed=cfg.seed,
+                                     teacher=teacher if stage.recover_loss == "kd" else None)
         done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
                                 removed_blocks=removed, tied=tied,
                                 skipped=[p for p in skipped_paths(model) if p not in skipped_before],
