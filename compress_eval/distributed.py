@@ -107,6 +107,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+STOPPED_BY_LAUNCHER = ("another process of this run stopped, or the run was cancelled (the launcher sent SIGTERM): "
+                       "this one stops too and writes nothing; the launcher's report names the process that failed")
+
+
 def peer_failure(exc: BaseException) -> str | None:
     """The one line for a collective that failed because another process of the run is gone, else None."""
     # gloo reports a dead peer as a plain RuntimeError naming its transport; NCCL as a DistError

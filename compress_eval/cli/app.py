@@ -116,9 +116,13 @@ def global_options(
 
 def exit_on_sigterm() -> None:
     """SIGTERM (what `timeout`, `kill` and job schedulers send) unwinds like Ctrl-C: cleanup code
-    runs (a half-written output directory is removed) and the exit code is 128 + 15 = 143."""
+    runs (a half-written output directory is removed) and the exit code is 128 + 15 = 143. In a run of
+    several processes torchrun sends it to the others when one of them dies, often before a collective
+    has failed: that process says its one line here, as it would for the failed collective."""
 
     def handler(signum, frame):
+        if distributed.world_size() > 1:
+            typer.echo(f"error: {distributed.STOPPED_BY_LAUNCHER}", err=True)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

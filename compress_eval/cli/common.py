@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 
 import typer
 
@@ -25,6 +26,8 @@ def user_errors(fn):
             if line is None:
                 raise
             typer.echo(f"error: {line}", err=True)
+            # Said once: the launcher's SIGTERM, which may follow, ends the process without a second line.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             raise typer.Exit(2) from None
 
     return wrapper
