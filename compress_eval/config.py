@@ -44,7 +44,8 @@ class RecoveryOptions(MethodOptions):
                                    "calibration corpus' train split (steps x batch of them, disjoint from "
                                    "evaluation; offline WikiText-2 is its tokenized train file)")
     recover_loss: Literal["ce", "kd"] = Field(
-        "ce", description="next-token cross-entropy, or KL divergence to the uncompressed model's logits (kd)")
+        "ce", description="next-token cross-entropy, or KL divergence to the uncompressed model's logits (kd; for a compressed "
+              "checkpoint, its base model's)")
     lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
     lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")

@@ -93,6 +93,29 @@ def require_whole_sublayers(methods: list[Compressor | None], model) -> None:
             why = why or f"the {method.name!r} stage before it removes"
 
 
+def distillation_teacher(model: torch.nn.Module, source, cfg: CompressConfig, offload: str) -> torch.nn.Module:
+    """The model whose logits kd recovery learns: the uncompressed one. A compressed checkpoint's is its
+    base model (followed through checkpoints made from checkpoints), loaded beside it; any other
+    model's is a frozen copy of itself as loaded, kept while the stages change the original."""
+    name, kind, location = cfg.model, source.kind, source.location
+    chain = []
+    while kind == "local" and (manifest := store.read_manifest(location)) is not None:
+        chain.append(name)
+        base = manifest.base_model
+        name, kind, location = base.name, base.kind, base.location
+    if not chain:
+        return copy.deepcopy(model)
+    given = location if kind == "local" else name
+    log.info("kd recovery distils %s, the uncompressed model of %s", given, cfg.model)
+    try:
+        teacher, _, _ = load_model(given, cfg.device, cfg.dtype, cfg.allow_pickle, cfg.trust_remote_code,
+                                   offload, cfg.offload_dir)
+    except UserError as exc:
+        raise UserError(f"--recover-loss kd learns the uncompressed model of {cfg.model}, {given!r}, which "
+                        f"cannot be loaded ({exc}); use --recover-loss ce, or restore that model") from None
+    return teacher.requires_grad_(False)
+
+
 def recovery_windows(stage: RecoverStage, calib: torch.Tensor, tokenizer, cfg: CompressConfig,
                      data_dir) -> torch.Tensor:
     """What a recovery stage trains on: the calibration windows, or as many consecutive sequences of the
@@ -142,9 +165,8 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     log.debug("compressing %s (%d blocks) with %s", cfg.model, blocks_before, cfg.method)
     if default:
         log.info("no amount given: %s (%s's default)", default, cfg.method)
-    # Distillation learns the uncompressed model's logits: a frozen copy of it, kept while stages run.
-    teacher = copy.deepcopy(model) if any(isinstance(s, RecoverStage) and s.recover_loss == "kd"
-                                          for s in stages) else None
+    teacher = distillation_teacher(model, source, cfg, offload) if any(
+        isinstance(s, RecoverStage) and s.recover_loss == "kd" for s in stages) else None
     original = list(range(blocks_before))  # the original index of each block still there
     done: list[StageRecord] = []
     records: list[tuple[int, Compressor, CompressionRecord]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import shutil
 
 import pytest
 import torch
@@ -71,3 +72,24 @@ def test_recovery_on_the_train_split_with_distillation(tiny_model_dir, train_dat
     result = compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[1], calib_samples=2,
                                   seqlen=16, recovery=recovery), train_data)
     assert 0 < result.manifest.recovery["loss_first"] < math.inf
+
+
+def test_distillation_of_a_compressed_checkpoint_learns_its_base_model(tiny_model_dir, train_data, tmp_path, caplog):
+    """Healing a saved checkpoint with kd distils the model it was made from (through a chain of
+    checkpoints), not the checkpoint itself, whose copy would start the loss at zero."""
+    from compress_eval.pipeline import save
+
+    first = save(compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[1], calib_samples=2,
+                                      seqlen=16), train_data), tmp_path / "dropped")
+    second = save(compress(make_config(model=str(first), method="none"), train_data), tmp_path / "copied")
+    recovery = dict(recover="lora", recover_steps=2, recover_batch_size=1, recover_seqlen=16,
+                    recover_data="train", recover_loss="kd", lora_dropout=0.0)
+    with caplog.at_level("INFO", logger="compress_eval.pipeline"):
+        healed = compress(make_config(model=str(second), method="none", calib_samples=2, seqlen=16,
+                                      recovery=recovery), train_data)
+    assert f"distils {tiny_model_dir}" in caplog.text
+    assert healed.manifest.recovery["loss_first"] > 1e-4
+    shutil.rmtree(tiny_model_dir)
+    with pytest.raises(UserError, match="cannot be loaded"):
+        compress(make_config(model=str(second), method="none", calib_samples=2, seqlen=16, recovery=recovery),
+                 train_data)
