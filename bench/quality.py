@@ -9,7 +9,9 @@ The recovery budget, the same for every method: LoRA rank 16 (alpha 32, dropout 
 linear but the head, 200 steps of one 512-token sequence of WikiText-2 train (the first 102,400
 tokens, each seen once), lr 2e-4, 1 % warm-up then cosine, next-token loss.
 
-    COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py [--rows ...] [--list]
+    COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py [--rows ...] [--list] [--work DIR]
+
+The checkpoints that healed rows start from are kept in --work (our cache by default) between runs.
 
 Writes bench/results/quality_smollm2.{json,md}.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from compress_eval.paths import cache_dir
 from compress_eval.results.card import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +40,36 @@ HEAL = ["--recover", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dro
         "--recover-data", "train"]
 # name -> (compress arguments, track); "@ROW" as the model: that row's checkpoint (healed separately, so a
 # row's quality before and after recovery is one compression).
+SLEB_BLOCKS = {  # the blocks SLEB chose at each size with this calibration (bench/results/baselines_smollm2.json,
+    # 23-33 min each): its rows drop them rather than search again
+    "20": "12,13,14,17,25,26", "25": "3,5,12,13,14,17,25,26", "30": "3,4,5,12,13,14,17,25,26"}
+FUSE = ["--method", "fuse", "--profile", "cpu", *CALIB]
+# name -> (compress arguments, track); "@ROW" as the model: that row's checkpoint (healed separately, so a
+# row's quality before and after recovery is one compression).
 ROWS = {
     "dense": (["--method", "none"], "none"),
-    "shortgpt 25 %": (["--method", "shortgpt", "--sparsity", "0.25", *CALIB], "no recovery"),
+    **{f"shortgpt {p} %": (["--method", "shortgpt", "--sparsity", f"0.{p}", *CALIB], "no recovery")
+       for p in ("20", "25", "30")},
+    **{f"sleb {p} % (its blocks from bench/baselines.py)": (["--method", "drop", "--blocks", blocks], "no recovery")
+       for p, blocks in SLEB_BLOCKS.items()},
     "sublayer 25 % params (4 x 512 calibration)": (
         ["--method", "sublayer", "--param-sparsity", "0.25", "--calib-samples", "4", "--seqlen", "512", "--seed", "0"],
         "no recovery"),
-    "fuse 25 %": (["--method", "fuse", "--sparsity", "0.25", "--profile", "cpu", *CALIB], "no recovery"),
+    **{f"fuse {p} %": ([*FUSE, "--sparsity", f"0.{p}"], "no recovery") for p in ("20", "25", "30")},
+    "fuse 25 % --align-ff": ([*FUSE, "--sparsity", "0.25", "--align-ff"], "no recovery"),
+    # A final whole-model distillation on the calibration windows alone (no training text): part of the
+    # compression, so in the no-recovery track.
+    "fuse 25 % + KD on the calibration": (
+        ["@fuse 25 %", "--method", "none", "--recover", "lora", "--lora-r", "16", "--lora-alpha", "32",
+         "--lora-dropout", "0.05", "--recover-steps", "64", "--recover-seqlen", "512", "--recover-lr", "2e-4",
+         "--recover-schedule", "cosine", "--recover-data", "calibration", "--recover-loss", "kd", *CALIB],
+        "no recovery"),
     "shortgpt 25 % + LoRA": (["@shortgpt 25 %", "--method", "none", *HEAL], "recovery"),
+    "sleb 25 % + LoRA": (["@sleb 25 % (its blocks from bench/baselines.py)", "--method", "none", *HEAL], "recovery"),
     "sublayer 25 % params + LoRA": (["@sublayer 25 % params (4 x 512 calibration)", "--method", "none", *HEAL],
                                     "recovery"),
     "fuse 25 % + LoRA": (["@fuse 25 %", "--method", "none", *HEAL], "recovery"),
+    "fuse 25 % + LoRA, kd loss": (["@fuse 25 %", "--method", "none", *HEAL, "--recover-loss", "kd"], "recovery"),
 }
 EVAL = {"wikitext2": 40, "c4": 10}
 
@@ -59,15 +81,26 @@ def cli(args: list[str]) -> str:
     return result.stdout
 
 
-def run_row(name: str, work: Path, checkpoints: dict[str, Path]) -> dict:
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def base_of(name: str) -> str | None:
+    first = ROWS[name][0][0]
+    return first[1:] if first.startswith("@") else None
+
+
+def run_row(name: str, work: Path) -> dict:
+    """Compress (or heal) one row into ``work``, evaluate it, and keep its checkpoint only when another
+    row starts from it."""
     args, track = ROWS[name]
-    base = args[0][1:] if args[0].startswith("@") else None
-    model, args = (str(checkpoints[base]), args[1:]) if base else (MODEL, args)
-    out = work / f"row{len(checkpoints)}"
+    base = base_of(name)
+    model, args = (str(work / slug(base)), args[1:]) if base else (MODEL, args)
+    out = work / slug(name)
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     cli(["compress", model, *args, "--out", str(out)])
     seconds = time.perf_counter() - start
-    checkpoints[name] = out
     manifest = json.loads((out / "compress_eval.json").read_text())
     row = {"row": name, "track": track,
            "command": " ".join(["compress-eval compress", f"<the '{base}' checkpoint>" if base else MODEL, *args]),
@@ -81,19 +114,37 @@ def run_row(name: str, work: Path, checkpoints: dict[str, Path]) -> dict:
     for dataset, windows in EVAL.items():
         stdout = cli(["ppl", str(out), "--dataset", dataset, "--seqlen", "512", "--max-windows", str(windows)])
         row[dataset] = round(float(stdout.strip().splitlines()[-1]), 2)
+    if not any(base_of(other) == name for other in ROWS):
+        shutil.rmtree(out)
     return row
+
+
+def reference(row: dict, rows: dict[str, dict]) -> dict | None:
+    """The row a row is measured against: SLEB at the same size without recovery, ShortGPT + LoRA with."""
+    if row["track"] == "recovery":
+        return rows.get("shortgpt 25 % + LoRA")
+    size = re.search(r"(\d+) %", row["row"])
+    return size and rows.get(f"sleb {size.group(1)} % (its blocks from bench/baselines.py)")
 
 
 def write(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quality_smollm2.json").write_text(json.dumps(rows, indent=1))
-    dense = next((r for r in rows if r["row"] == "dense"), None)
+    by_name = {r["row"]: r for r in rows}
+    dense = by_name.get("dense")
+
+    def ratio(row):
+        ref = reference(row, by_name)
+        return f"{row['wikitext2'] / ref['wikitext2']:.3f} / {row['c4'] / ref['c4']:.3f}" if ref else "-"
+
     lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
-             "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine)", "",
-             table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "params", "params kept", "weight bytes",
-                    "compress s", "peak RSS MB"],
-                   [[r["row"], r["track"], r["wikitext2"], r["c4"], f"{r['params']:,}",
+             "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine). "
+             "x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over ShortGPT 25 % + LoRA's "
+             "(recovery).", "",
+             table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "x ref", "params", "params kept",
+                    "weight bytes", "compress s", "peak RSS MB"],
+                   [[r["row"], r["track"], r["wikitext2"], r["c4"], ratio(r), f"{r['params']:,}",
                      f"{r['params'] / dense['params']:.3f}" if dense else "-", f"{r['weight_bytes']:,}",
                      r["compress_s"], r["peak_rss_mb"]] for r in rows])]
     (RESULTS / "quality_smollm2.md").write_text("\n".join(lines) + "\n")
@@ -104,6 +155,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="*", help="rows to (re)run; default: those not in the results yet")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--work", type=Path, default=cache_dir() / "quality-bench",
+                   help="where the checkpoints other rows start from are kept between runs")
     args = p.parse_args()
     if args.list:
         print("\n".join(ROWS))
@@ -114,23 +167,20 @@ def main() -> None:
     unknown = [name for name in wanted if name not in ROWS]
     if unknown:
         sys.exit(f"unknown rows {unknown}: see --list")
-    # A healed row needs its base row's checkpoint: run the base in this run too.
+    # A healed row needs its base row's checkpoint: kept from an earlier run, else made in this one.
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
     needed = []
     for name in wanted:
-        base = ROWS[name][0][0]
-        if base.startswith("@") and base[1:] not in needed:
-            needed.append(base[1:])
+        base = base_of(name)
+        if base and base not in needed and not (work / slug(base) / "compress_eval.json").is_file():
+            needed.append(base)
         if name not in needed:
             needed.append(name)
-    work = Path(tempfile.mkdtemp(prefix="quality-bench-"))
-    checkpoints: dict[str, Path] = {}
-    try:
-        for name in needed:
-            done[name] = run_row(name, work, checkpoints)
-            print(json.dumps(done[name]), flush=True)
-            write([done[n] for n in ROWS if n in done])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for name in needed:
+        done[name] = run_row(name, work)
+        print(json.dumps(done[name]), flush=True)
+        write([done[n] for n in ROWS if n in done])
 
 
 if __name__ == "__main__":

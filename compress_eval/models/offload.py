@@ -48,7 +48,7 @@ def return_freed_memory() -> None:
 
     An offloaded run loads and frees a block's tensors over and over; by default glibc keeps freed
     heap memory for reuse, fragmented, and the process's resident size creeps up to a multiple of
-    one block. Measured on the 1.2 B scale model: 15-20 % lower peak RSS (bench/results/scale.md)."""
+    one block. Measured on the 1.2 B scale model: 15-20 % lower peak RSS (bench/results/scale_1b.md)."""
     import ctypes
     import ctypes.util
 
