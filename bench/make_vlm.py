@@ -17,7 +17,6 @@ equal SmolLM2's: the script checks it on WikiText-2 (the data directory's, as ``
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from compress_eval.data.easy_vqa import chance_accuracy, mmmu_rows
+from compress_eval.data.image_text import chat_prompt, question_image
 from compress_eval.errors import UserError
 from compress_eval.evaluate import evaluate
 from compress_eval.models.checkpoint import atomic_output_dir
@@ -77,32 +77,13 @@ def build_vlm(seed: int):
     return model, processor
 
 
-def chat_prompt(processor, text: str) -> str:
-    """The prompt lm-eval's hf-multimodal gives a question under --apply_chat_template: one user turn
-    whose ``<image>`` placeholders become image parts, then the assistant's turn."""
-    parts = text.split("<image>")
-    content = []
-    for i, part in enumerate(parts):
-        if part:
-            content.append({"type": "text", "text": part})
-        if i < len(parts) - 1:
-            content.append({"type": "image"})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def _image(row: dict):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(row["image_1"]["bytes"])).convert("RGB")
-
-
 def encode(processor, rows: list[dict], answers: bool, device="cpu"):
     """A padded batch on ``device``: with ``answers``, each prompt followed by its letter and end of turn,
     labels on those alone (right padding); without, the prompts left-padded for generation."""
     from lm_eval.tasks.mmmu.utils import doc_to_text
 
     tokenizer = processor.tokenizer
-    enc = processor(images=[_image(r) for r in rows], text=[chat_prompt(processor, doc_to_text(r)) for r in rows])
+    enc = processor(images=[question_image(r) for r in rows], text=[chat_prompt(processor, doc_to_text(r)) for r in rows])
     ids, labels = [], []
     for prompt, row in zip(enc["input_ids"], rows):
         target = tokenizer(row["answer"] + tokenizer.eos_token, add_special_tokens=False).input_ids if answers else []

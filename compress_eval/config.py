@@ -161,7 +161,7 @@ class CompressConfig(Amount, Quantization):
 
     model: str
     method: str
-    calib_data: Literal["wikitext2", "c4"] = "wikitext2"
+    calib_data: Literal["wikitext2", "c4", "easy-vqa"] = "wikitext2"  # easy-vqa: image-text, VLMs only
     calib_samples: int = Field(8, ge=1)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
@@ -230,6 +230,14 @@ class CompressConfig(Amount, Quantization):
         kinds = [_stage_kind(s) for s in self.stages]
         if "quantize" in kinds[:-1]:
             raise ValueError("quantize must be the last stage (methods and fine-tunes need float weights)")
+        return self
+
+    @model_validator(mode="after")
+    def _image_text_recovery(self):
+        if self.calib_data == "easy-vqa" and any(isinstance(s, RecoverStage) and s.recover_data == "train"
+                                                 for s in self.stage_list()):
+            raise ValueError("recover_data train reads the calibration corpus' train text and easy-vqa is "
+                             "image-text: use --recover-data calibration")
         return self
 
     def stage_list(self) -> list[MethodStage | RecoverStage | QuantizeStage]:

@@ -19,6 +19,7 @@ import torch
 from compress_eval import distributed
 from compress_eval.config import CompressConfig, MethodStage, QuantizeStage, RecoverStage, dump_recipe
 from compress_eval.data.calibration import calibration_windows, training_windows
+from compress_eval.data.image_text import IMAGE_TEXT, image_text_windows, images_in_embeddings
 from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
@@ -153,12 +154,17 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     adapter = get_adapter(model)
     blocks_before = adapter.num_blocks
     params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
-    calib = None
+    calib = images = None
     if any(m is not None and m.needs_calibration for m in methods) or any(isinstance(s, RecoverStage) for s in stages):
         adapter.require_context(cfg.seqlen, "--seqlen")
         with timer.step("calibrate"):
-            calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
-                                        cfg.seed, data_dir)
+            if cfg.calib_data in IMAGE_TEXT:
+                images = image_text_windows(model, processor, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
+                                            cfg.seed)
+                calib = images.ids
+            else:
+                calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
+                                            cfg.seed, data_dir)
             # Each recovery stage's text, read now: a missing train split fails before any method runs.
             training = {n: recovery_windows(s, calib, tokenizer, cfg, data_dir) for n, s in enumerate(stages, 1)
                         if isinstance(s, RecoverStage)}
@@ -171,30 +177,31 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     done: list[StageRecord] = []
     records: list[tuple[int, Compressor, CompressionRecord]] = []
     recovery = quantization = None
-    for number, (stage, method) in enumerate(zip(stages, methods), 1):
-        if stage is quantize:
-            break
-        start, removed, tied, skipped_before = time.perf_counter(), [], [], skipped_paths(model)
-        if method is not None:
-            if len(stages) > 1:
-                log.info("stage %d/%d: %s", number, len(stages), method.name)
-            with timer.step("compress"):
-                record = method.compress(adapter, calib)
-            gone = set(record.removed_blocks)
-            record = replace(record, removed_blocks=[original[i] for i in record.removed_blocks])
-            original = [b for i, b in enumerate(original) if i not in gone]
-            records.append((number, method, record))
-            removed, tied = record.removed_blocks, sorted(record.tie_map)
-        else:
-            with timer.step("recover"):
-                recovery = fine_tune(model, training.pop(number), stage, seed=cfg.seed,
-                                     teacher=teacher if stage.recover_loss == "kd" else None)
-        done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
-                                removed_blocks=removed, tied=tied,
-                                skipped=[p for p in skipped_paths(model) if p not in skipped_before],
-                                params_after=checkpoint.parameter_count(model),
-                                weight_bytes_after=checkpoint.weight_bytes(model),
-                                seconds=round(time.perf_counter() - start, 3)))
+    with images_in_embeddings(images, model, teacher):
+        for number, (stage, method) in enumerate(zip(stages, methods), 1):
+            if stage is quantize:
+                break
+            start, removed, tied, skipped_before = time.perf_counter(), [], [], skipped_paths(model)
+            if method is not None:
+                if len(stages) > 1:
+                    log.info("stage %d/%d: %s", number, len(stages), method.name)
+                with timer.step("compress"):
+                    record = method.compress(adapter, calib)
+                gone = set(record.removed_blocks)
+                record = replace(record, removed_blocks=[original[i] for i in record.removed_blocks])
+                original = [b for i, b in enumerate(original) if i not in gone]
+                records.append((number, method, record))
+                removed, tied = record.removed_blocks, sorted(record.tie_map)
+            else:
+                with timer.step("recover"):
+                    recovery = fine_tune(model, training.pop(number), stage, seed=cfg.seed,
+                                         teacher=teacher if stage.recover_loss == "kd" else None)
+            done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
+                                    removed_blocks=removed, tied=tied,
+                                    skipped=[p for p in skipped_paths(model) if p not in skipped_before],
+                                    params_after=checkpoint.parameter_count(model),
+                                    weight_bytes_after=checkpoint.weight_bytes(model),
+                                    seconds=round(time.perf_counter() - start, 3)))
     records = [(n, m, m.finish(adapter, r)) for n, m, r in records]
     tie_map = {k: v for _, _, r in records for k, v in r.tie_map.items()}
     params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte

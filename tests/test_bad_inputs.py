@@ -85,6 +85,12 @@ def regular_file(tmp, model_dir):
     return model_dir
 
 
+def vlm(tmp, model_dir):
+    from conftest import saved_vlm_dir
+
+    return saved_vlm_dir(tmp / "vlm", "llava")
+
+
 COMPRESS = ["compress", "{model}", "--method", "drop", "--blocks", "1"]
 FUSE = ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--calib-samples", "2", "--seqlen", "16",
         "--set", "resume={tmp}/state"]
@@ -186,6 +192,11 @@ CASES = [
     ("recover-loss-unknown", plain, COMPRESS + ["--recover", "lora", "--recover-loss", "l2"], "recover_loss"),
     ("recover-train-file-missing", plain, COMPRESS + ["--recover", "lora", "--recover-steps", "1", "--recover-data",
                                                       "train", "--seqlen", "16"], "wiki.train.tokens.gz"),
+    ("image-text-calib-text-model", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1",
+                                            "--calib-data", "easy-vqa"], "for vision-language models"),
+    ("image-text-calib-train-recovery", vlm, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1",
+                                              "--calib-data", "easy-vqa", "--recover", "lora", "--recover-data",
+                                              "train"], "use --recover-data calibration"),
     ("fuse-align-tokens-one", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--align-ff",
                                       "--align-tokens", "1"], "align_tokens"),
     ("fuse-epochs-zero", plain, ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--epochs", "0"], "epochs"),

@@ -280,3 +280,52 @@ def test_merged_int8_vlm_loads_in_the_multimodal_type(data_dir, tmp_path):
             assert type(module).__name__ != "Linear8bitLt", f"{path}.{name}"
         for name, tensor in lm.model.get_submodule(path).state_dict().items():
             assert torch.equal(tensor, source[f"{path}.{name}"]), f"{path}.{name}"
+
+
+def test_image_text_calibration_gives_the_language_model_what_the_whole_vlm_gives(tmp_path):
+    """A window of one question: the model run on its ids alone, with the image features written at its
+    image tokens, gives the logits of the whole VLM run on the ids and the image."""
+    import random
+
+    from lm_eval.tasks.mmmu.utils import doc_to_text
+    from transformers import AutoProcessor
+
+    from compress_eval.data.easy_vqa import mmmu_rows
+    from compress_eval.data.image_text import (chat_prompt, image_text_windows, images_in_embeddings,
+                                               question_image, sequence_inputs, window_key)
+    from compress_eval.models.loading import load_model
+
+    directory = saved_vlm_dir(tmp_path / "vlm", "llava")
+    model, _, _ = load_model(str(directory), "cpu")
+    processor = AutoProcessor.from_pretrained(directory)
+    rows = mmmu_rows("train", 0)
+    random.Random(0).shuffle(rows)
+    ids, _ = sequence_inputs(model, processor, rows[0])
+    calib = image_text_windows(model, processor, "easy-vqa", 1, ids.numel(), seed=0)
+    assert torch.equal(calib.ids[0], ids)
+    mask = ids == calib.image_token
+    assert mask.sum() > 0 and next(iter(calib.features.values())).shape[0] == mask.sum()
+    # The whole VLM on the question with its image
+    enc = processor(images=[question_image(rows[0])], text=[chat_prompt(processor, doc_to_text(rows[0]))],
+                    return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        whole = model(**enc).logits[0]
+        plain = model(input_ids=calib.ids).logits[0, :n]
+        with images_in_embeddings(calib, model):
+            seen = model(input_ids=calib.ids).logits[0, :n]
+    torch.testing.assert_close(seen, whole, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, whole, atol=1e-3)  # without the hook the image is not seen
+    # Two windows packed from several questions: every image token of each has its feature.
+    calib = image_text_windows(model, processor, "easy-vqa", 2, 3 * ids.numel(), seed=1)
+    for window in calib.ids:
+        assert calib.features[window_key(window)].shape[0] == (window == calib.image_token).sum() > 0
+
+
+def test_compress_with_image_text_calibration(data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compress", saved_vlm_dir(tmp_path / "vlm", "llava"), "--method", "sleb", "--num-blocks", 1,
+                    "--calib-data", "easy-vqa", "--calib-samples", 2, "--seqlen", 48, "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "compress_eval.json").read_text())
+    assert manifest["config"]["calib_data"] == "easy-vqa" and len(manifest["removed_blocks"]) == 1

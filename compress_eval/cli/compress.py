@@ -97,7 +97,8 @@ def compress_command(
                                                     "(0, 1) (instead of --sparsity; compares block and sublayer "
                                                     "methods at one size)"),
     blocks: str = typer.Option(None, help="explicit blocks for --method drop, e.g. 3,4"),
-    calib_data: str = typer.Option(None, help="calibration corpus: wikitext2 or c4"),
+    calib_data: str = typer.Option(None, help="calibration corpus: wikitext2 or c4 (text), or easy-vqa (image-text "
+                                   "pairs through a vision-language model, its language model seeing image tokens)"),
     calib_samples: int = typer.Option(None, help="number of calibration windows"),
     seqlen: int = typer.Option(None, help="calibration window length in tokens"),
     seed: int = typer.Option(None),
