@@ -432,8 +432,8 @@ def _steps(a: Architecture, run: RunShape) -> list[_Step]:
 
 def _fine_tune_step(a: Architecture, run: RunShape, on_device, on_host) -> _Step:
     """FuseGPT's group fine-tune (and its ablations): the group's inputs and targets on all windows,
-    each member block's trainable factors with their gradients and Adam moments (fp32), the effective
-    weights each fused linear makes in its forward and keeps for the backward, and the activations
+    each member block's trainable factors with their gradients and Adam moments (fp32), one fused
+    linear's effective weight at a time (made again in the backward pass, not kept), and the activations
     saved for the backward at ``batch_size`` windows."""
     b = run.dtype_bytes
     T = run.seqlen
@@ -448,17 +448,16 @@ def _fine_tune_step(a: Architecture, run: RunShape, on_device, on_host) -> _Step
             + (run.extra_rank if run.training == "fuse" else 0))
     trainable = sum(min(rank, o, i) * (o + i) for o, i in shapes) * members
     optimizer = trainable * 4 * 6  # fp32 parameter, gradient, two Adam moments, two foreach temporaries
-    # Effective weight per linear, made in fp32 and kept for the backward in the run dtype (the
-    # injected weights the products keep are the removed block's own tensors: nothing new).
-    weights = a.linears * members * b
     saved = _saved_for_backward(a, Bf, T, b) * members
-    transient = 3 * a.largest_linear * 4 + _block_work(a, Bf, T, b)  # one linear's backward, one forward
+    # One linear's backward (W' in fp32 made again, its gradient, the product with the injected weight),
+    # one block's forward.
+    transient = 3 * a.largest_linear * 4 + _block_work(a, Bf, T, b)
     if run.kd_logits:
         transient += _logits(a, T, b) * 2 * Bf
     mse = 2 * Bf * T * a.hidden * 4
     cache = (a.num_blocks + 1) * run.score_samples * T * a.hidden * b
     act = max((0 if run.cache_on_host else cache) + io + _block_work(a, Bf, T, b),  # inputs/targets made
-              io + optimizer + weights + saved + transient + mse)
+              io + optimizer + saved + transient + mse)
     units = G * a.block * b + (max(a.block, a.head, a.embedding) * b if run.kd_logits else 0)
     return _Step("fine-tune", device_weights=on_device(units), host_weights=on_host(units), device_act=act,
                  note=f"group of {G} blocks, batch {Bf}, {run.calib_samples} windows")

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from compress_eval.models.adapters import from_out_in, out_in
 
@@ -86,20 +87,30 @@ class FusedLinear(nn.Module):
         return [self.lora_A, self.lora_B] if self.lora_rank else []
 
     def effective_weight(self) -> torch.Tensor:
-        """W' in fp32, (out, in)."""
-        w = self.base_weight().float()
+        """W' in fp32, (out, in), summed in place into one fp32 copy of W (at most two weight-sized
+        temporaries alive: what bounds the group fine-tune's memory on a big model)."""
+        w = self.base_weight().to(torch.float32, copy=True)
         if self.lora_rank:
-            w = w + self.lora_B @ self.lora_A
+            w.addmm_(self.lora_B, self.lora_A)
         for C, D, frozen in zip(self.coef_C, self.coef_D, self.injected):
-            coef = C @ D
             # frozen stays in its dtype: the product promotes to fp32 (the same values) and autograd
             # keeps the frozen weight itself for C and D's gradients, not an fp32 copy of it.
-            w = w + (coef if frozen is None else coef * frozen)
+            if frozen is None:
+                w.addmm_(C, D)
+            else:
+                w.addcmul_(C @ D, frozen)
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.base.bias
         return F.linear(x, self.effective_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self._linear(x)
+        # Training: keep only x for the backward pass and compute W' again there, rather than keep a
+        # weight-sized W' of every fused linear of the group until the backward pass reaches it.
+        return checkpoint(self._linear, x, use_reentrant=False)
 
     @torch.no_grad()
     def materialize(self) -> nn.Module:
