@@ -137,6 +137,13 @@ def main() -> None:
                          "identical_tensors": identical})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # Rows of methods not run this time stay, when the earlier results are of the same model.
+    previous = args.out.with_suffix(".json")
+    earlier = json.loads(previous.read_text()) if previous.is_file() else None
+    if earlier and earlier["model"]["weight_bytes"] == weight_bytes:
+        ran = {r["method"] for r in rows}
+        rows = sorted([r for r in earlier["rows"] if r["method"] not in ran] + rows,
+                      key=lambda r: list(METHODS).index(r["method"]))
     result = {"command": "COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/scale.py --model " + args.model,
               "model": {"directory": str(model), "weight_bytes": weight_bytes,
                         "parameters": weight_bytes // 2, "dtype": "bfloat16"},
