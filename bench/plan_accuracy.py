@@ -20,6 +20,7 @@ tokenized corpora: the constants of ``compress_eval/plan.py``) and reports them 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -230,6 +231,13 @@ def main() -> None:
                   + f"  [{row['compress_log']} + {row['ppl_log']}]", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = COMMAND + (f" --rows {ns.rows}" if ns.rows else "")
+    earlier = RESULTS / "plan_accuracy.json"
+    if ns.rows and earlier.is_file():  # the rows not run again stay, in the table's order
+        ran = {r["row"] for r in report["rows"]}
+        kept = [r for r in json.loads(earlier.read_text())["rows"] if r["row"] not in ran]
+        order = [name for name, _ in ROWS]
+        report["rows"] = sorted(kept + report["rows"], key=lambda r: order.index(r["row"]))
+        report["command"] = f"{COMMAND} (rows {ns.rows} again on {datetime.date.today()})"
     if not ns.no_write:
         write_results(report, report["command"])
 
