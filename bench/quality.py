@@ -70,6 +70,8 @@ ROWS = {
                                     "recovery"),
     "fuse 25 % + LoRA": (["@fuse 25 %", "--method", "none", *HEAL], "recovery"),
     "fuse 25 % + LoRA, kd loss": (["@fuse 25 %", "--method", "none", *HEAL, "--recover-loss", "kd"], "recovery"),
+    "fuse 25 % + KD on the calibration (200 steps) + LoRA": (
+        ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL], "recovery"),
 }
 EVAL = {"wikitext2": 40, "c4": 10}
 
