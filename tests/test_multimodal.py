@@ -293,6 +293,7 @@ def test_image_text_calibration_gives_the_language_model_what_the_whole_vlm_give
     from compress_eval.data.easy_vqa import mmmu_rows
     from compress_eval.data.image_text import (chat_prompt, image_text_windows, images_in_embeddings,
                                                question_image, sequence_inputs, window_key)
+    from compress_eval.models.adapters import get_adapter
     from compress_eval.models.loading import load_model
 
     directory = saved_vlm_dir(tmp_path / "vlm", "llava")
@@ -300,7 +301,7 @@ def test_image_text_calibration_gives_the_language_model_what_the_whole_vlm_give
     processor = AutoProcessor.from_pretrained(directory)
     rows = mmmu_rows("train", 0)
     random.Random(0).shuffle(rows)
-    ids, _ = sequence_inputs(model, processor, rows[0])
+    ids, _ = sequence_inputs(get_adapter(model), processor, rows[0])
     calib = image_text_windows(model, processor, "easy-vqa", 1, ids.numel(), seed=0)
     assert torch.equal(calib.ids[0], ids)
     mask = ids == calib.image_token

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from compress_eval.errors import UserError
-from compress_eval.models.adapters import FAMILIES, is_multimodal
+from compress_eval.models.adapters import embed_inputs, get_adapter, is_multimodal
 
 log = logging.getLogger(__name__)
 
@@ -66,38 +66,19 @@ def image_token_id(model) -> int:
     return token if token is not None else model.config.image_token_index
 
 
-@torch.no_grad()
-def sequence_inputs(model, processor, row: dict, answer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, the language model's input embeddings) of one question through the whole VLM: the prompt,
-    then the answer letter and the end of the turn."""
+def sequence_inputs(adapter, processor, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, the hidden state entering the first block) of one question through the whole VLM: the
+    prompt, then the answer letter and the end of the turn."""
     from lm_eval.tasks.mmmu.utils import doc_to_text
 
     tokenizer = processor.tokenizer
     enc = processor(images=[question_image(row)], text=[chat_prompt(processor, doc_to_text(row))],
                     return_tensors="pt")
-    if answer:
-        target = tokenizer(row["answer"] + tokenizer.eos_token, add_special_tokens=False, return_tensors="pt")
-        enc["input_ids"] = torch.cat([enc["input_ids"], target.input_ids], dim=1)
-        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-    language_model = model.get_submodule(FAMILIES[model.config.model_type].blocks.rpartition(".")[0])
-    box: list[torch.Tensor] = []
-
-    def capture(module, args, kwargs):
-        box.append(kwargs["inputs_embeds"])
-        raise _Captured
-
-    handle = language_model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
-    try:
-        model(**{k: v.to(model.device) for k, v in enc.items()}, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return enc["input_ids"][0], box[0][0]
-
-
-class _Captured(Exception):
-    """Stops the VLM's forward once the language model's inputs are known."""
+    target = tokenizer(row["answer"] + tokenizer.eos_token, add_special_tokens=False, return_tensors="pt")
+    ids = torch.cat([enc.pop("input_ids"), target.input_ids], dim=1).to(adapter.model.device)
+    enc["attention_mask"] = torch.ones_like(ids)
+    hidden = embed_inputs(adapter, ids, **{k: v.to(adapter.model.device) for k, v in enc.items()})
+    return ids[0].cpu(), hidden[0]
 
 
 def image_text_windows(model, processor, dataset: str, nsamples: int, seqlen: int, seed: int = 0) -> ImageCalibration:
@@ -105,8 +86,6 @@ def image_text_windows(model, processor, dataset: str, nsamples: int, seqlen: in
     one of a window cut where the window ends)."""
     from compress_eval.data.easy_vqa import mmmu_rows
 
-    if dataset not in IMAGE_TEXT:
-        raise UserError(f"unknown image-text calibration corpus {dataset!r}: use {', '.join(IMAGE_TEXT)}")
     if not is_multimodal(getattr(model.config, "model_type", None)):
         raise UserError(f"--calib-data {dataset} is image-text calibration, for vision-language models; this is a "
                         f"text model: use --calib-data wikitext2 or c4")
@@ -114,7 +93,7 @@ def image_text_windows(model, processor, dataset: str, nsamples: int, seqlen: in
         raise UserError(f"--calib-data {dataset} needs the model's processor to read images and it has none "
                         f"(see the warning above): save the processor beside the model, or use --calib-data "
                         f"wikitext2")
-    token = image_token_id(model)
+    token, adapter = image_token_id(model), get_adapter(model)
     rows = mmmu_rows("train", seed)
     random.Random(seed).shuffle(rows)
     rows = iter(rows)
@@ -123,7 +102,7 @@ def image_text_windows(model, processor, dataset: str, nsamples: int, seqlen: in
         window_ids, window_embeds, length = [], [], 0
         while length < seqlen:
             try:
-                seq_ids, seq_embeds = sequence_inputs(model, processor, next(rows))
+                seq_ids, seq_embeds = sequence_inputs(adapter, processor, next(rows))
             except StopIteration:
                 raise UserError(f"easy-vqa's train split holds fewer than {nsamples} x {seqlen} tokens: lower "
                                 f"--calib-samples or --seqlen") from None

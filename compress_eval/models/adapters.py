@@ -385,8 +385,9 @@ def capture_block_kwargs(adapter: Adapter, seqlen: int) -> list[dict]:
 
 
 @torch.no_grad()
-def embed_inputs(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
-    """The hidden state entering block 0 (embeddings, plus learned positions for GPT-2)."""
+def embed_inputs(adapter: Adapter, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+    """The hidden state entering block 0 (embeddings, plus learned positions for GPT-2; with a VLM's
+    ``pixel_values`` in ``inputs``, the image features it merges at the image tokens)."""
     box: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
@@ -396,7 +397,7 @@ def embed_inputs(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
     # prepend: it stops the forward before an offloaded block 0 would be loaded
     handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
-        adapter.model(input_ids=input_ids, use_cache=False)
+        adapter.model(input_ids=input_ids, use_cache=False, **inputs)
     except _Stop:
         pass
     finally:
