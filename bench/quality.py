@@ -61,9 +61,10 @@ ROWS = {
     # compression, so in the no-recovery track.
     **{f"fuse 25 % + KD on the calibration{label}": (
         ["@fuse 25 %", "--method", "none", "--recover", "lora", "--lora-r", "16", "--lora-alpha", "32",
-         "--lora-dropout", "0.05", "--recover-steps", steps, "--recover-seqlen", "512", "--recover-lr", "2e-4",
+         "--lora-dropout", "0.05", "--recover-steps", steps, "--recover-seqlen", "512", "--recover-lr", lr,
          "--recover-schedule", "cosine", "--recover-data", "calibration", "--recover-loss", "kd", *CALIB],
-        "no recovery") for label, steps in (("", "64"), (" (200 steps)", "200"))},
+        "no recovery") for label, steps, lr in (("", "64", "2e-4"), (" (200 steps)", "200", "2e-4"),
+                                                (" (200 steps, lr 1e-3)", "200", "1e-3"))},
     "shortgpt 25 % + LoRA": (["@shortgpt 25 %", "--method", "none", *HEAL], "recovery"),
     "sleb 25 % + LoRA": (["@sleb 25 % (its blocks from bench/baselines.py)", "--method", "none", *HEAL], "recovery"),
     "sublayer 25 % params + LoRA": (["@sublayer 25 % params (4 x 512 calibration)", "--method", "none", *HEAL],

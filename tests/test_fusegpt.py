@@ -75,6 +75,35 @@ def test_materialized_weight_is_w_plus_ba_plus_coefficient_times_injected(conv1d
     torch.testing.assert_close(plain(x), y.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_linear_in_row_pieces_computes_and_trains_as_one_piece(conv1d, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    out_f, in_f = 12, 20
+    x = torch.randn(3, 4, in_f, generator=gen)
+    results = []
+    for piece_bytes in (2**20, 5 * 4 * in_f):  # one piece; 5 + 5 + 2 rows
+        monkeypatch.setattr("compress_eval.methods.fusion.ROW_CHUNK_BYTES", piece_bytes)
+        g = torch.Generator().manual_seed(3)
+        base = Conv1D(out_f, in_f) if conv1d else nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        fused = FusedLinear(base, conv1d, lora_rank=3, generator=g)
+        fused.inject(torch.randn(out_f, in_f, generator=g), 4, g)
+        fused.inject(None, 2, g)
+        randomize(fused, g)
+        assert len(fused.row_chunks()) == (1 if piece_bytes == 2**20 else 3)
+        y = fused(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in fused.parameters() if p.requires_grad]
+        results.append((y.detach(), grads, fused.materialize().weight.detach().clone()))
+    (y1, g1, w1), (y3, g3, w3) = results
+    torch.testing.assert_close(y3, y1)
+    torch.testing.assert_close(w3, w1)
+    for a, b in zip(g3, g1, strict=True):  # sums over the pieces: fp32 rounding of the largest terms
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_kl_over_batch_equals_a_hand_computation():
     gen = torch.Generator().manual_seed(2)
     s, t = torch.randn(3, 2, 4, generator=gen), torch.randn(3, 2, 4, generator=gen)

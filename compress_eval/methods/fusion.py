@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from compress_eval.models.adapters import from_out_in, out_in
+from compress_eval.models.adapters import out_in
+
+ROW_CHUNK_BYTES = 32 * 2**20  # the fp32 piece of W' made at once (a 4096 x 14336 FF linear: 8 pieces)
 
 
 def clamp_rank(rank: int, out_features: int, in_features: int) -> int:
@@ -86,37 +88,46 @@ class FusedLinear(nn.Module):
     def lora_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B] if self.lora_rank else []
 
-    def effective_weight(self) -> torch.Tensor:
-        """W' in fp32, (out, in), summed in place into one fp32 copy of W (at most two weight-sized
-        temporaries alive: what bounds the group fine-tune's memory on a big model)."""
-        w = self.base_weight().to(torch.float32, copy=True)
+    def row_chunks(self) -> list[slice]:
+        """Output rows in pieces of at most ROW_CHUNK_BYTES of fp32 W': a big model's FF linear is never
+        whole in fp32, nor is its gradient (a small model's linear is one piece)."""
+        out_f, in_f = self.out_in
+        rows = max(1, ROW_CHUNK_BYTES // (4 * in_f))
+        return [slice(start, min(start + rows, out_f)) for start in range(0, out_f, rows)]
+
+    def effective_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of W' in fp32, (out, in), summed in place into one fp32 copy of W's rows."""
+        w = self.base_weight()[rows].to(torch.float32, copy=True)
         if self.lora_rank:
-            w.addmm_(self.lora_B, self.lora_A)
+            w.addmm_(self.lora_B[rows], self.lora_A)
         for C, D, frozen in zip(self.coef_C, self.coef_D, self.injected):
             # frozen stays in its dtype: the product promotes to fp32 (the same values) and autograd
             # keeps the frozen weight itself for C and D's gradients, not an fp32 copy of it.
             if frozen is None:
-                w.addmm_(C, D)
+                w.addmm_(C[rows], D)
             else:
-                w.addcmul_(C @ D, frozen)
+                w.addcmul_(C[rows] @ D, frozen[rows])
         return w
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         bias = self.base.bias
-        return F.linear(x, self.effective_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, self.effective_weight(rows).to(x.dtype), None if bias is None else bias[rows].to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            return self._linear(x)
-        # Training: keep only x for the backward pass and compute W' again there, rather than keep a
-        # weight-sized W' of every fused linear of the group until the backward pass reaches it.
-        return checkpoint(self._linear, x, use_reentrant=False)
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        # Training: keep only x for the backward pass and make each piece of W' again there, rather than
+        # keep a weight-sized W' of every fused linear of the group until the backward pass reaches it.
+        pieces = [checkpoint(self._linear, x, rows, use_reentrant=False) if training else self._linear(x, rows)
+                  for rows in self.row_chunks()]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     @torch.no_grad()
     def materialize(self) -> nn.Module:
-        """The wrapped module with W' written into it (model dtype): a plain Linear / Conv1D again."""
-        w = self.effective_weight().to(self.base.weight.dtype)
-        self.base.weight.copy_(from_out_in(w, self.conv1d))
+        """The wrapped module with W' written into it (model dtype), a piece at a time: a plain Linear /
+        Conv1D again."""
+        weight = out_in(self.base.weight, self.conv1d)
+        for rows in self.row_chunks():
+            weight[rows].copy_(self.effective_weight(rows))
         return self.base
 
 
