@@ -449,9 +449,11 @@ def _fine_tune_step(a: Architecture, run: RunShape, on_device, on_host) -> _Step
     trainable = sum(min(rank, o, i) * (o + i) for o, i in shapes) * members
     optimizer = trainable * 4 * 6  # fp32 parameter, gradient, two Adam moments, two foreach temporaries
     saved = _saved_for_backward(a, Bf, T, b) * members
-    # One linear's backward (W' in fp32 made again, its gradient, the product with the injected weight),
-    # one block's forward.
-    transient = 3 * a.largest_linear * 4 + _block_work(a, Bf, T, b)
+    # One piece of one linear's backward (W' in fp32 made again, its gradient, the product with the
+    # injected weight), one block's forward.
+    from compress_eval.methods.fusion import ROW_CHUNK_BYTES
+
+    transient = 3 * min(a.largest_linear * 4, ROW_CHUNK_BYTES) + _block_work(a, Bf, T, b)
     if run.kd_logits:
         transient += _logits(a, T, b) * 2 * Bf
     mse = 2 * Bf * T * a.hidden * 4
