@@ -166,7 +166,11 @@ def main() -> None:
         print("\n".join(ROWS))
         return
     path = RESULTS / "quality_smollm2.json"
-    done = {r["row"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+    def finished() -> dict[str, dict]:  # read again before each write: another run may have added rows
+        return {r["row"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+    done = finished()
     wanted = args.rows or [name for name in ROWS if name not in done]
     unknown = [name for name in wanted if name not in ROWS]
     if unknown:
@@ -182,8 +186,9 @@ def main() -> None:
         if name not in needed:
             needed.append(name)
     for name in needed:
-        done[name] = run_row(name, work)
-        print(json.dumps(done[name]), flush=True)
+        row = run_row(name, work)
+        print(json.dumps(row), flush=True)
+        done = {**finished(), name: row}
         write([done[n] for n in ROWS if n in done])
 
 
