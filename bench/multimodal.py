@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from compress_eval.data.easy_vqa import chance_accuracy, mmmu_rows
 from compress_eval.paths import cache_dir
 from compress_eval.results.card import table
 
@@ -89,8 +90,8 @@ def run_row(name: str, vlm: Path, work: Path, env: dict, questions: int) -> dict
             "date": datetime.date.today().isoformat()}
 
 
-def write(rows: list[dict], report: dict | None, out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps({"vlm": report, "rows": rows}, indent=1) + "\n")
+def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"vlm": report, "chance": chance, "rows": rows}, indent=1) + "\n")
     dense = next((r for r in rows if r["row"] == "dense"), None)
     built = (f"The VLM (bench/make_vlm.py): {report['steps']} steps x {report['batch_size']} of easy-vqa train, "
              f"test accuracy {report['test']['accuracy']:.3f} on {report['test']['questions']} questions (chance "
@@ -98,7 +99,8 @@ def write(rows: list[dict], report: dict | None, out: Path) -> None:
              if report else "")
     lines = ["# Compressing the language model of a LLaVA (SmolLM2-135M inside), 25 % of its blocks", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/multimodal.py` (ce_mmmu: easy-vqa test "
-             f"questions, greedy, chat format; WikiText-2: the first {PPL_WINDOWS} windows of 512)", "", built, "",
+             f"questions, greedy, chat format; WikiText-2: the first {PPL_WINDOWS} windows of 512). A uniformly "
+             f"random choice scores {chance:.3f} on these questions.", "", built, "",
              table(["row", "ce_mmmu acc", "questions", "WikiText-2 ppl", "LM blocks", "params", "params kept",
                     "weight bytes", "compress s", "peak RSS MB"],
                    [[r["row"], r["mmmu_acc"], r["questions"], r["wikitext2"], r["lm_blocks"], f"{r['params']:,}",
@@ -126,6 +128,7 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}: choose among {list(ROWS)}")
     report_file = args.vlm / "make_vlm.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    chance = round(chance_accuracy(mmmu_rows("test", args.seed, args.questions)), 4)
     data = scratch_data(args.questions, args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-multimodal-"))
     env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(data)}
@@ -133,7 +136,7 @@ def main() -> None:
         for name in wanted:
             done[name] = run_row(name, args.vlm, work, env, args.questions)
             print(json.dumps(done[name]), flush=True)
-            write([done[n] for n in ROWS if n in done], report, args.out)
+            write([done[n] for n in ROWS if n in done], report, chance, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
