@@ -9,7 +9,8 @@ on text (as the paper) and on image-text pairs through the whole VLM (``--calib-
 
 Rows run one at a time and merge into bench/results/multimodal_llava_smollm2.{json,md} (``--rows``: the
 ones to (re)run; default: those not there yet). The questions are a seeded sample of easy-vqa's test
-split written by scripts/easy_vqa_to_mmmu.py into a scratch data directory beside the text corpora.
+split in MMMU's layout (as scripts/easy_vqa_to_mmmu.py writes it) in a scratch data directory beside the
+text corpora.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compress_eval.data.easy_vqa import chance_accuracy, mmmu_rows
+from compress_eval.data.easy_vqa import chance_accuracy, mmmu_rows, write_mmmu
 from compress_eval.paths import cache_dir
 from compress_eval.results.card import table
 
@@ -55,9 +56,10 @@ def cli(args: list[str], env: dict) -> str:
     return result.stdout
 
 
-def scratch_data(questions: int, seed: int) -> Path:
+def scratch_data(questions: int, seed: int) -> tuple[Path, float]:
     """The data directory of the runs: the text corpora of $COMPRESS_EVAL_DATA_DIR (linked, never copied)
-    and ``questions`` easy-vqa test questions in MMMU's layout."""
+    and ``questions`` easy-vqa test questions in MMMU's layout (what scripts/easy_vqa_to_mmmu.py writes);
+    with the chance accuracy of those questions."""
     source = os.environ.get("COMPRESS_EVAL_DATA_DIR")
     if not source:
         sys.exit("set COMPRESS_EVAL_DATA_DIR to the data directory (../shared/data)")
@@ -65,9 +67,9 @@ def scratch_data(questions: int, seed: int) -> Path:
     for entry in Path(source).resolve().iterdir():
         if entry.name != "mmmu":
             (root / entry.name).symlink_to(entry)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "easy_vqa_to_mmmu.py"), "--out", str(root / "mmmu"),
-                    "--limit", str(questions), "--seed", str(seed)], check=True, capture_output=True)
-    return root
+    rows = mmmu_rows("test", seed, questions)
+    write_mmmu(rows, root / "mmmu")
+    return root, round(chance_accuracy(rows), 4)
 
 
 def run_row(name: str, vlm: Path, work: Path, env: dict, questions: int) -> dict:
@@ -128,8 +130,7 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}: choose among {list(ROWS)}")
     report_file = args.vlm / "make_vlm.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else None
-    chance = round(chance_accuracy(mmmu_rows("test", args.seed, args.questions)), 4)
-    data = scratch_data(args.questions, args.seed)
+    data, chance = scratch_data(args.questions, args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-multimodal-"))
     env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(data)}
     try:
