@@ -125,6 +125,31 @@ def test_several_windows_are_searched_in_turn_and_never_overlap():
         merge(deep_tiny("llama", layers=8), num_merge=1, num_windows=2)
 
 
+def test_after_sublayer_pruning_windows_pass_over_blocks_without_their_ff():
+    """Blocks whose FF sublayer was removed are left out of every window (the FFs either side count as
+    adjacent), a removed attention changes nothing, and the scorer's perplexity of a gapped window is
+    the merged model's own."""
+    from conftest import deep_tiny
+    from compress_eval.models.sublayers import is_skipped
+    from compress_eval.scoring.ppl import perplexity
+
+    model = deep_tiny("llama", layers=6)
+    adapter = get_adapter(model)
+    adapter.skip_sublayer(2, "mlp")
+    adapter.skip_sublayer(4, "attn")
+    record = merge(model, num_merge=2, score_samples=2)
+    assert [c["window"] for c in record.details["candidates"]] == [[0, 3], [1, 4], [3, 5]]
+    layers = record.details["layers"]
+    assert 2 not in layers and len(layers) == 3 and is_skipped(adapter.mlp(adapter.blocks[2]))
+    assert all(adapter.mlp(adapter.blocks[j]) is adapter.mlp(adapter.blocks[layers[0]]) for j in layers)
+    chosen = next(c for c in record.details["candidates"] if c["window"] == record.details["window"])
+    assert chosen["calib_ppl"] == pytest.approx(perplexity(model, calib()[:2]).ppl, rel=1e-4)
+    cka = torch.tensor(record.details["ff_output_cka"])
+    assert cka[2].isnan().all() and not cka[[0, 1, 3, 4, 5]][:, [0, 1, 3, 4, 5]].isnan().any()
+    with pytest.raises(UserError, match="whose FF sublayer was removed"):
+        merge(model, window="1-3")
+
+
 def test_window_stride_scores_every_nth_start():
     record = merge(tiny_model("llama"), num_merge=1, window_stride=2)
     assert [c["window"] for c in record.details["candidates"]] == [[0, 1], [2, 3]]

@@ -169,9 +169,26 @@ def test_methods_that_read_linears_refuse_a_model_without_some_sublayers(six_blo
     result = compress(make_config(model=str(six_block_dir), stages=stages, calib_samples=2, seqlen=16))
     assert result.manifest.blocks_after <= L - 1
     out = save(result, tmp_path / "two")
-    result = CliRunner().invoke(app, ["compress", str(out), "--method", "merge", "--num-merge", "1",
+    result = CliRunner().invoke(app, ["compress", str(out), "--method", "mi", "--num-blocks", "1",
                                       "--out", str(tmp_path / "m")])
     one_line_error(result, "lacks some")
+
+
+def test_merge_after_sublayer_pruning_reloads_with_both_structures(six_block_dir, tmp_path):
+    """merge ties FFs of a checkpoint whose blocks lost sublayers: the saved checkpoint keeps the removed
+    sublayers and the tie, and reloads to the same function."""
+    stages = [{"method": "sublayer", "options": {"num_sublayers": 3}}, {"method": "merge", "options": {"num_merge": 1}}]
+    result = compress(make_config(model=str(six_block_dir), stages=stages, calib_samples=2, seqlen=16))
+    assert result.manifest.skipped and len(result.manifest.tie_map) == 1
+    assert not set(result.manifest.tie_map) & set(result.manifest.skipped)
+    out = save(result, tmp_path / "merged")
+    model, _, _ = load_model(str(out), "cpu")
+    assert skipped_paths(model) == result.manifest.skipped
+    (tied, canonical), = result.manifest.tie_map.items()
+    assert model.get_submodule(tied) is model.get_submodule(canonical)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, result.model(ids).logits)
 
 
 def test_param_sparsity_for_depth_methods_rounds_up_to_blocks():

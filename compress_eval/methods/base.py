@@ -36,7 +36,7 @@ class Compressor(ABC):
     takes_blocks: ClassVar[bool] = False  # explicit --blocks (others choose their blocks themselves)
     ties_modules: ClassVar[bool] = False  # shares modules across blocks (the manifest's tie map)
     removes_sublayers: ClassVar[bool] = False  # leaves blocks without their attention or MLP
-    # Works on blocks that lost a sublayer (it runs or drops whole blocks; it never reads their linears).
+    # Works on blocks that lost a sublayer (it runs or drops whole blocks, or reads only the sublayers left).
     runs_partial_blocks: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # What a run given no amount uses (CompressConfig fields; method options under "options"), stated

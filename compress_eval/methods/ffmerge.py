@@ -7,6 +7,10 @@ memory and, saved as one copy plus a tie map, from disk. The window is the best 
 search scored by perplexity on calibration windows (features are collected once for all windows).
 With ``--num-windows W`` the removed sublayers are split over W separate windows, searched one after
 another on the model as merged so far (largest first, none overlapping).
+
+After sublayer pruning some blocks have no FF sublayer left: a window is then adjacent FF sublayers of
+the blocks that still have one (the attention-only blocks between them are passed over), so merging
+composes with ``sublayer`` in either order.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, 
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import Adapter
 from compress_eval.models.loading import untie
+from compress_eval.models.sublayers import is_skipped
 from compress_eval.progress import bar
 from compress_eval.scoring.prefix import PrefixStates
 
@@ -112,11 +117,16 @@ class MergeOptions(MethodOptions):
         return math.ceil(round(num_layers * self.ff_fraction, 6))
 
 
-def anchor_index(first: int, size: int, anchor: str) -> int:
-    return {"first": first, "middle": first + (size - 1) // 2, "last": first + size - 1}[anchor]
+def anchor_index(layers: list[int], anchor: str) -> int:
+    return layers[{"first": 0, "middle": (len(layers) - 1) // 2, "last": -1}[anchor]]
 
 
-def align_window(features: alignment.FFFeatures, layers: range, anchor: int, permute: bool, device=None):
+def ff_layers(adapter: Adapter) -> list[int]:
+    """The blocks that still have their FF sublayer (sublayer pruning may have removed some)."""
+    return [j for j, block in enumerate(adapter.blocks) if not is_skipped(adapter.mlp(block))]
+
+
+def align_window(features: alignment.FFFeatures, layers: list[int], anchor: int, permute: bool, device=None):
     """Per layer of the window: (permutation onto the anchor or None, mean matched correlation)."""
     plan = {}
     for j in layers:
@@ -132,7 +142,7 @@ def align_window(features: alignment.FFFeatures, layers: range, anchor: int, per
 
 
 @torch.no_grad()
-def merged_ff(adapter: Adapter, layers: range, plan: dict) -> torch.nn.Module:
+def merged_ff(adapter: Adapter, layers: list[int], plan: dict) -> torch.nn.Module:
     """One FF module whose every tensor is the mean of the window's aligned tensors (fp32 math)."""
     blocks = adapter.blocks
     with adapter.hold(layers):
@@ -143,7 +153,7 @@ def merged_ff(adapter: Adapter, layers: range, plan: dict) -> torch.nn.Module:
     return module
 
 
-def tie_window(adapter: Adapter, layers: range, module: torch.nn.Module) -> dict[str, str]:
+def tie_window(adapter: Adapter, layers: list[int], module: torch.nn.Module) -> dict[str, str]:
     """Make every layer of the window use ``module``; the tie map {module path: canonical path}."""
     with adapter.hold(layers, write=True):
         for j in layers:
@@ -163,7 +173,7 @@ class WindowScorer:
         self.prefix = PrefixStates(adapter, windows, batch_size=1, store="cpu")
 
     @torch.no_grad()
-    def ppl(self, layers: range, module: torch.nn.Module) -> float:
+    def ppl(self, layers: list[int], module: torch.nn.Module) -> float:
         blocks = self.adapter.blocks
         originals = [self.adapter.mlp(blocks[j]) for j in layers]
         for j in layers:
@@ -180,6 +190,7 @@ class MergeFF(Compressor):
     name = "merge"
     options_class = MergeOptions
     ties_modules = True
+    runs_partial_blocks = True  # windows of the blocks that still have an FF sublayer
     default_amount = {"options": {"ff_fraction": 1 / 3}}  # the paper's headline: 1/3 of the FF sublayers
 
     @classmethod
@@ -196,22 +207,28 @@ class MergeFF(Compressor):
                             "--param-sparsity instead of --sparsity/--num-blocks/--blocks")
         if self.cfg.param_sparsity is not None:
             o = o.model_copy(update={"num_merge": self.ff_to_merge(adapter)})
-        n = adapter.num_blocks
-        sizes = o.window_sizes(n)
+        n, ffs = adapter.num_blocks, ff_layers(adapter)
+        sizes = o.window_sizes(len(ffs))
         device = adapter.device
-        features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens)
+        features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens,
+                                                 layers=ffs)
         tie_map, windows, taken, ff_params = {}, [], set(), 0
         for number, size in enumerate(sizes, 1):
             if o.window == "auto":
-                starts = [s for s in range(0, n - size + 1, o.window_stride) if not taken & set(range(s, s + size))]
+                runs = [ffs[s: s + size] for s in range(0, len(ffs) - size + 1, o.window_stride)]
+                runs = [r for r in runs if not taken & set(r)]
             else:
-                starts = [int(o.window.split("-")[0])]
-                if starts[0] + size > n:
+                first, last = map(int, o.window.split("-"))
+                if last >= n:
                     raise UserError(f"window {o.window} is outside the model's layers 0..{n - 1}")
-            if not starts:
+                runs = [list(range(first, last + 1))]
+                if missing := sorted(set(runs[0]) - set(ffs)):
+                    raise UserError(f"window {o.window} holds blocks {missing}, whose FF sublayer was removed: "
+                                    f"choose a window of blocks that have theirs, or --window auto")
+            if not runs:
                 raise UserError(f"no room left for window {number} of {size} layers beside {sorted(taken)}: "
                                 f"lower --num-windows or --window-stride")
-            layers, plan, candidates = self.search(adapter, calib, features, starts, size, device,
+            layers, plan, candidates = self.search(adapter, calib, features, runs, device,
                                                    f"merge: window {number}/{len(sizes)} search"
                                                    if len(sizes) > 1 else "merge: window search")
             module = merged_ff(adapter, layers, plan)
@@ -220,8 +237,9 @@ class MergeFF(Compressor):
             taken |= set(layers)
             windows.append({
                 "window": [layers[0], layers[-1]],
+                "layers": layers,
                 "window_size": len(layers),
-                "anchor": anchor_index(layers[0], len(layers), o.anchor),
+                "anchor": anchor_index(layers, o.anchor),
                 "mean_matched_correlation": {str(j): round(plan[j][1], 4) for j in layers},
                 "candidates": candidates,
             })
@@ -248,20 +266,23 @@ class MergeFF(Compressor):
         if o.num_merge is not None or o.ff_fraction is not None or o.window != "auto":
             raise UserError("give method 'merge' one amount: --param-sparsity, or --num-merge / --ff-fraction / "
                             "--window")
-        ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[0]).parameters())
+        ffs = ff_layers(adapter)
+        if not ffs:
+            raise UserError("method 'merge' ties FF sublayers, and every block of this model has lost its own: "
+                            "choose another method")
+        ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[ffs[0]]).parameters())
         return math.ceil(round(self.cfg.param_sparsity * adapter.block_parameters() / ff, 6))
 
-    def search(self, adapter, calib, features, starts, size, device, label):
-        """(layers, alignment plan, scored candidates) of the window of ``size`` layers with the lowest
-        calibration perplexity among ``starts``, merged on the model as it is now."""
+    def search(self, adapter, calib, features, runs, device, label):
+        """(layers, alignment plan, scored candidates) of the window with the lowest calibration
+        perplexity among ``runs`` (each a list of layers), merged on the model as it is now."""
         o = self.options
         scorer = WindowScorer(adapter, calib[: o.score_samples])
         candidates, best = [], None
-        for s in bar(starts, label, unit="window"):
-            layers = range(s, s + size)
-            plan = align_window(features, layers, anchor_index(s, size, o.anchor), o.permute, device)
+        for layers in bar(runs, label, unit="window"):
+            plan = align_window(features, layers, anchor_index(layers, o.anchor), o.permute, device)
             ppl = scorer.ppl(layers, merged_ff(adapter, layers, plan))
-            candidates.append({"window": [s, s + size - 1], "calib_ppl": round(ppl, 4)})
+            candidates.append({"window": [layers[0], layers[-1]], "calib_ppl": round(ppl, 4)})
             if best is None or ppl < best[0]:
                 best = (ppl, layers, plan)
         del scorer
@@ -272,7 +293,7 @@ class MergeFF(Compressor):
         own copy (larger, but plain transformers loads it)."""
         if not self.options.untied_export or not record.tie_map:
             return record
-        layers = [j for w in record.details["windows"] for j in range(w["window"][0], w["window"][1] + 1)]
+        layers = [j for w in record.details["windows"] for j in w["layers"]]
         with adapter.hold(layers, write=True):
             untie(adapter.model, record.tie_map)
         return replace(record, tie_map={})

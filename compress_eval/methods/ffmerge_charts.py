@@ -12,15 +12,20 @@ def linear_cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
     """Linear CKA between every pair of layers' FF outputs, each (tokens, d) on the same tokens.
 
     Through centered token Gram matrices K = X X^T (Kornblith et al. 2019): CKA = <Kc, Lc> /
-    (|Kc| |Lc|). With fewer tokens than channels this is far cheaper than the d x d form per pair.
+    (|Kc| |Lc|). With fewer tokens than channels this is far cheaper than the d x d form per pair. A
+    layer without outputs (its FF sublayer removed) gets NaN in its row and column.
     """
+    present = [i for i, x in enumerate(outputs) if x.numel()]
     grams = []
-    for x in outputs:
-        x = x.double() - x.double().mean(0)
+    for i in present:
+        x = outputs[i].double() - outputs[i].double().mean(0)
         k = (x @ x.T).flatten()
         grams.append(k / k.norm().clamp_min(1e-12))
     g = torch.stack(grams)
-    return (g @ g.T).float()
+    cka = torch.full((len(outputs), len(outputs)), float("nan"))
+    index = torch.tensor(present)
+    cka[index[:, None], index] = (g @ g.T).float()
+    return cka
 
 
 def _png(fig) -> bytes:
