@@ -38,11 +38,16 @@ CALIB = ["--calib-samples", "8", "--seqlen", "512", "--seed", "0"]
 HEAL = ["--recover", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0.05", "--recover-steps",
         "200", "--recover-seqlen", "512", "--recover-lr", "2e-4", "--recover-schedule", "cosine",
         "--recover-data", "train"]
-# name -> (compress arguments, track); "@ROW" as the model: that row's checkpoint (healed separately, so a
-# row's quality before and after recovery is one compression).
-SLEB_BLOCKS = {  # the blocks SLEB chose at each size with this calibration (bench/results/baselines_smollm2.json,
-    # 23-33 min each): its rows drop them rather than search again
-    "20": "12,13,14,17,25,26", "25": "3,5,12,13,14,17,25,26", "30": "3,4,5,12,13,14,17,25,26"}
+
+
+def sleb_blocks(percent: str) -> str:
+    """The blocks SLEB chose at ``percent`` % with this calibration in bench/baselines.py (23-33 min each):
+    its rows drop them rather than search again."""
+    rows = json.loads((RESULTS / "baselines_smollm2.json").read_text())
+    chosen = next(r["removed_blocks"] for r in rows if r["method"] == "sleb" and r["sparsity"] == int(percent) / 100)
+    return ",".join(map(str, chosen))
+
+
 FUSE = ["--method", "fuse", "--profile", "cpu", *CALIB]
 # name -> (compress arguments, track); "@ROW" as the model: that row's checkpoint (healed separately, so a
 # row's quality before and after recovery is one compression).
@@ -50,25 +55,37 @@ ROWS = {
     "dense": (["--method", "none"], "none"),
     **{f"shortgpt {p} %": (["--method", "shortgpt", "--sparsity", f"0.{p}", *CALIB], "no recovery")
        for p in ("20", "25", "30")},
-    **{f"sleb {p} % (its blocks from bench/baselines.py)": (["--method", "drop", "--blocks", blocks], "no recovery")
-       for p, blocks in SLEB_BLOCKS.items()},
+    **{f"sleb {p} % (its blocks from bench/baselines.py)": (["--method", "drop", "--blocks", sleb_blocks(p)],
+                                                          "no recovery") for p in ("20", "25", "30")},
     "sublayer 25 % params (4 x 512 calibration)": (
         ["--method", "sublayer", "--param-sparsity", "0.25", "--calib-samples", "4", "--seqlen", "512", "--seed", "0"],
         "no recovery"),
     **{f"fuse {p} %": ([*FUSE, "--sparsity", f"0.{p}"], "no recovery") for p in ("20", "25", "30")},
     "fuse 25 % --align-ff": ([*FUSE, "--sparsity", "0.25", "--align-ff"], "no recovery"),
+    # FF merging at the same size (ceil(0.25 x 30 blocks' parameters / one FF's) = 11 FFs tied): one window
+    # (the paper), several small ones, and the drop-window baseline the paper compares it with.
+    "merge 25 % params (one window)": (["--method", "merge", "--param-sparsity", "0.25", *CALIB], "no recovery"),
+    "merge 25 % params (6 windows of 2-3 layers)": (
+        ["--method", "merge", "--param-sparsity", "0.25", "--num-windows", "6", *CALIB], "no recovery"),
+    "drop-window 25 %": (["--method", "drop-window", "--sparsity", "0.25", *CALIB], "no recovery"),
     # A final whole-model distillation on the calibration windows alone (no training text): part of the
-    # compression, so in the no-recovery track.
+    # compression, so in the no-recovery track. The last row spends the same calibration tokens and
+    # training token-steps on 4x as many, shorter windows.
     **{f"fuse 25 % + KD on the calibration{label}": (
         ["@fuse 25 %", "--method", "none", "--recover", "lora", "--lora-r", "16", "--lora-alpha", "32",
-         "--lora-dropout", "0.05", "--recover-steps", steps, "--recover-seqlen", "512", "--recover-lr", lr,
-         "--recover-schedule", "cosine", "--recover-data", "calibration", "--recover-loss", "kd", *CALIB],
-        "no recovery") for label, steps, lr in (("", "64", "2e-4"), (" (200 steps)", "200", "2e-4"),
-                                                (" (200 steps, lr 1e-3)", "200", "1e-3"))},
+         "--lora-dropout", "0.05", "--recover-steps", steps, "--recover-seqlen", seqlen, "--recover-lr", lr,
+         "--recover-schedule", "cosine", "--recover-data", "calibration", "--recover-loss", "kd",
+         "--calib-samples", str(4096 // int(seqlen)), "--seqlen", seqlen, "--seed", "0"],
+        "no recovery") for label, steps, lr, seqlen in (
+            ("", "64", "2e-4", "512"), (" (200 steps)", "200", "2e-4", "512"),
+            (" (200 steps, lr 1e-3)", "200", "1e-3", "512"), (" (32 x 128 windows, 800 steps)", "800", "2e-4", "128"))},
     "shortgpt 25 % + LoRA": (["@shortgpt 25 %", "--method", "none", *HEAL], "recovery"),
     "sleb 25 % + LoRA": (["@sleb 25 % (its blocks from bench/baselines.py)", "--method", "none", *HEAL], "recovery"),
     "sublayer 25 % params + LoRA": (["@sublayer 25 % params (4 x 512 calibration)", "--method", "none", *HEAL],
                                     "recovery"),
+    "merge 25 % params (6 windows of 2-3 layers) + LoRA": (
+        ["@merge 25 % params (6 windows of 2-3 layers)", "--method", "none", *HEAL], "recovery"),
+    "drop-window 25 % + LoRA": (["@drop-window 25 %", "--method", "none", *HEAL], "recovery"),
     "fuse 25 % + LoRA": (["@fuse 25 %", "--method", "none", *HEAL], "recovery"),
     "fuse 25 % + LoRA, kd loss": (["@fuse 25 %", "--method", "none", *HEAL, "--recover-loss", "kd"], "recovery"),
     "fuse 25 % + KD on the calibration (200 steps) + LoRA": (
