@@ -11,6 +11,10 @@ Rows run one at a time and merge into bench/results/multimodal_llava_smollm2.{js
 ones to (re)run; default: those not there yet). The questions are a seeded sample of easy-vqa's test
 split in MMMU's layout (as scripts/easy_vqa_to_mmmu.py writes it) in a scratch data directory beside the
 text corpora.
+
+Answers are generated up to 32 tokens, not mmmu_val's 512: every answer here is one option letter, and a
+damaged model that never ends its turn made lm-eval generate all 512 for every question (about 100 min
+per row on 2 cores, against 2 for the dense VLM). Each row records the cap it was measured with.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ ROWS = {
     "merge (25 % of the FF parameters)": ["--method", "merge", "--param-sparsity", "0.25", *TEXT_CALIB],
 }
 PPL_WINDOWS = 40
+MAX_GEN_TOKS = 32
 
 
 def cli(args: list[str], env: dict) -> str:
@@ -82,12 +87,13 @@ def run_row(name: str, vlm: Path, work: Path, env: dict, questions: int) -> dict
     cli(["compress", str(vlm), *ROWS[name], "--out", str(out)], env)
     wall = time.perf_counter() - start
     manifest = json.loads((out / "compress_eval.json").read_text())
-    cli(["eval", str(out), "--tasks", "mmmu", "--batch-size", "8"], env)
+    cli(["eval", str(out), "--tasks", "mmmu", "--batch-size", "8", "--gen-kwargs", f"max_gen_toks={MAX_GEN_TOKS}"],
+        env)
     mmmu = json.loads((out / "lm_eval_results.json").read_text())["results"]["ce_mmmu"]
     ppl = float(cli(["ppl", str(out), "--dataset", "wikitext2", "--seqlen", "512", "--max-windows",
                      str(PPL_WINDOWS)], env).strip().splitlines()[-1])
     return {"row": name, "command": " ".join(["compress-eval compress <the VLM>", *ROWS[name]]),
-            "mmmu_acc": round(mmmu["acc,none"], 4), "questions": questions,
+            "mmmu_acc": round(mmmu["acc,none"], 4), "questions": questions, "max_gen_toks": MAX_GEN_TOKS,
             "wikitext2": round(ppl, 2), "lm_blocks": manifest["blocks_after"],
             "params": manifest["params_after"], "weight_bytes": manifest["weight_bytes_after"],
             "compress_s": round(manifest["timings_s"].get("compress", 0), 1), "wall_s": round(wall, 1),
@@ -106,9 +112,9 @@ def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> No
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/multimodal.py` (ce_mmmu: easy-vqa test "
              f"questions, greedy, chat format; WikiText-2: the first {PPL_WINDOWS} windows of 512). A uniformly "
              f"random choice scores {chance:.3f} on these questions.", "", built, "",
-             table(["row", "ce_mmmu acc", "questions", "WikiText-2 ppl", "LM blocks", "params", "params kept",
+             table(["row", "ce_mmmu acc", "questions", "max gen toks", "WikiText-2 ppl", "LM blocks", "params", "params kept",
                     "weight bytes", "compress s", "peak RSS MB"],
-                   [[r["row"], r["mmmu_acc"], r["questions"], r["wikitext2"], r["lm_blocks"], f"{r['params']:,}",
+                   [[r["row"], r["mmmu_acc"], r["questions"], r.get("max_gen_toks", 512), r["wikitext2"], r["lm_blocks"], f"{r['params']:,}",
                      f"{r['params'] / dense['params']:.3f}" if dense else "-", f"{r['weight_bytes']:,}",
                      r["compress_s"], r["peak_rss_mb"]] for r in rows])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

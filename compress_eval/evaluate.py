@@ -82,11 +82,12 @@ def lm_eval_cache(name_or_dir: str, dtype, device) -> str:
 
 
 def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limit=None, num_fewshot=None,
-                     batch_size="1", device="cpu", dtype="auto") -> dict:
+                     batch_size="1", device="cpu", dtype="auto", gen_kwargs: dict | None = None) -> dict:
     """lm-eval's results dict for ``tasks`` (canonical names) on an already built ``compressed`` (or, for
     image tasks, ``compressed-multimodal``) model. Image tasks run in the model's chat format when its
     processor has one (lm-eval's MMMU README: scores are reported with --apply_chat_template), text tasks
-    as plain prompts, so a run of both is two lm-eval runs merged."""
+    as plain prompts, so a run of both is two lm-eval runs merged. ``gen_kwargs`` (lm-eval's) override the
+    generation settings of the generate-until tasks, e.g. ``{"max_gen_toks": 32}``."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -109,7 +110,7 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
                 model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in group],
                 num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
                 use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False,
-                apply_chat_template=apply_chat)
+                apply_chat_template=apply_chat, gen_kwargs=gen_kwargs)
         except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
             raise UserError(f"cannot download the data of {', '.join(group)} from the Hugging Face Hub "
                             f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
@@ -139,7 +140,8 @@ def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow
 def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
                    batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None,
                    progress: bool = True, *, allow_pickle: bool = False,
-                   trust_remote_code: bool = False, offload: str = "auto") -> tuple[dict, dict | None]:
+                   trust_remote_code: bool = False, offload: str = "auto",
+                   gen_kwargs: dict | None = None) -> tuple[dict, dict | None]:
     """(perplexity results, lm-eval results or None) for canonical task names; the model loads once.
 
     ``batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
@@ -158,18 +160,18 @@ def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_
     ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
                        progress) if ppl_tasks else {}
     lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
-                                  str(lm.device), dtype or "auto")
+                                  str(lm.device), dtype or "auto", gen_kwargs)
     return ppl, lm_results
 
 
 def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
                         batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None, *,
                         allow_pickle: bool = False, trust_remote_code: bool = False,
-                        offload: str = "auto") -> tuple[dict, dict | None]:
+                        offload: str = "auto", gen_kwargs: dict | None = None) -> tuple[dict, dict | None]:
     """Evaluate, and store the results in ``target`` when it is one of our checkpoint directories."""
     ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
                                      limit, num_fewshot, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code, offload=offload)
+                                     trust_remote_code=trust_remote_code, offload=offload, gen_kwargs=gen_kwargs)
     if distributed.is_main() and Path(target).is_dir() and store.read_manifest(target) is not None:
         if ppl:
             store.store_ppl_results(target, ppl)

@@ -149,6 +149,8 @@ CASES = [
     ("max-windows-zero", plain, ["ppl", "{model}", "--max-windows", "0"], "--max-windows"),
     ("ppl-batch-size-zero", plain, ["ppl", "{model}", "--batch-size", "0"], "--batch-size"),
     ("eval-limit-zero", plain, ["eval", "{model}", "--tasks", "piqa", "--limit", "0"], "--limit must be positive"),
+    ("eval-gen-kwargs-no-value", plain, ["eval", "{model}", "--tasks", "piqa", "--gen-kwargs", "max_gen_toks"],
+     "--gen-kwargs takes key=value"),
     ("eval-batch-size-zero", plain, ["eval", "{model}", "--tasks", "wiki", "--batch-size", "0"], "--batch-size"),
     ("eval-fewshot-negative", plain, ["eval", "{model}", "--tasks", "piqa", "--num-fewshot=-1"], "--num-fewshot"),
     ("data-dir-missing", plain, ["ppl", "{model}", "--data-dir", "{tmp}/missing", "--seqlen", "16"], "does not exist"),

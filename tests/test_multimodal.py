@@ -215,14 +215,15 @@ def test_eval_ce_mmmu_offline(vlm_data, tmp_path):
 
 def test_run_then_eval_mmmu_with_text_tasks(vlm_data, tmp_path):
     """One run: perplexity and a text benchmark through the language model, MMMU through the whole VLM;
-    lm-eval's results of both kinds merged in the checkpoint."""
+    lm-eval's results of both kinds merged in the checkpoint, with the generation settings given."""
     text = ["piqa"] if (vlm_data / "piqa").exists() else []
     out = tmp_path / "out"
     result = invoke("run", saved_vlm_dir(tmp_path / "vlm", "llava_next"), "--method", "drop", "--blocks", 1,
                     "--out", out, "--then-eval", ",".join(["wiki", *text, "mmmu"]), "--limit", 1,
-                    "--eval-seqlen", 16, "--max-windows", 2)
+                    "--eval-seqlen", 16, "--max-windows", 2, "--gen-kwargs", "max_gen_toks=3")
     assert result.exit_code == 0, result.output
     stored = json.loads((out / "lm_eval_results.json").read_text())
+    assert stored["config"]["gen_kwargs"] == {"max_gen_toks": 3}
     assert set(stored["results"]) == {"ce_mmmu", *(f"ce_{t}" for t in text)}
     assert stored["config"]["model"] == "compressed-multimodal"
     assert "wikitext2_ppl" in json.loads((out / "results_ppl.json").read_text())

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxShardSize, MaxWindows,
-                                      Offload, OffloadDir, TrustRemoteCode, int_list, user_errors)
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxShardSize,
+                                      MaxWindows, Offload, OffloadDir, TrustRemoteCode, int_list, user_errors)
 from compress_eval.config import MethodStage, load_recipe, make_config
 from compress_eval.errors import UserError
 
@@ -115,6 +115,7 @@ def compress_command(
     batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples"),
+    gen_kwargs: str = GenKwargs,
     data_dir: str = DataDir,
     device: str = Device,
     dtype: str = Dtype,
@@ -132,7 +133,7 @@ def compress_command(
     Method options (see `compress-eval methods`) are given as extra flags, e.g. `--num-merge 4
     --no-permute`, or as `--set key=value`.
     """
-    from compress_eval.cli.evaluate import run_evaluation
+    from compress_eval.cli.evaluate import parse_gen_kwargs, run_evaluation
     from compress_eval.tasknames import parse_tasks
     from compress_eval.methods.registry import resolve_config
     from compress_eval.pipeline import compress_to_dir
@@ -142,6 +143,7 @@ def compress_command(
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
                        allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size, param_sparsity)
     tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
+    generation = parse_gen_kwargs(gen_kwargs)
     if push_to_hub:
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
@@ -151,7 +153,7 @@ def compress_command(
     if tasks:
         run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
                        limit=limit, num_fewshot=num_fewshot,  # our checkpoint: always safetensors
-                       offload=cfg.offload)
+                       offload=cfg.offload, gen_kwargs=generation)
     if push_to_hub:  # after the evaluation, so the card on the Hub has its results
         typer.echo(f"pushed {path} to {push(path, push_to_hub, private)}")
 

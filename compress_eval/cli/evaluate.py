@@ -6,8 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows, Offload,
-                                      TrustRemoteCode, user_errors)
+from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxWindows,
+                                      Offload, TrustRemoteCode, user_errors)
 from compress_eval.errors import UserError
 from compress_eval.evaluate import evaluate_and_record
 from compress_eval.tasknames import display_name, parse_tasks
@@ -31,6 +31,17 @@ def parse_limit(value: float | None) -> int | float | None:
     return int(value) if value >= 1 and float(value).is_integer() else value
 
 
+def parse_gen_kwargs(value: str | None) -> dict | None:
+    """lm-eval's --gen_kwargs: ``key=value,...`` over the generate-until tasks' own generation settings."""
+    if not value:
+        return None
+    from lm_eval.utils import simple_parse_args_string
+
+    if any("=" not in part or not part.split("=")[0].strip() for part in value.split(",")):
+        raise UserError(f"--gen-kwargs takes key=value pairs joined by commas (e.g. max_gen_toks=32), got {value!r}")
+    return simple_parse_args_string(value)
+
+
 def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
     """One row per task and metric: value, stderr, documents, seconds."""
     table = Table("task", "metric", "value", "± stderr", "n", "seconds", title=title)
@@ -51,12 +62,12 @@ def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
 
 def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
                    limit=None, num_fewshot=None, allow_pickle=False, trust_remote_code=False,
-                   offload="auto") -> None:
+                   offload="auto", gen_kwargs=None) -> None:
     """Evaluate, store the results in a checkpoint directory, print the summary table."""
     ppl, lm_results = evaluate_and_record(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
                                           device, dtype, parse_limit(limit), num_fewshot,
                                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                          offload=offload)
+                                          offload=offload, gen_kwargs=gen_kwargs)
     Console(width=120).print(summary_table(str(target), ppl, lm_results))
 
 
@@ -69,6 +80,7 @@ def eval_command(
     max_windows: int = MaxWindows,
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples (default: task's own)"),
+    gen_kwargs: str = GenKwargs,
     batch_size: str = typer.Option("1", help="batch size, or auto (lm-eval finds the largest that fits)"),
     data_dir: str = DataDir,
     device: str = Device,
@@ -83,7 +95,8 @@ def eval_command(
     (offline copies from the data directory when one is set, else lm-eval's Hub tasks).
     """
     run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit, num_fewshot, allow_pickle, trust_remote_code, offload or "auto")
+                   limit, num_fewshot, allow_pickle, trust_remote_code, offload or "auto",
+                   parse_gen_kwargs(gen_kwargs))
 
 
 def register(app: typer.Typer) -> None:
