@@ -205,9 +205,12 @@ class MergeFF(Compressor):
         if any(v is not None for v in (self.cfg.sparsity, self.cfg.num_blocks, self.cfg.blocks)):
             raise UserError("method 'merge' removes FF sublayers, not blocks: use --num-merge, --ff-fraction or "
                             "--param-sparsity instead of --sparsity/--num-blocks/--blocks")
-        if self.cfg.param_sparsity is not None:
-            o = o.model_copy(update={"num_merge": self.ff_to_merge(adapter)})
         n, ffs = adapter.num_blocks, ff_layers(adapter)
+        if not ffs:
+            raise UserError("method 'merge' ties FF sublayers, and every block of this model has lost its own: "
+                            "choose another method")
+        if self.cfg.param_sparsity is not None:
+            o = o.model_copy(update={"num_merge": self.ff_to_merge(adapter, ffs)})
         sizes = o.window_sizes(len(ffs))
         device = adapter.device
         features = alignment.collect_ff_features(adapter, calib, o.features, o.feature_tokens, o.cka_tokens,
@@ -260,16 +263,12 @@ class MergeFF(Compressor):
                           for k, w in enumerate(windows[1:], 2)})
         return CompressionRecord(tie_map=tie_map, details=details, artifacts=artifacts)
 
-    def ff_to_merge(self, adapter) -> int:
+    def ff_to_merge(self, adapter, ffs: list[int]) -> int:
         """FF sublayers whose tying removes --param-sparsity of the blocks' parameters (rounded up)."""
         o = self.options
         if o.num_merge is not None or o.ff_fraction is not None or o.window != "auto":
             raise UserError("give method 'merge' one amount: --param-sparsity, or --num-merge / --ff-fraction / "
                             "--window")
-        ffs = ff_layers(adapter)
-        if not ffs:
-            raise UserError("method 'merge' ties FF sublayers, and every block of this model has lost its own: "
-                            "choose another method")
         ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[ffs[0]]).parameters())
         return math.ceil(round(self.cfg.param_sparsity * adapter.block_parameters() / ff, 6))
 
