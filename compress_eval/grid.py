@@ -75,6 +75,8 @@ class EvalSettings(BaseModel):
     seqlen: int = Field(2048, ge=2)
     max_windows: int | None = Field(None, ge=1)
     limit: int | None = Field(None, ge=1, description="lm-eval tasks: the first N documents of each")
+    gen_kwargs: dict[str, str | int | float | bool] | None = Field(
+        None, description="lm-eval's generation settings over the generate-until tasks' own, e.g. {max_gen_toks: 32}")
     batch_size: int = Field(1, ge=1)  # speed only: left out of the hash
 
 

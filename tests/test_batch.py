@@ -67,6 +67,7 @@ def test_hash_is_stable_and_covers_only_what_determines_the_result():
     assert key(eval={"seqlen": 64}, tasks=["c4", "wikitext2"]) == reference  # tasks are added, not hashed
     assert key(eval={"seqlen": 64}, config={"seed": 0}) == reference  # a default written out
     assert key(eval={"seqlen": 128}) != reference
+    assert key(eval={"seqlen": 64, "gen_kwargs": {"max_gen_toks": 32}}) != reference
     assert key(eval={"seqlen": 64}, config={"seed": 1}) != reference
     opts = [{"method": "x", "options": {"a": 1, "b": 2}}], [{"method": "x", "options": {"b": 2, "a": 1}}]
     assert key(methods=opts[0]) == key(methods=opts[1])
