@@ -146,6 +146,8 @@ CASES = [
      "calib_data"),
     ("eval-seqlen-too-long", plain, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "100000"], "--seqlen (eval/ppl)"),
     ("eval-seqlen-one", plain, COMPRESS + ["--then-eval", "wiki", "--eval-seqlen", "1"], "--eval-seqlen"),
+    ("run-gen-kwargs-no-value", plain, COMPRESS + ["--then-eval", "piqa", "--gen-kwargs", "max_gen_toks"],
+     "--gen-kwargs takes key=value"),
     ("max-windows-zero", plain, ["ppl", "{model}", "--max-windows", "0"], "--max-windows"),
     ("ppl-batch-size-zero", plain, ["ppl", "{model}", "--batch-size", "0"], "--batch-size"),
     ("eval-limit-zero", plain, ["eval", "{model}", "--tasks", "piqa", "--limit", "0"], "--limit must be positive"),

@@ -32,7 +32,6 @@ from compress_eval.methods.ffmerge_charts import linear_cka_matrix, render_cka, 
 from compress_eval.methods.registry import register_method
 from compress_eval.models.adapters import Adapter
 from compress_eval.models.loading import untie
-from compress_eval.models.sublayers import is_skipped
 from compress_eval.progress import bar
 from compress_eval.scoring.prefix import PrefixStates
 
@@ -123,7 +122,7 @@ def anchor_index(layers: list[int], anchor: str) -> int:
 
 def ff_layers(adapter: Adapter) -> list[int]:
     """The blocks that still have their FF sublayer (sublayer pruning may have removed some)."""
-    return [j for j, block in enumerate(adapter.blocks) if not is_skipped(adapter.mlp(block))]
+    return [j for j in range(adapter.num_blocks) if adapter.has_sublayer(j, "mlp")]
 
 
 def align_window(features: alignment.FFFeatures, layers: list[int], anchor: int, permute: bool, device=None):
@@ -269,7 +268,7 @@ class MergeFF(Compressor):
         if o.num_merge is not None or o.ff_fraction is not None or o.window != "auto":
             raise UserError("give method 'merge' one amount: --param-sparsity, or --num-merge / --ff-fraction / "
                             "--window")
-        ff = sum(p.numel() for p in adapter.mlp(adapter.blocks[ffs[0]]).parameters())
+        ff = adapter.sublayer_parameters(ffs[0], "mlp")
         return math.ceil(round(self.cfg.param_sparsity * adapter.block_parameters() / ff, 6))
 
     def search(self, adapter, calib, features, runs, device, label):
