@@ -8,6 +8,8 @@ its command, params kept, weight bytes, compress seconds (method and recovery) a
 The recovery budget, the same for every method: LoRA rank 16 (alpha 32, dropout 0.05) on every
 linear but the head, 200 steps of one 512-token sequence of WikiText-2 train (the first 102,400
 tokens, each seen once), lr 2e-4, 1 % warm-up then cosine, next-token loss.
+A few rows repeat it at lr 1e-3, against ShortGPT on that budget, to see whether a stronger budget
+changes the ranking.
 
     COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py [--rows ...] [--list] [--work DIR]
 
@@ -38,6 +40,10 @@ CALIB = ["--calib-samples", "8", "--seqlen", "512", "--seed", "0"]
 HEAL = ["--recover", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0.05", "--recover-steps",
         "200", "--recover-seqlen", "512", "--recover-lr", "2e-4", "--recover-schedule", "cosine",
         "--recover-data", "train"]
+# A second, stronger budget (lr 1e-3, all else the same), its rows named with this suffix and measured
+# against ShortGPT healed on it.
+STRONG = " (lr 1e-3)"
+HEAL_STRONG = [*HEAL[:HEAL.index("--recover-lr") + 1], "1e-3", *HEAL[HEAL.index("--recover-lr") + 2:]]
 
 
 def sleb_blocks(percent: str) -> str:
@@ -90,6 +96,10 @@ ROWS = {
     "fuse 25 % + LoRA, kd loss": (["@fuse 25 %", "--method", "none", *HEAL, "--recover-loss", "kd"], "recovery"),
     "fuse 25 % + KD on the calibration (200 steps) + LoRA": (
         ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL], "recovery"),
+    f"shortgpt 25 % + LoRA{STRONG}": (["@shortgpt 25 %", "--method", "none", *HEAL_STRONG], "recovery"),
+    f"fuse 25 % + LoRA{STRONG}": (["@fuse 25 %", "--method", "none", *HEAL_STRONG], "recovery"),
+    f"fuse 25 % + KD on the calibration (200 steps) + LoRA{STRONG}": (
+        ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL_STRONG], "recovery"),
 }
 EVAL = {"wikitext2": 40, "c4": 10}
 
@@ -140,9 +150,10 @@ def run_row(name: str, work: Path) -> dict:
 
 
 def reference(row: dict, rows: dict[str, dict]) -> dict | None:
-    """The row a row is measured against: SLEB at the same size without recovery, ShortGPT + LoRA with."""
+    """The row a row is measured against: SLEB at the same size without recovery, ShortGPT + LoRA on the
+    same budget with."""
     if row["track"] == "recovery":
-        return rows.get("shortgpt 25 % + LoRA")
+        return rows.get("shortgpt 25 % + LoRA" + (STRONG if row["row"].endswith(STRONG) else ""))
     size = re.search(r"(\d+) %", row["row"])
     return size and rows.get(f"sleb {size.group(1)} % (its blocks from bench/baselines.py)")
 
@@ -159,9 +170,9 @@ def write(rows: list[dict]) -> None:
 
     lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
-             "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine). "
-             "x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over ShortGPT 25 % + LoRA's "
-             "(recovery). A row made from another row's checkpoint (healed, or distilled on the calibration) counts "
+             "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine, or lr 1e-3 in the "
+             f"rows named '{STRONG}'). x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
+             "ShortGPT 25 % + LoRA's on the same budget (recovery). A row made from another row's checkpoint (healed, or distilled on the calibration) counts "
              "its own stage in compress s: add its base row's.", "",
              table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "x ref", "params", "params kept",
                     "weight bytes", "compress s", "peak RSS MB"],
