@@ -68,6 +68,7 @@ ROWS = {
         "no recovery"),
     **{f"fuse {p} %": ([*FUSE, "--sparsity", f"0.{p}"], "no recovery") for p in ("20", "25", "30")},
     "fuse 25 % --align-ff": ([*FUSE, "--sparsity", "0.25", "--align-ff"], "no recovery"),
+    "fuse 25 % (groups of 4)": ([*FUSE, "--sparsity", "0.25", "--group-size", "4"], "no recovery"),
     # FF merging at the same size (ceil(0.25 x 30 blocks' parameters / one FF's) = 11 FFs tied): one window
     # (the paper), several small ones, and the drop-window baseline the paper compares it with.
     "merge 25 % params (one window)": (["--method", "merge", "--param-sparsity", "0.25", *CALIB], "no recovery"),
