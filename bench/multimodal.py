@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -101,6 +102,12 @@ def run_row(name: str, vlm: Path, work: Path, env: dict, questions: int) -> dict
             "date": datetime.date.today().isoformat()}
 
 
+def standard_error(accuracy: float, questions: int) -> float:
+    """Of a mean of ``questions`` right/wrong answers (lm-eval's acc_stderr): which rows differ by more
+    than chance."""
+    return math.sqrt(accuracy * (1 - accuracy) / (questions - 1))
+
+
 def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"vlm": report, "chance": chance, "rows": rows}, indent=1) + "\n")
     dense = next((r for r in rows if r["row"] == "dense"), None)
@@ -112,9 +119,9 @@ def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> No
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/multimodal.py` (ce_mmmu: easy-vqa test "
              f"questions, greedy, chat format; WikiText-2: the first {PPL_WINDOWS} windows of 512). A uniformly "
              f"random choice scores {chance:.3f} on these questions.", "", built, "",
-             table(["row", "ce_mmmu acc", "questions", "max gen toks", "WikiText-2 ppl", "LM blocks", "params",
+             table(["row", "ce_mmmu acc", "± s.e.", "questions", "max gen toks", "WikiText-2 ppl", "LM blocks", "params",
                     "params kept", "weight bytes", "compress s", "peak RSS MB"],
-                   [[r["row"], r["mmmu_acc"], r["questions"], r.get("max_gen_toks", 512), r["wikitext2"],
+                   [[r["row"], r["mmmu_acc"], f"{standard_error(r['mmmu_acc'], r['questions']):.3f}", r["questions"], r.get("max_gen_toks", 512), r["wikitext2"],
                      r["lm_blocks"], f"{r['params']:,}",
                      f"{r['params'] / dense['params']:.3f}" if dense else "-", f"{r['weight_bytes']:,}",
                      r["compress_s"], r["peak_rss_mb"]] for r in rows])]
