@@ -98,7 +98,6 @@ ROWS = {
     "fuse 25 % + KD on the calibration (200 steps) + LoRA": (
         ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL], "recovery"),
     f"shortgpt 25 % + LoRA{STRONG}": (["@shortgpt 25 %", "--method", "none", *HEAL_STRONG], "recovery"),
-    f"fuse 25 % + LoRA{STRONG}": (["@fuse 25 %", "--method", "none", *HEAL_STRONG], "recovery"),
     f"fuse 25 % + KD on the calibration (200 steps) + LoRA{STRONG}": (
         ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL_STRONG], "recovery"),
 }
