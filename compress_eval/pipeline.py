@@ -28,7 +28,7 @@ from compress_eval.methods.base import CompressionRecord, Compressor
 from compress_eval.methods.registry import defaulted_amount, resolve_config, stage_methods
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.loading import load_model, load_processor, resolve_device
+from compress_eval.models.loading import load_model, load_processor, resolve_device, shared_modules
 from compress_eval.models.sublayers import skipped_paths
 from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
@@ -203,7 +203,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
                                     weight_bytes_after=checkpoint.weight_bytes(model),
                                     seconds=round(time.perf_counter() - start, 3)))
     records = [(n, m, m.finish(adapter, r)) for n, m, r in records]
-    tie_map = {k: v for _, _, r in records for k, v in r.tie_map.items()}
+    tie_map = shared_modules(model)  # this run's ties and those of the checkpoint it started from
     params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte
     if quantize:
         log.info("quantizing to %s with bitsandbytes", quantize.quantize)

@@ -289,6 +289,25 @@ def test_cli_merge_writes_tied_checkpoint_and_charts(tiny_model_dir, data_dir, t
     assert bad.exit_code == 2 and "impossible" in bad.output and not (tmp_path / "bad").exists()
 
 
+def test_healing_a_merged_checkpoint_keeps_its_ties(tiny_model_dir, data_dir, tmp_path):
+    """A merged checkpoint healed by a second run (--method none --recover): the ties it was loaded with
+    are saved once again and reload shared (the save refused the shared tensors before)."""
+    merged, healed = tmp_path / "merged", tmp_path / "healed"
+    first = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "merge", "--window", "1-2",
+                                     "--calib-samples", "2", "--seqlen", "16", "--out", str(merged)])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, ["compress", str(merged), "--method", "none", "--recover", "lora",
+                                      "--recover-steps", "2", "--recover-data", "calibration", "--calib-samples",
+                                      "2", "--seqlen", "16", "--out", str(healed)])
+    assert second.exit_code == 0, second.output
+    tie_maps = [json.loads((d / "compress_eval.json").read_text())["tie_map"] for d in (merged, healed)]
+    assert tie_maps[0] == tie_maps[1] and len(tie_maps[1]) == 1
+    model, _ = load_checkpoint(healed, device="cpu")
+    adapter = get_adapter(model)
+    assert adapter.mlp(adapter.blocks[1]) is adapter.mlp(adapter.blocks[2])
+    assert torch.isfinite(model(input_ids=calib(1)).logits).all()
+
+
 def test_merge_then_int8_keeps_one_quantized_copy(tiny_model_dir, data_dir, tmp_path):
     """The paper's LLM.int8() combination: --quantize int8 after merging."""
     out = tmp_path / "merged-int8"

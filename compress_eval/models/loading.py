@@ -215,6 +215,23 @@ def retie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         model.set_submodule(dst, model.get_submodule(src))
 
 
+def shared_modules(model: torch.nn.Module) -> dict[str, str]:
+    """The tie map a model holds: {path: the first path of the same module} for every module with weights
+    reachable under more than one path (their children not repeated). Read from the model, as the
+    removed sublayers are, so a tie made by an earlier run (a merged checkpoint healed or compressed
+    again) is still stored once."""
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if any(path.startswith(f"{dst}.") for dst in ties) or next(module.parameters(), None) is None:
+            continue
+        if id(module) in first:
+            ties[path] = first[id(module)]
+        else:
+            first[id(module)] = path
+    return ties
+
+
 def untie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
     """The inverse of :func:`retie`: every tie-map copy becomes its own module (a deep copy)."""
     for dst, src in tie_map.items():
