@@ -172,8 +172,8 @@ def write(rows: list[dict]) -> None:
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
              "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine, or lr 1e-3 in the "
              f"rows named '{STRONG}'). x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
-             "ShortGPT 25 % + LoRA's on the same budget (recovery). A row made from another row's checkpoint (healed, or distilled on the calibration) counts "
-             "its own stage in compress s: add its base row's.", "",
+             "ShortGPT 25 % + LoRA's on the same budget (recovery). A row made from another row's checkpoint "
+             "(healed, or distilled on the calibration) counts its own stage in compress s: add its base row's.", "",
              table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "x ref", "params", "params kept",
                     "weight bytes", "compress s", "peak RSS MB"],
                    [[r["row"], r["track"], r["wikitext2"], r["c4"], ratio(r), f"{r['params']:,}",
