@@ -122,7 +122,7 @@ def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> No
              table(["row", "ce_mmmu acc", "± s.e.", "questions", "max gen toks", "WikiText-2 ppl", "LM blocks",
                     "params", "params kept", "weight bytes", "compress s", "peak RSS MB"],
                    [[r["row"], r["mmmu_acc"], f"{standard_error(r['mmmu_acc'], r['questions']):.3f}", r["questions"],
-                     r.get("max_gen_toks", 512), r["wikitext2"], r["lm_blocks"], f"{r['params']:,}",
+                     r["max_gen_toks"], r["wikitext2"], r["lm_blocks"], f"{r['params']:,}",
                      f"{r['params'] / dense['params']:.3f}" if dense else "-", f"{r['weight_bytes']:,}",
                      r["compress_s"], r["peak_rss_mb"]] for r in rows])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
