@@ -9,7 +9,8 @@ The recovery budget, the same for every method: LoRA rank 16 (alpha 32, dropout 
 linear but the head, 200 steps of one 512-token sequence of WikiText-2 train (the first 102,400
 tokens, each seen once), lr 2e-4, 1 % warm-up then cosine, next-token loss.
 A few rows repeat it at lr 1e-3, against ShortGPT on that budget, to see whether a stronger budget
-changes the ranking.
+changes the ranking; a few heal by the mean of next-token loss and KL to the dense logits, against
+ShortGPT healed the same way.
 
     COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py [--rows ...] [--list] [--work DIR]
 
@@ -44,6 +45,9 @@ HEAL = ["--recover", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dro
 # against ShortGPT healed on it.
 STRONG = " (lr 1e-3)"
 HEAL_STRONG = [*HEAL[:HEAL.index("--recover-lr") + 1], "1e-3", *HEAL[HEAL.index("--recover-lr") + 2:]]
+# Healing by the mixed loss, its rows named with this and measured against ShortGPT healed by it too.
+MIXED = ", ce+kd"
+MIX = ["--recover-loss", "ce+kd", "--recover-kd-weight", "0.5"]
 
 
 def sleb_blocks(percent: str) -> str:
@@ -69,6 +73,7 @@ ROWS = {
     **{f"fuse {p} %": ([*FUSE, "--sparsity", f"0.{p}"], "no recovery") for p in ("20", "25", "30")},
     "fuse 25 % --align-ff": ([*FUSE, "--sparsity", "0.25", "--align-ff"], "no recovery"),
     "fuse 25 % (groups of 4)": ([*FUSE, "--sparsity", "0.25", "--group-size", "4"], "no recovery"),
+    "fuse 25 % (kd-logits group fine-tune)": ([*FUSE, "--sparsity", "0.25", "--loss", "kd-logits"], "no recovery"),
     # FF merging at the same size (ceil(0.25 x 30 blocks' parameters / one FF's) = 11 FFs tied): one window
     # (the paper), several small ones, and the drop-window baseline the paper compares it with.
     "merge 25 % params (one window)": (["--method", "merge", "--param-sparsity", "0.25", *CALIB], "no recovery"),
@@ -100,6 +105,10 @@ ROWS = {
     f"shortgpt 25 % + LoRA{STRONG}": (["@shortgpt 25 %", "--method", "none", *HEAL_STRONG], "recovery"),
     f"fuse 25 % + KD on the calibration (200 steps) + LoRA{STRONG}": (
         ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL_STRONG], "recovery"),
+    # Healing by (CE + KL to the dense logits) / 2: the text's next tokens and the teacher's distribution.
+    f"shortgpt 25 % + LoRA{MIXED}{STRONG}": (["@shortgpt 25 %", "--method", "none", *HEAL_STRONG, *MIX], "recovery"),
+    f"fuse 25 % + KD on the calibration (200 steps) + LoRA{MIXED}{STRONG}": (
+        ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL_STRONG, *MIX], "recovery"),
 }
 EVAL = {"wikitext2": 40, "c4": 10}
 
@@ -153,7 +162,8 @@ def reference(row: dict, rows: dict[str, dict]) -> dict | None:
     """The row a row is measured against: SLEB at the same size without recovery, ShortGPT + LoRA on the
     same budget with."""
     if row["track"] == "recovery":
-        return rows.get("shortgpt 25 % + LoRA" + (STRONG if row["row"].endswith(STRONG) else ""))
+        return rows.get("shortgpt 25 % + LoRA" + (MIXED if MIXED in row["row"] else "")
+                        + (STRONG if row["row"].endswith(STRONG) else ""))
     size = re.search(r"(\d+) %", row["row"])
     return size and rows.get(f"sleb {size.group(1)} % (its blocks from bench/baselines.py)")
 
@@ -171,8 +181,8 @@ def write(rows: list[dict]) -> None:
     lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
              "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine, or lr 1e-3 in the "
-             f"rows named '{STRONG}'). x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
-             "ShortGPT 25 % + LoRA's on the same budget (recovery). A row made from another row's checkpoint "
+             f"rows named '{STRONG}'; by (CE + KL to the dense logits) / 2 in those named '{MIXED}'). x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
+             "ShortGPT 25 % + LoRA's on the same budget and loss (recovery). A row made from another row's checkpoint "
              "(healed, or distilled on the calibration) counts its own stage in compress s: add its base row's.", "",
              table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "x ref", "params", "params kept",
                     "weight bytes", "compress s", "peak RSS MB"],
@@ -207,12 +217,16 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     needed = []
+
+    def need(name: str, *, rerun: bool) -> None:  # its base first, and the base's base, where not kept
+        if name in needed or not rerun and (work / slug(name) / "compress_eval.json").is_file():
+            return
+        if base := base_of(name):
+            need(base, rerun=False)
+        needed.append(name)
+
     for name in wanted:
-        base = base_of(name)
-        if base and base not in needed and not (work / slug(base) / "compress_eval.json").is_file():
-            needed.append(base)
-        if name not in needed:
-            needed.append(name)
+        need(name, rerun=True)
     for name in needed:
         row = run_row(name, work)
         print(json.dumps(row), flush=True)

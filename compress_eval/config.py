@@ -43,12 +43,25 @@ class RecoveryOptions(MethodOptions):
         "calibration", description="training text: the calibration windows, or consecutive sequences of the "
                                    "calibration corpus' train split (steps x batch of them, disjoint from "
                                    "evaluation; offline WikiText-2 is its tokenized train file)")
-    recover_loss: Literal["ce", "kd"] = Field(
-        "ce", description="next-token cross-entropy, or KL divergence to the uncompressed model's logits (kd; for a compressed "
-              "checkpoint, its base model's)")
+    recover_loss: Literal["ce", "kd", "ce+kd"] = Field(
+        "ce", description="next-token cross-entropy, KL divergence to the uncompressed model's logits (kd; for a "
+              "compressed checkpoint, its base model's), or both weighed by recover_kd_weight (ce+kd)")
+    recover_kd_weight: float = Field(0.5, gt=0, lt=1, description="ce+kd only: the loss is (1 - w) CE + w KL")
     lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
     lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")
+
+    @model_validator(mode="after")
+    def _kd_weight_needs_mixed_loss(self):
+        if "recover_kd_weight" in self.model_fields_set and self.recover_loss != "ce+kd":
+            raise ValueError(f"recover_kd_weight weighs the two terms of recover_loss ce+kd, not of "
+                             f"{self.recover_loss}: give --recover-loss ce+kd, or drop the weight")
+        return self
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss reads the uncompressed model's logits, which then has to be loaded beside."""
+        return self.recover_loss != "ce"
 
 
 class Amount(MethodOptions):
@@ -246,7 +259,7 @@ class CompressConfig(Amount, Quantization):
             return list(self.stages)
         stages: list = [MethodStage(method=self.method, options=self.options, **self.amount())]
         if self.recovery.recover != "none":
-            stages.append(RecoverStage(**self.recovery.model_dump()))
+            stages.append(RecoverStage(**self.recovery.model_dump(exclude_unset=True)))
         if self.quantize:
             stages.append(QuantizeStage(quantize=self.quantize, double_quant=self.double_quant,
                                         compute_dtype=self.compute_dtype))

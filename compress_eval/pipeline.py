@@ -95,7 +95,7 @@ def require_whole_sublayers(methods: list[Compressor | None], model) -> None:
 
 
 def distillation_teacher(model: torch.nn.Module, source, cfg: CompressConfig, offload: str) -> torch.nn.Module:
-    """The model whose logits kd recovery learns: the uncompressed one. A compressed checkpoint's is its
+    """The model whose logits kd and ce+kd recovery learn: the uncompressed one. A compressed checkpoint's is its
     base model (followed through checkpoints made from checkpoints), loaded beside it; any other
     model's is a frozen copy of itself as loaded, kept while the stages change the original."""
     name, kind, location = cfg.model, source.kind, source.location
@@ -112,7 +112,7 @@ def distillation_teacher(model: torch.nn.Module, source, cfg: CompressConfig, of
         teacher, _, _ = load_model(given, cfg.device, cfg.dtype, cfg.allow_pickle, cfg.trust_remote_code,
                                    offload, cfg.offload_dir)
     except UserError as exc:
-        raise UserError(f"--recover-loss kd learns the uncompressed model of {cfg.model}, {given!r}, which "
+        raise UserError(f"--recover-loss kd / ce+kd learns the uncompressed model of {cfg.model}, {given!r}, which "
                         f"cannot be loaded ({exc}); use --recover-loss ce, or restore that model") from None
     return teacher.requires_grad_(False)
 
@@ -172,7 +172,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     if default:
         log.info("no amount given: %s (%s's default)", default, cfg.method)
     teacher = distillation_teacher(model, source, cfg, offload) if any(
-        isinstance(s, RecoverStage) and s.recover_loss == "kd" for s in stages) else None
+        isinstance(s, RecoverStage) and s.distils for s in stages) else None
     original = list(range(blocks_before))  # the original index of each block still there
     done: list[StageRecord] = []
     records: list[tuple[int, Compressor, CompressionRecord]] = []
@@ -195,7 +195,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
             else:
                 with timer.step("recover"):
                     recovery = fine_tune(model, training.pop(number), stage, seed=cfg.seed,
-                                         teacher=teacher if stage.recover_loss == "kd" else None)
+                                         teacher=teacher if stage.distils else None)
             done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
                                     removed_blocks=removed, tied=tied,
                                     skipped=[p for p in skipped_paths(model) if p not in skipped_before],

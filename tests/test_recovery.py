@@ -1,5 +1,5 @@
 """The recovery stage's training text (calibration windows or the train split), its loss (next-token
-cross-entropy or distillation of the uncompressed model's logits) and its schedules."""
+cross-entropy, distillation of the uncompressed model's logits, or a mix of both) and its schedules."""
 
 from __future__ import annotations
 
@@ -72,6 +72,42 @@ def test_recovery_on_the_train_split_with_distillation(tiny_model_dir, train_dat
     result = compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[1], calib_samples=2,
                                   seqlen=16, recovery=recovery), train_data)
     assert 0 < result.manifest.recovery["loss_first"] < math.inf
+
+
+def test_mixed_loss_weighs_next_token_loss_and_distillation(tiny_model_dir, train_data):
+    """ce+kd is (1 - w) CE + w KL on one forward: with nothing removed (the student is the teacher, KL 0)
+    its first loss is (1 - w) times ce's on the same sequence, and the weight is recorded."""
+    def first_loss(**loss):
+        recovery = dict(recover="lora", recover_steps=1, recover_seqlen=16, recover_data="train",
+                        lora_dropout=0.0, **loss)
+        r = compress(make_config(model=str(tiny_model_dir), method="none", calib_samples=2, seqlen=16,
+                                 recovery=recovery), train_data).manifest.recovery
+        return r["loss_first"], r.get("kd_weight")
+
+    ce, _ = first_loss(recover_loss="ce")
+    mixed, weight = first_loss(recover_loss="ce+kd", recover_kd_weight=0.25)
+    assert weight == 0.25
+    assert mixed == pytest.approx(0.75 * ce, rel=1e-3, abs=1e-4)
+
+
+def test_mixed_loss_of_a_student_is_the_weighted_sum_of_its_two_terms(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from compress_eval.config import RecoveryOptions
+    from compress_eval.methods.recovery import recovery_loss
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    ids = torch.randint(0, student.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    options = {loss: RecoveryOptions(recover="lora", recover_loss=loss, **({"recover_kd_weight": 0.3}
+                                                                            if loss == "ce+kd" else {}))
+               for loss in ("ce", "kd", "ce+kd")}
+    with torch.no_grad():
+        ce, kd, mixed = (recovery_loss(student, teacher, ids, options[loss]).item() for loss in ("ce", "kd", "ce+kd"))
+    assert kd > 0
+    assert mixed == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
 
 
 def test_distillation_of_a_compressed_checkpoint_learns_its_base_model(tiny_model_dir, train_data, tmp_path, caplog):

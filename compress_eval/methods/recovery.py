@@ -64,6 +64,22 @@ def kl_of_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
+def recovery_loss(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
+                  options: RecoveryOptions) -> torch.Tensor:
+    """The loss of one batch: next-token CE, KL to the teacher's logits, or (1 - w) CE + w KL. The mix
+    keeps the teacher's general distribution (kd alone kept C4) while the text still pulls the model
+    towards its own next tokens (ce alone healed WikiText-2 most; bench/results/quality_smollm2.md)."""
+    if options.recover_loss == "ce":
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    with torch.no_grad():
+        target = teacher(input_ids=ids, use_cache=False).logits
+    if options.recover_loss == "kd":
+        return kl_of_logits(model(input_ids=ids, use_cache=False).logits, target)
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    w = options.recover_kd_weight
+    return (1 - w) * out.loss + w * kl_of_logits(out.logits, target)
+
+
 def to_nf4_(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
     """Replace every linear (GPT-2's Conv1D too; not ``skip``) by a bitsandbytes Linear4bit in
     place, with the QLoRA settings of the quantization stage's ``bnb_config("nf4", double_quant)``.
@@ -156,8 +172,8 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
 
 def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0,
               teacher: nn.Module | None = None) -> dict:
-    """Next-token fine-tune of ``model`` in place on ``windows`` (or, with ``teacher``, distillation of
-    the teacher's logits); returns a summary for the manifest.
+    """Fine-tune of ``model`` in place on ``windows`` by ``options.recover_loss`` (``teacher`` gives the
+    logits kd and ce+kd learn); returns a summary for the manifest.
 
     Every step checks the loss and the trainable weights (all of them for ``full``: a float32 sum per
     tensor, ~16 ms against a ~5 s SmolLM2-135M step on CPU) and stops at the first NaN/inf with a
@@ -192,12 +208,7 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             value = 0.0
             if mine.numel():
                 ids = local[mine].to(device)
-                if teacher is None:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                else:
-                    with torch.no_grad():
-                        target = teacher(input_ids=ids, use_cache=False).logits
-                    loss = kl_of_logits(model(input_ids=ids, use_cache=False).logits, target)
+                loss = recovery_loss(model, teacher, ids, options)
                 loss.backward()
                 value = loss.item() * (mine.numel() / idx.numel())
             distributed.reduce_gradients(trainable, mine.numel(), idx.numel())
@@ -222,7 +233,9 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     for p in model.parameters():
         p.requires_grad_(False)
     return {"mode": mode, "steps": options.recover_steps, "lr": lr, "schedule": options.recover_schedule,
-            "loss": options.recover_loss, "data": options.recover_data, "sequences": sequences.size(0),
+            "loss": options.recover_loss,
+            **({"kd_weight": options.recover_kd_weight} if options.recover_loss == "ce+kd" else {}),
+            "data": options.recover_data, "sequences": sequences.size(0),
             "seqlen": sequences.size(1),
             "batch_size": options.recover_batch_size, "trainable_params": n_trainable,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
