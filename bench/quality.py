@@ -73,6 +73,9 @@ ROWS = {
     **{f"fuse {p} %": ([*FUSE, "--sparsity", f"0.{p}"], "no recovery") for p in ("20", "25", "30")},
     "fuse 25 % --align-ff": ([*FUSE, "--sparsity", "0.25", "--align-ff"], "no recovery"),
     "fuse 25 % (groups of 4)": ([*FUSE, "--sparsity", "0.25", "--group-size", "4"], "no recovery"),
+    # fuse's control at that group size: the same trainable low-rank term, nothing injected.
+    "mi-lowrank 25 % (groups of 4)": (["--method", "mi-lowrank", "--profile", "cpu", *CALIB, "--sparsity", "0.25",
+                                       "--group-size", "4"], "no recovery"),
     "fuse 25 % (kd-logits group fine-tune)": ([*FUSE, "--sparsity", "0.25", "--loss", "kd-logits"], "no recovery"),
     # FF merging at the same size (ceil(0.25 x 30 blocks' parameters / one FF's) = 11 FFs tied): one window
     # (the paper), several small ones, and the drop-window baseline the paper compares it with.
