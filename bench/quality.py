@@ -184,7 +184,8 @@ def write(rows: list[dict]) -> None:
     lines = ["# Quality at each size, SmolLM2-135M (2 CPU cores)", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/quality.py` (rows merged across runs; recovery: "
              "LoRA r16 on every linear, 200 x 512 tokens of WikiText-2 train, lr 2e-4 cosine, or lr 1e-3 in the "
-             f"rows named '{STRONG}'; by (CE + KL to the dense logits) / 2 in those named '{MIXED}'). x ref: WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
+             f"rows named '{STRONG}'; by (CE + KL to the dense logits) / 2 in those named '{MIXED}'). x ref: "
+             "WikiText-2 / C4 ppl over SLEB's at the same size (no recovery) or over "
              "ShortGPT 25 % + LoRA's on the same budget and loss (recovery). A row made from another row's checkpoint "
              "(healed, or distilled on the calibration) counts its own stage in compress s: add its base row's.", "",
              table(["row", "track", "WikiText-2 (40 x 512)", "C4 (10 x 512)", "x ref", "params", "params kept",

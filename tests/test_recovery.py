@@ -9,11 +9,12 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from compress_eval.config import make_config
+from compress_eval.config import RecoveryOptions, make_config
 from compress_eval.data.calibration import tokenize, training_windows
 from compress_eval.errors import UserError
-from compress_eval.methods.recovery import cosine_schedule, kl_of_logits
+from compress_eval.methods.recovery import cosine_schedule, kl_of_logits, recovery_loss
 from compress_eval.pipeline import compress
 from conftest import tiny_tokenizer
 
@@ -91,11 +92,6 @@ def test_mixed_loss_weighs_next_token_loss_and_distillation(tiny_model_dir, trai
 
 
 def test_mixed_loss_of_a_student_is_the_weighted_sum_of_its_two_terms(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    from compress_eval.config import RecoveryOptions
-    from compress_eval.methods.recovery import recovery_loss
-
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
