@@ -53,7 +53,9 @@ class RecoveryOptions(MethodOptions):
 
     @model_validator(mode="after")
     def _kd_weight_needs_mixed_loss(self):
-        if "recover_kd_weight" in self.model_fields_set and self.recover_loss != "ce+kd":
+        # By value, not by what was set: a recipe written out (dump_recipe) holds every field.
+        default = type(self).model_fields["recover_kd_weight"].default
+        if self.recover_kd_weight != default and self.recover_loss != "ce+kd":
             raise ValueError(f"recover_kd_weight weighs the two terms of recover_loss ce+kd, not of "
                              f"{self.recover_loss}: give --recover-loss ce+kd, or drop the weight")
         return self
@@ -259,7 +261,7 @@ class CompressConfig(Amount, Quantization):
             return list(self.stages)
         stages: list = [MethodStage(method=self.method, options=self.options, **self.amount())]
         if self.recovery.recover != "none":
-            stages.append(RecoverStage(**self.recovery.model_dump(exclude_unset=True)))
+            stages.append(RecoverStage(**self.recovery.model_dump()))
         if self.quantize:
             stages.append(QuantizeStage(quantize=self.quantize, double_quant=self.double_quant,
                                         compute_dtype=self.compute_dtype))

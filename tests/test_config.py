@@ -1,6 +1,6 @@
 import pytest
 
-from compress_eval.config import load_recipe, make_config
+from compress_eval.config import dump_recipe, load_recipe, make_config
 from compress_eval.errors import UserError
 
 
@@ -29,6 +29,16 @@ def test_recipe_round_trip_and_overrides(tmp_path):
     cfg = load_recipe(path, seed=3, options={"b": 2})
     assert (cfg.model, cfg.method, cfg.sparsity, cfg.seed, cfg.options) == ("smollm2-135m", "sleb", 0.2, 3,
                                                                            {"a": 1, "b": 2})
+
+
+@pytest.mark.parametrize("recovery", [{"recover": "lora"}, {"recover": "lora", "recover_loss": "ce+kd",
+                                                             "recover_kd_weight": 0.3}])
+def test_a_written_recipe_loads_back_to_its_config(tmp_path, recovery):
+    """The recipe.yaml of every run directory holds all the recovery fields, so it must load back."""
+    cfg = make_config(model="smollm2-135m", method="shortgpt", sparsity=0.2, recovery=recovery)
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(cfg))
+    assert load_recipe(path) == cfg
 
 
 def test_bad_recipe_is_a_user_error(tmp_path):
