@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from compress_eval.errors import UserError
+from compress_eval.models import gate
 from compress_eval.models.checkpoint import atomic_output_dir, ensure_new_output
-from compress_eval.models.loading import absent_modules, auto_model_class, from_pretrained_tied, untie
+from compress_eval.models.loading import auto_model_class, from_pretrained_tied, untie
 from compress_eval.results.store import read_manifest
 
 
@@ -30,7 +31,7 @@ def zero_module(module: torch.nn.Module) -> None:
 def export_plain(directory: str | Path, out: str | Path) -> Path:
     """Write ``directory`` (our checkpoint) to ``out`` as a plain transformers checkpoint: weights,
     config, generation config, tokenizer and processor; no manifest (nothing is left to rebuild)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     manifest = read_manifest(directory)
     if manifest is None:
@@ -40,13 +41,14 @@ def export_plain(directory: str | Path, out: str | Path) -> Path:
         raise UserError(f"{directory} is quantized with bitsandbytes: export works on float checkpoints; "
                         f"export the checkpoint before quantizing, then quantize the export")
     ensure_new_output(out)
-    model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest))
+    tokenizer = gate.check(directory).tokenizer
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, gate.absent_modules(manifest))
     untie(model, manifest.tie_map)
     for path in manifest.skipped:
         zero_module(model.get_submodule(path))
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if (Path(directory) / "preprocessor_config.json").is_file():
             AutoProcessor.from_pretrained(directory).save_pretrained(tmp)
     return Path(out)
