@@ -60,10 +60,22 @@ manifest_not_json = damaged("manifest-text", lambda p: (p / "compress_eval.json"
 no_config = damaged("no-config", lambda p: (p / "config.json").unlink())
 
 
-def recipe(text: str | bytes):
-    """Writes {tmp}/r.yaml with ``text``; the model is the plain one."""
+def _config(path: Path, **values) -> None:
+    """config.json with ``values`` set (None: the key removed)."""
+    data = {**json.loads((path / "config.json").read_text()), **values}
+    (path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+
+
+no_model_type = damaged("no-model-type", lambda p: _config(p, model_type=None))
+no_tokenizer = damaged("no-tokenizer", lambda p: [f.unlink() for f in p.glob("tokenizer*")])
+more_layers = damaged("more-layers", lambda p: _config(p, num_hidden_layers=6))
+
+
+def recipe(text: str | bytes, model=None):
+    """Writes {tmp}/r.yaml with ``text``; the model is the plain one, or what the setup ``model`` makes."""
 
     def setup(tmp, model_dir):
+        model_dir = model(tmp, model_dir) if model else model_dir
         target = tmp / "r.yaml"
         target.write_bytes(text if isinstance(text, bytes) else text.replace("{model}", str(model_dir)).encode())
         return model_dir
@@ -92,6 +104,7 @@ def vlm(tmp, model_dir):
 
 
 COMPRESS = ["compress", "{model}", "--method", "drop", "--blocks", "1"]
+GRID = ["batch", "{tmp}/r.yaml", "--runs", "{tmp}/out"]
 FUSE = ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--calib-samples", "2", "--seqlen", "16",
         "--set", "resume={tmp}/state"]
 
@@ -238,6 +251,14 @@ CASES = [
     ("manifest-not-utf8", manifest_not_utf8, ["ppl", "{model}", "--seqlen", "16"], "not UTF-8"),
     ("manifest-not-json", manifest_not_json, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"], "not valid JSON"),
     ("model-dir-without-config", no_config, ["ppl", "{model}", "--seqlen", "16"], "without config.json"),
+    ("config-without-model-type", no_model_type, ["ppl", "{model}", "--seqlen", "16"], "has no model_type"),
+    ("no-tokenizer-files", no_tokenizer, COMPRESS, "has no tokenizer files"),
+    ("config-more-layers-than-weights", more_layers, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"],
+     "config.json names 6 blocks but the weights hold 4"),
+    ("recipe-stages-a-mapping", recipe("model: {model}\nstages: {method: drop, blocks: [1]}\n"),
+     ["compress", "--recipe", "{tmp}/r.yaml"], "stages must be a list"),
+    ("recipe-stages-a-string", recipe("model: {model}\nstages: shortgpt\n"), ["compress", "--recipe", "{tmp}/r.yaml"],
+     "stages must be a list"),
     ("recipe-missing", plain, ["compress", "--recipe", "{tmp}/none.yaml"], "not found"),
     ("recipe-directory", plain, ["compress", "--recipe", "{tmp}"], "is a directory"),
     ("recipe-not-utf8", recipe(b"\xff\xfemodel: x\n"), ["compress", "--recipe", "{tmp}/r.yaml"], "not UTF-8"),
@@ -254,9 +275,26 @@ CASES = [
     ("resume-state-foreign", resume_state('{"a": 1}'), FUSE, "lacks fingerprint"),
     # other commands
     ("leaderboard-missing", plain, ["leaderboard", "{tmp}/none"], "not found"),
+    ("leaderboard-no-runs", plain, ["leaderboard", "{tmp}", "--out", "{tmp}/out"], "no finished runs"),
+    ("leaderboard-only-broken-runs", recipe("", damaged("run", lambda p: (p / "compress_eval.json").write_text("{"))),
+     ["leaderboard", "{tmp}", "--out", "{tmp}/out"], "1 skipped"),
     ("batch-grid-missing", plain, ["batch", "{tmp}/none.yaml"], "not found"),
     ("batch-grid-not-yaml", recipe("models: [unclosed\n"), ["batch", "{tmp}/r.yaml"], "not valid YAML"),
     ("batch-grid-invalid", recipe("models: []\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml"], "models"),
+    ("batch-unknown-method-after-a-good-one", recipe("models: [{model}]\nmethods: [none, nosuch]\ntasks: [wiki]\n"),
+     GRID, "unknown method"),
+    ("batch-unknown-method-option", recipe("models: [{model}]\nmethods: [none, {method: sleb, options: {x: 1}}]\n"
+                                           "sparsities: [0.25]\ntasks: [wiki]\n"), GRID, "x"),
+    ("batch-unknown-task", recipe("models: [{model}]\nmethods: [none]\ntasks: [wiki, nosuch]\n"), GRID,
+     "unknown task"),
+    ("batch-unknown-model", recipe("models: [{model}, no-such-model]\nmethods: [none]\ntasks: [wiki]\n"), GRID,
+     "unknown model"),
+    ("batch-broken-model", recipe("models: [{model}]\nmethods: [none]\ntasks: [wiki]\n", more_layers), GRID,
+     "config.json names 6 blocks"),
+    ("batch-amount-leaves-none", recipe("models: [{model}]\nmethods: [none, {method: shortgpt, num_blocks: [1, 4]}]\n"
+                                        "tasks: [wiki]\n"), GRID, "would leave none"),
+    ("batch-block-out-of-range", recipe("models: [{model}]\nmethods: [none, {method: drop, blocks: [[9]]}]\n"
+                                        "tasks: [wiki]\n"), GRID, "out of range"),
     ("batch-jobs-zero", recipe("models: [x]\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml", "--jobs", "0"],
      "--jobs"),
     # the Hub (checked before any work)
