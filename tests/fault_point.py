@@ -24,6 +24,29 @@ def pause_here(ready: Path) -> None:
     time.sleep(3600)
 
 
+def in_collective(ready: Path, rank: str) -> Path:
+    """The file a rank other than $FAULT_RANK writes as it enters an all-reduce while the paused rank
+    is paused (so it will wait there): a test kills the paused rank once it exists, not after a guessed
+    delay."""
+    return ready.with_name(f"{ready.name}.rank{rank}-in-collective")
+
+
+def announce_collectives(ready: Path) -> None:
+    import torch.distributed
+
+    rank = os.environ.get("RANK")
+    if rank is None or os.environ.get("FAULT_RANK", rank) == rank:
+        return
+    all_reduce = torch.distributed.all_reduce
+
+    def announced(*args, **kwargs):
+        if ready.exists():
+            in_collective(ready, rank).touch()
+        return all_reduce(*args, **kwargs)
+
+    torch.distributed.all_reduce = announced
+
+
 def install(point: str, ready: Path) -> None:
     from compress_eval import pipeline
     from compress_eval.methods import loop_state
@@ -82,6 +105,7 @@ def install(point: str, ready: Path) -> None:
 if __name__ == "__main__":
     point, ready, *args = sys.argv[1:]
     install(point, Path(ready))
+    announce_collectives(Path(ready))
     from compress_eval.cli.app import main
 
     sys.argv = ["compress-eval", *args]
