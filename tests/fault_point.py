@@ -25,9 +25,9 @@ def pause_here(ready: Path) -> None:
 
 
 def in_collective(ready: Path, rank: str) -> Path:
-    """The file a rank other than $FAULT_RANK writes as it enters an all-reduce while the paused rank
-    is paused (so it will wait there): a test kills the paused rank once it exists, not after a guessed
-    delay."""
+    """The file that exists while a rank other than $FAULT_RANK is inside an all-reduce. With the paused
+    rank's READY_FILE it means: that rank waits there for the paused one (an all-reduce needs every rank),
+    so a test kills the paused rank then, not after a guessed delay."""
     return ready.with_name(f"{ready.name}.rank{rank}-in-collective")
 
 
@@ -37,12 +37,13 @@ def announce_collectives(ready: Path) -> None:
     rank = os.environ.get("RANK")
     if rank is None or os.environ.get("FAULT_RANK", rank) == rank:
         return
-    all_reduce = torch.distributed.all_reduce
+    all_reduce, inside = torch.distributed.all_reduce, in_collective(ready, rank)
 
     def announced(*args, **kwargs):
-        if ready.exists():
-            in_collective(ready, rank).touch()
-        return all_reduce(*args, **kwargs)
+        inside.touch()
+        result = all_reduce(*args, **kwargs)
+        inside.unlink()
+        return result
 
     torch.distributed.all_reduce = announced
 

@@ -135,7 +135,7 @@ def test_a_killed_rank_stops_every_rank_and_writes_nothing(six_blocks, data_dir,
             if rank is not None:
                 ranks[int(rank)] = int(pid)
     assert set(ranks) == {0, 1}, ranks
-    waiting = in_collective(ready, "0")  # rank 0 is in the first all-reduce of the scores, waiting for rank 1
+    waiting = in_collective(ready, "0")  # rank 0 inside an all-reduce while rank 1 is paused: it waits for rank 1
     while not waiting.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert waiting.exists(), proc.communicate()[0]
