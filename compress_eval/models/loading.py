@@ -91,12 +91,11 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     where = local_path_or_id(source)
     trust = {"trust_remote_code": trust_remote_code}
-    manifest = None
-    if source.kind == "hub":
-        tokenizer = None
-    else:
+    tokenizer = manifest = None
+    if source.kind != "hub":  # a local directory or a packaged model's cache: loaded only when whole
         checked = gate.check(where, allow_pickle, trust_remote_code)
-        tokenizer, manifest = checked.tokenizer, checked.manifest if source.kind == "local" else None
+        tokenizer = checked.tokenizer
+        manifest = checked.manifest if source.kind == "local" else None
     try:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(where, **trust)
@@ -247,8 +246,8 @@ def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dty
     if manifest.quantized:
         quiet_int8_cast_warning()
         placement = {"device_map": {"": device}} if device else {}
-    model = from_pretrained_tied(auto_model_class(str(directory)), directory, gate.absent_modules(manifest), dtype=dtype,
-                                 **placement)
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, gate.absent_modules(manifest),
+                                 dtype=dtype, **placement)
     restore_structure(model, manifest.tie_map, manifest.skipped)
     if manifest.quantized:
         keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
