@@ -1,4 +1,4 @@
-"""Faults at scale on SmolLM2-135M: random kills of real runs, re-runs compared with uninterrupted
+"""Faults at scale (SmolLM2-135M by default): kills of real runs, re-runs compared with uninterrupted
 ones, and the bad-input table of tests/test_bad_inputs.py on the real model.
 
     COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/faults.py --kills 24 --seed 0
@@ -204,7 +204,7 @@ def bad_inputs(model_dir: Path, data_dir: Path, work: Path) -> list[dict]:
 def markdown(result: dict) -> str:
     s = result["summary"]
     lines = [
-        "# Faults on SmolLM2-135M", "",
+        f"# Faults on {result['model']}", "",
         f"Command: `{result['command']}` (git {result['git_sha']}, {result['date']}, {result['seconds']:.0f} s).", "",
         f"- kills: {s['kills']} ({s['by_signal']}; at {s['by_point']}); finished before the kill: "
         f"{s['finished_before_kill']}",
@@ -267,7 +267,8 @@ def main() -> None:
     clean = [b for b in bad if b["one_line"] and b["exit"] == 2 and not b["traceback"] and not b["left"]]
     result = {
         "command": "COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/faults.py " + " ".join(sys.argv[1:]),
-        "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - started,
+        "model": args.model, "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - started,
         "reference_seconds": {k: round(v, 1) for k, v in durations.items()},
         "summary": {"kills": len(kills),
                     "by_signal": {s: sum(k["signal"] == s for k in kills) for s in SIGNALS},
