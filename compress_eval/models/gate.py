@@ -39,9 +39,8 @@ SHOWN = 3
 
 @dataclass
 class Checked:
-    """What the gate read and a loader needs anyway: the config, the manifest, the tokenizer."""
+    """What the gate read and a loader needs anyway: the manifest and the tokenizer."""
 
-    config: object
     manifest: Manifest | None
     tokenizer: object
 
@@ -62,7 +61,7 @@ def check(directory: str | Path, allow_pickle: bool = False, trust_remote_code: 
     if manifest is not None:
         check_manifest(directory, manifest, config, model)
     check_weight_names(directory, names, model, config, manifest)
-    return Checked(config, manifest, load_tokenizer(directory, trust_remote_code))
+    return Checked(manifest, load_tokenizer(directory, trust_remote_code))
 
 
 def read_config(directory: Path, trust_remote_code: bool = False):
