@@ -230,11 +230,13 @@ def test_run_then_eval_mmmu_with_text_tasks(vlm_data, tmp_path):
 
 
 def test_image_tasks_run_in_the_chat_format_with_one_image(vlm_data, tmp_path):
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import build_lm, evaluate_lm_eval
 
     vlm = str(saved_vlm_dir(tmp_path / "vlm", "llava"))
-    lm = build_lm(vlm, images=True)
-    evaluate_lm_eval(lm, vlm, ["mmmu_val"], limit=1)
+    cfg = EvalConfig(tasks=["mmmu_val"], limit=1)
+    lm = build_lm(vlm, cfg, offload="none", images=True)
+    evaluate_lm_eval(lm, vlm, cfg, ["mmmu_val"])
     assert lm.chat_applied and lm.max_images == 1
 
 
@@ -251,12 +253,13 @@ def test_multimodal_type_sets_the_processor_from_a_tokenizer_arg(tmp_path):
 
 def test_image_tasks_refuse_a_text_model(vlm_data, tiny_model_dir):
     from compress_eval.errors import UserError
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import evaluate_tasks
 
     with pytest.raises(UserError, match="is a text model"):
-        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], device="cpu")
+        evaluate_tasks(str(tiny_model_dir), EvalConfig(tasks=["mmmu_val"], device="cpu"))
     with pytest.raises(UserError, match="--batch-size auto"):
-        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], batch_size="auto", device="cpu")
+        evaluate_tasks(str(tiny_model_dir), EvalConfig(tasks=["mmmu_val"], batch_size="auto", device="cpu"))
 
 
 def test_merged_int8_vlm_loads_in_the_multimodal_type(data_dir, tmp_path):
