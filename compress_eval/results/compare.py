@@ -95,18 +95,30 @@ def compare_runs(run_a: Path, run_b: Path, seed: int = 0) -> list[TaskPair]:
     return out
 
 
-def paired_tasks(run_a: Path, run_b: Path, tasks: list[str]) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """The 0/1 vectors of ``tasks`` (display names) for two runs on the same documents, or None if any
-    task cannot be paired (no records, other documents)."""
-    try:
-        a = by_display_name(read_records(run_a).get("lm_eval") or {})
-        b = by_display_name(read_records(run_b).get("lm_eval") or {})
-        names = (Path(run_a).name, Path(run_b).name)
-        out = []
-        for task in tasks:
-            documents(task, a[task], b[task], names)
-            metric = records.accuracy_metric(task, a[task], NORMALIZED_ACC_TASKS)
-            out.append((np.asarray(a[task][metric]), np.asarray(b[task][metric])))
-        return out
-    except (KeyError, UserError):
+def accuracy_vectors(held: dict, tasks: list[str]) -> list[np.ndarray] | None:
+    """One run's 0/1 vectors of ``tasks`` (display names, the board's metric each), None if any is missing."""
+    section = by_display_name(held.get("lm_eval") or {})
+    if not all(task in section for task in tasks):
         return None
+    return [np.asarray(section[t][records.accuracy_metric(t, section[t], NORMALIZED_ACC_TASKS)]) for t in tasks]
+
+
+def pair_metric(a: dict, b: dict, task: str, names: tuple[str, str]) -> TaskPair | None:
+    """Two runs' held records paired on one task (display name), None when either lacks its records or
+    they were scored on other documents (the board then shows the delta unmarked)."""
+    kind, pair = ("ppl", pair_ppl) if task.endswith("_ppl") else ("lm_eval", pair_accuracy)
+    ra, rb = by_display_name(a.get(kind) or {}), by_display_name(b.get(kind) or {})
+    if task not in ra or task not in rb:
+        return None
+    try:
+        return pair(task, ra[task], rb[task], names, 0)
+    except UserError:
+        return None
+
+
+def pair_average(a: dict, b: dict, tasks: list[str], names: tuple[str, str]) -> tuple[float, float, float] | None:
+    """B - A of the mean accuracy over ``tasks`` with its paired interval, None unless every task pairs."""
+    if any(pair_metric(a, b, t, names) is None for t in tasks):
+        return None
+    va, vb = accuracy_vectors(a, tasks), accuracy_vectors(b, tasks)
+    return paired.paired_average(list(zip(va, vb)))

@@ -226,9 +226,10 @@ class Run:
     bytes_before: int
     bytes_after: int
     metrics: dict[str, float] = field(default_factory=dict)  # wikitext2_ppl, piqa (accuracy 0..1), ...
-    # ppl metric -> (seqlen, windows); lm-eval task -> (documents evaluated, documents in the task)
+    # ppl metric -> (seqlen, windows); lm-eval task -> (documents evaluated, documents in the task, how chosen)
     protocol: dict[str, tuple] = field(default_factory=dict)
     reference: bool = False  # the dense model (method none, not quantized): the row deltas refer to
+    manifest: Manifest | None = None  # what the row's detail shows (recipe, stages, seconds, peak RSS)
 
     @property
     def params_kept(self) -> float:
@@ -262,6 +263,14 @@ def lm_eval_accuracies(results: dict) -> dict[str, float]:
     return out
 
 
+def selection_text(selection: dict | None) -> str:
+    """How a task's documents were chosen, as the protocol compares it: a seeded sample is other documents
+    than the first N (unknown for runs evaluated before records were kept: taken as the first N)."""
+    if selection and "sample" in selection:
+        return f"seed {selection['seed']}"
+    return "first"
+
+
 def read_run(path: Path) -> Run:
     """Read a run directory; RunError says why it cannot be used."""
     manifest = read_manifest(path)
@@ -279,7 +288,7 @@ def read_run(path: Path) -> Run:
         removed_blocks=removed, blocks_before=manifest.blocks_before,
         params_before=manifest.params_before, params_after=manifest.params_after,
         bytes_before=manifest.weight_bytes_before, bytes_after=manifest.weight_bytes_after,
-        reference=manifest.method == "none" and not manifest.config.get("quantize"),
+        reference=manifest.method == "none" and not manifest.config.get("quantize"), manifest=manifest,
     )
     try:
         for key, value in ppl.items():
@@ -290,11 +299,12 @@ def read_run(path: Path) -> Run:
     except (KeyError, TypeError, ValueError) as exc:
         raise RunError(f"{PPL_FILE}: results lack a field ({type(exc).__name__}: {exc})") from None
     samples = lm_eval.get("n-samples") if isinstance(lm_eval.get("n-samples"), dict) else {}
+    selections = {task: r.get("selection") for task, r in (read_records(path).get("lm_eval") or {}).items()}
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)
         n = samples.get(task)
         if isinstance(n, dict) and "effective" in n:
-            run.protocol.setdefault(task, (n["effective"], n.get("original")))
+            run.protocol.setdefault(task, (n["effective"], n.get("original"), selection_text(selections.get(task))))
     if not run.metrics:
         raise RunError(f"no results yet (neither {PPL_FILE} nor {LM_EVAL_FILE})")
     return run
