@@ -63,7 +63,7 @@ leaderboard:
 # The committed leaderboard (docs/leaderboard): the records of every finished run of RUNS (manifest,
 # results, card, recipe; no weights) copied into docs/leaderboard/runs, and the board built from them,
 # so it can be rebuilt, and extended by later batches, without the checkpoints.
-RECORDS = compress_eval.json cell.json results_ppl.json lm_eval_results.json recipe.yaml README.md
+RECORDS = compress_eval.json cell.json results_ppl.json lm_eval_results.json records.json recipe.yaml README.md
 docs-leaderboard:
 	@mkdir -p docs/leaderboard/runs
 	@for run in $(RUNS)/*/; do \

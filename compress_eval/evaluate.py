@@ -86,15 +86,16 @@ def lm_eval_cache(name_or_dir: str, dtype, device) -> str:
     return str(folder / "requests")
 
 
-def sample_indices(manager, names: list[str], n: int, seed: int) -> dict[str, list[int]]:
-    """lm-eval's ``samples``: a seeded n of each task's documents (sorted: lm-eval maps its positions back
-    to document ids through this order). The draw depends on the task's display name, its size and the
-    seed only, so every model (and an offline ``ce_`` twin) gets the same documents."""
+def sample_indices(manager, names: list[str], cfg: EvalConfig) -> dict[str, list[int]]:
+    """lm-eval's ``samples``: a seeded ``cfg.sample`` of each task's documents (sorted: lm-eval maps its
+    positions back to document ids through this order). The draw depends on the task's display name, its
+    size and the seed only, so every model (and an offline ``ce_`` twin) gets the same documents."""
     from lm_eval.tasks import get_task_dict
 
     out = {}
-    for name, task in get_task_dict(names, manager).items():
-        total = len(task.eval_docs)
+    names = [name for name in names if cfg.sample_size(name) is not None]
+    for name, task in (get_task_dict(names, manager) if names else {}).items():
+        total, n, seed = len(task.eval_docs), cfg.sample_size(name), cfg.sample_seed
         if n < total:
             generator = np.random.default_rng([seed, zlib.crc32(display_name(name).encode())])
             out[name] = sorted(int(i) for i in generator.choice(total, size=n, replace=False))
@@ -129,7 +130,7 @@ def evaluate_lm_eval(lm, name_or_dir: str, cfg: EvalConfig, tasks: list[str]) ->
             continue
         names = [lm_eval_task_name(t, root) for t in group]
         try:
-            chosen = sample_indices(manager, names, cfg.sample, cfg.sample_seed) if cfg.sample else None
+            chosen = sample_indices(manager, names, cfg) if cfg.sample else None
             done = simple_evaluate(
                 model=lm, model_args=model_args, tasks=names, num_fewshot=cfg.num_fewshot,
                 batch_size=cfg.batch_size, device=device, limit=cfg.limit, samples=chosen or None,

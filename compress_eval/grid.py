@@ -76,8 +76,9 @@ class EvalSettings(BaseModel):
     seqlen: int = Field(2048, ge=2)
     max_windows: int | None = Field(None, ge=1)
     limit: int | None = Field(None, ge=1, description="lm-eval tasks: the first N documents of each")
-    sample: int | None = Field(None, ge=1, description="lm-eval tasks: a seeded N documents of each, the same for "
-                                                       "every cell (instead of limit)")
+    sample: int | dict[str, int] | None = Field(
+        None, description="lm-eval tasks: a seeded N documents of each, or per task ({hellaswag: 2000}), the same "
+                          "for every cell (instead of limit)")
     sample_seed: int = 0
     gen_kwargs: dict[str, str | int | float | bool] | None = Field(
         None, description="lm-eval's generation settings over the generate-until tasks' own, e.g. {max_gen_toks: 32}")

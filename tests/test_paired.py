@@ -206,3 +206,19 @@ def test_evaluations_keep_records_on_a_seeded_sample_that_pairs(tiny_model_dir, 
     one_line_error(runner.invoke(app, ["compare", str(runs[0]), str(first)]), "the first 6")
     one_line_error(runner.invoke(app, ["eval", str(first), "--tasks", "piqa", "--limit", "3", "--sample", "3"]),
                    "give one of them")
+
+
+def test_sample_sizes_per_task_and_their_errors():
+    from compress_eval.errors import UserError
+    from compress_eval.eval_config import EvalConfig
+
+    cfg = EvalConfig(tasks=["piqa", "hellaswag"], sample="hs=2000,arc_e=500", sample_seed=4)
+    assert cfg.sample == {"hellaswag": 2000, "arc_easy": 500}
+    assert cfg.sample_size("ce_hellaswag") == 2000 and cfg.sample_size("ce_piqa") is None
+    assert cfg.selection("ce_hellaswag") == {"sample": 2000, "seed": 4} and cfg.selection("ce_piqa") == {}
+    assert EvalConfig(tasks=["piqa"], sample="300").sample == 300
+    assert EvalConfig(tasks=["piqa"], limit=5).selection("piqa") == {"limit": 5}
+    for bad, fragment in [("wiki=3", "perplexity reads"), ("hs=0", "positive"), ("x", "positive"),
+                          ("hs=2,,", "task=N pairs"), ("nope=3", "unknown task")]:
+        with pytest.raises(UserError, match=fragment):
+            EvalConfig(tasks=["piqa"], sample=bad)

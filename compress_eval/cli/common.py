@@ -50,8 +50,9 @@ EvalSeqlen = typer.Option(2048, min=2, help="window length of perplexity tasks (
                           "512 for quick CPU runs)")
 GenKwargs = typer.Option(None, help="lm-eval's generation settings over the generate-until tasks' own, e.g. "
                                     "max_gen_toks=32 (key=value,...)")
-Sample = typer.Option(None, min=1, help="lm-eval tasks: a seeded sample of N documents of each (the same for "
-                                        "every model, so runs pair; instead of --limit's first N)")
+Sample = typer.Option(None, help="lm-eval tasks: a seeded sample of N documents of each, or per task "
+                                 "(hellaswag=2000: the others whole); the same for every model, so runs pair "
+                                 "(instead of --limit's first N)")
 SampleSeed = typer.Option(0, help="the seed that draws --sample's documents")
 MaxWindows = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows (quick partial run)")
 AllowPickle = typer.Option(False, "--allow-pickle", help="also read pickle weights (pytorch_model.bin), which can "

@@ -115,7 +115,7 @@ def compress_command(
     max_windows: int = MaxWindows,
     batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
-    sample: int = Sample,
+    sample: str = Sample,
     sample_seed: int = SampleSeed,
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples"),
     gen_kwargs: str = GenKwargs,

@@ -68,7 +68,7 @@ def eval_command(
     seqlen: int = EvalSeqlen,
     max_windows: int = MaxWindows,
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
-    sample: int = Sample,
+    sample: str = Sample,
     sample_seed: int = SampleSeed,
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples (default: task's own)"),
     gen_kwargs: str = GenKwargs,

@@ -18,10 +18,10 @@ ACCURACIES = ("acc", "acc_norm")
 HASH_CHARS = 16
 
 
-def lm_eval_records(samples: dict, selection: dict | None = None) -> dict:
+def lm_eval_records(samples: dict, selection=None) -> dict:
     """{task: {doc_id, prompt_hash, acc[, acc_norm], selection}} from lm-eval's logged ``samples``
-    (``simple_evaluate(..., log_samples=True)``), documents in doc_id order. ``selection`` says how the
-    documents were chosen (``{"limit": N}``, ``{"sample": N, "seed": S}`` or ``{}`` for all)."""
+    (``simple_evaluate(..., log_samples=True)``), documents in doc_id order. ``selection(task)`` says how
+    the documents were chosen (``{"limit": N}``, ``{"sample": N, "seed": S}`` or ``{}`` for all)."""
     out = {}
     for task, logged in samples.items():
         rows = sorted(logged, key=lambda s: s["doc_id"])
@@ -32,7 +32,7 @@ def lm_eval_records(samples: dict, selection: dict | None = None) -> dict:
                   "prompt_hash": [str(s.get("prompt_hash", ""))[:HASH_CHARS] for s in rows]}
         for metric in metrics:
             record[metric] = [int(round(float(s[metric]))) for s in rows]
-        record["selection"] = dict(selection or {})
+        record["selection"] = dict(selection(task) if selection else {})
         out[task] = record
     return out
 

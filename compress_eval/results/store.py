@@ -107,9 +107,9 @@ def read_records(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / RECORDS_FILE) or {}
 
 
-def store_lm_eval_results(run_dir: str | Path, results: dict, selection: dict | None = None) -> Path:
+def store_lm_eval_results(run_dir: str | Path, results: dict, selection=None) -> Path:
     """Save lm-eval's results JSON in the run directory, in lm-eval's own schema, and the per-document
-    records of its logged samples (``selection``: how the documents were chosen).
+    records of its logged samples (``selection(task)``: how its documents were chosen).
 
     A later evaluation on other tasks adds its tasks: the per-task sections (``results``,
     ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
