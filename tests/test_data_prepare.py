@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from compress_eval import paths
+from compress_eval.paths import prepared_data_dir
 from compress_eval.cli.app import app
 from compress_eval.data import prepare as data
 from compress_eval.data.benchmarks import load_benchmark
@@ -125,12 +126,13 @@ def test_prepare_from_a_local_copy_links_and_hashes(hub, tmp_path):
 def test_data_directory_order(hub, tmp_path, monkeypatch):
     """--data-dir, then $COMPRESS_EVAL_DATA_DIR, then the prepared cache (once data prepare wrote its
     manifest there), then the Hub (None)."""
-    monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    assert prepared_data_dir() == paths.cache_dir() / "data"  # the real default (the tests' is patched)
+    monkeypatch.setattr(paths, "prepared_data_dir", lambda: tmp_path / "cache" / "data")
     monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
     assert paths.data_dir() is None
     result = CliRunner().invoke(app, ["data", "prepare", "--only", "piqa"])
     assert result.exit_code == 0, result.output
-    assert paths.data_dir() == tmp_path / "cache" / "data" == paths.prepared_data_dir()
+    assert paths.data_dir() == tmp_path / "cache" / "data"
     (tmp_path / "env").mkdir()
     monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path / "env"))
     assert paths.data_dir() == tmp_path / "env"
@@ -138,7 +140,6 @@ def test_data_directory_order(hub, tmp_path, monkeypatch):
 
 
 def test_offline_without_data_says_data_prepare(offline, tmp_path, monkeypatch):
-    monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
     model = saved_model_dir(tmp_path / "tiny", tiny_model())
     runner = CliRunner()

@@ -8,7 +8,7 @@ import typer
 
 from compress_eval.cli.common import user_errors
 from compress_eval.data import prepare as data
-from compress_eval.paths import prepared_data_dir
+from compress_eval import paths
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and check local evaluation data (layout of shared/data).")
 
@@ -16,7 +16,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare and check local evalu
 @data_app.command("prepare")
 @user_errors
 def prepare_command(
-    directory: Path = typer.Option(None, "--dir", help=f"where to write (default: {prepared_data_dir()}, which "
+    directory: Path = typer.Option(None, "--dir", help=f"where to write (default: {paths.prepared_data_dir()}, which "
                                    "is then used without --data-dir)"),
     only: str = typer.Option(None, help=f"comma-separated, some of {','.join(data.TASKS)} (default: all)"),
     source: Path = typer.Option(None, "--from", help="link the files of this local data directory instead of "
@@ -24,7 +24,7 @@ def prepare_command(
 ) -> None:
     """Write the data our perplexity and offline lm-eval tasks read, from the Hub's own data sets, with a
     MANIFEST.json of each file's sha256 and source."""
-    root = directory or prepared_data_dir()
+    root = directory or paths.prepared_data_dir()
     tasks = data.parse_only(only)
     written = data.prepare(root, tasks, source)
     for check in data.check(root):
@@ -36,11 +36,11 @@ def prepare_command(
 @data_app.command("check")
 @user_errors
 def check_command(
-    directory: Path = typer.Argument(None, help=f"data directory (default: {prepared_data_dir()})"),
+    directory: Path = typer.Argument(None, help=f"data directory (default: {paths.prepared_data_dir()})"),
 ) -> None:
     """Per task: are the files our readers open present, do they parse, and do their hashes match
     MANIFEST.json where there is one. Exit 1 when any task fails."""
-    checks = data.check(directory or prepared_data_dir())
+    checks = data.check(directory or paths.prepared_data_dir())
     for check in checks:
         typer.echo(f"{check.task:<14} {'ok' if check.ok else 'FAILED':<6} {check.detail}")
     if not all(c.ok for c in checks):
@@ -50,7 +50,8 @@ def check_command(
 @data_app.command("easy-vqa")
 @user_errors
 def easy_vqa_command(
-    out: Path = typer.Option(prepared_data_dir() / "mmmu", "--out", help="the mmmu folder of a data directory"),
+    out: Path = typer.Option(None, "--out", help=f"the mmmu folder of a data directory (default: "
+                             f"{paths.prepared_data_dir() / 'mmmu'})"),
     split: str = typer.Option("test", help="test (written as MMMU's validation, which ce_mmmu reads) or "
                               "train (as dev)"),
     seed: int = typer.Option(0, help="seed of the options' order and of --limit's sample"),
@@ -59,7 +60,7 @@ def easy_vqa_command(
     """Convert easy-vqa (PyPI easy-vqa) into MMMU's schema and layout, for the offline ce_mmmu task."""
     from compress_eval.data.easy_vqa import chance_accuracy, convert
 
-    path, rows = convert(out, split, seed, limit)
+    path, rows = convert(out or paths.prepared_data_dir() / "mmmu", split, seed, limit)
     typer.echo(f"wrote {len(rows)} questions to {path} (chance accuracy {chance_accuracy(rows):.4f})")
 
 
