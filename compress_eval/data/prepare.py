@@ -148,13 +148,16 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _link(path: Path, target: Path) -> None:
+def _link(root: Path, source: Path, rel: str) -> str:
+    """``root/rel`` a link to ``source/rel`` (the copy stays where it is); returns where it points."""
+    target = (source / rel).resolve()
     if not target.is_file():
-        raise UserError(f"{target} is missing: --from needs a data directory laid out like shared/data "
-                        f"(check it with compress-eval data check {target.parents[1]})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    path.symlink_to(target.resolve())
+        raise UserError(f"{source / rel} is missing: --from needs a data directory laid out like shared/data "
+                        f"(check it with compress-eval data check {source})")
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).unlink(missing_ok=True)
+    (root / rel).symlink_to(target)
+    return str(target)
 
 
 def prepare(root: str | Path, tasks: tuple[str, ...] = TASKS, source: str | Path | None = None) -> dict:
@@ -171,9 +174,7 @@ def prepare(root: str | Path, tasks: tuple[str, ...] = TASKS, source: str | Path
                 _write(root / rel, data)
             origins = [origin for _, origin in produced]
         else:
-            for rel in TASK_FILES[task]:
-                _link(root / rel, Path(source).expanduser() / rel)
-            origins = [f"{Path(source).expanduser().resolve() / rel}" for rel in TASK_FILES[task]]
+            origins = [_link(root, Path(source).expanduser(), rel) for rel in TASK_FILES[task]]
         for rel, origin in zip(TASK_FILES[task], origins):
             written[rel] = {"task": task, "sha256": sha256(root / rel), "bytes": (root / rel).stat().st_size,
                             "source": origin}
