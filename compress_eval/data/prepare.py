@@ -23,6 +23,7 @@ from compress_eval.data.corpora import C4_FILES, WIKITEXT2_TRAIN_TOKENS, c4_docu
 from compress_eval.errors import UserError
 from compress_eval.jsonfile import read_json_object, write_json_atomic
 from compress_eval.paths import MANIFEST
+from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS
 
 # The first 2,000 documents of C4's first validation shard: the 1,100 that perplexity reads, then the
 # calibration pool (corpora.c4_documents).
@@ -122,8 +123,6 @@ def parse_only(only: str | None) -> tuple[str, ...]:
     """``--only wikitext2,piqa`` (our short task names too: wiki, arc_e, hs, ...) as task names."""
     if only is None:
         return TASKS
-    from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS
-
     names = [n.strip() for n in only.split(",") if n.strip()]
     tasks = [PPL_TASKS.get(n) or LM_EVAL_TASKS.get(n) or n for n in names]
     unknown = [n for n, t in zip(names, tasks) if t not in TASK_FILES]
