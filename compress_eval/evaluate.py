@@ -138,8 +138,8 @@ def evaluate_lm_eval(lm, name_or_dir: str, cfg: EvalConfig, tasks: list[str]) ->
                 apply_chat_template=apply_chat, gen_kwargs=cfg.gen_kwargs)
         except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
             raise UserError(f"cannot download the data of {', '.join(group)} from the Hugging Face Hub "
-                            f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
-                            f"COMPRESS_EVAL_DATA_DIR=DIR (laid out like shared/data)") from None
+                            f"({str(exc).splitlines()[0]}): run `compress-eval data prepare` where the Hub is "
+                            f"reachable, or use local copies with --data-dir DIR or COMPRESS_EVAL_DATA_DIR=DIR") from None
         samples.update(done.get("samples") or {})
         results = store.merge_lm_eval_results(results, done)
     results["config"]["model"] = MULTIMODAL_TYPE if getattr(lm, "MULTIMODAL", False) else MODEL_TYPE

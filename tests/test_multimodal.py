@@ -181,15 +181,15 @@ def test_easy_vqa_questions_are_mmmu_multiple_choice():
 @pytest.fixture
 def vlm_data(tmp_path, monkeypatch):
     """A data directory with the text corpora, shared/data's PIQA when it is beside the checkout, and 8
-    easy-vqa questions that the converter script wrote in MMMU's layout."""
+    easy-vqa questions that `compress-eval data easy-vqa` wrote in MMMU's layout."""
     pytest.importorskip("easy_vqa")
     from conftest import SHARED_DATA, write_data_dir
 
     root = write_data_dir(tmp_path / "data")
     if (SHARED_DATA / "piqa").is_dir():
         (root / "piqa").symlink_to(SHARED_DATA / "piqa")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "easy_vqa_to_mmmu.py"), "--out", str(root / "mmmu"),
-                           "--limit", "8"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "compress_eval", "data", "easy-vqa", "--out", str(root / "mmmu"),
+                           "--limit", "8"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "wrote 8 questions" in done.stdout and (root / "mmmu" / "EasyVQA" / "SOURCE-validation.md").is_file()
     monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))

@@ -43,7 +43,8 @@ def int_list(value: str | None) -> list[int] | None:
 
 
 DataDir = typer.Option(None, "--data-dir", help="local data directory (layout of shared/data); "
-                       "default: $COMPRESS_EVAL_DATA_DIR, else the Hugging Face Hub")
+                       "default: $COMPRESS_EVAL_DATA_DIR, else the one `compress-eval data prepare` wrote, "
+                       "else the Hugging Face Hub")
 Device = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 Dtype = typer.Option(None, help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
 EvalSeqlen = typer.Option(2048, min=2, help="window length of perplexity tasks (the papers use 2048; "
