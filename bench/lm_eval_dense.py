@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from compress_eval.evaluate import evaluate
-from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
+from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 
 FULL_SIZES = {"ce_piqa": 1838, "ce_arc_easy": 2376, "ce_arc_challenge": 1172, "ce_hellaswag": 10042,
               "ce_winogrande": 1267}
@@ -33,7 +33,7 @@ def run_task(lm, task: str, limit, metadata: dict) -> tuple[dict, float, int]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=False, metadata=metadata)
     start = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=False)
     return out["results"][task], time.perf_counter() - start, out["n-samples"][task]["effective"]

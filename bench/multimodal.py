@@ -9,7 +9,7 @@ on text (as the paper) and on image-text pairs through the whole VLM (``--calib-
 
 Rows run one at a time and merge into bench/results/multimodal_llava_smollm2.{json,md} (``--rows``: the
 ones to (re)run; default: those not there yet). The questions are a seeded sample of easy-vqa's test
-split in MMMU's layout (as scripts/easy_vqa_to_mmmu.py writes it) in a scratch data directory beside the
+split in MMMU's layout (as `compress-eval data easy-vqa` writes it) in a scratch data directory beside the
 text corpora.
 
 Answers are generated up to 32 tokens, not mmmu_val's 512: every answer here is one option letter, and a
@@ -67,7 +67,7 @@ def cli(args: list[str], env: dict) -> str:
 
 def scratch_data(questions: int, seed: int) -> tuple[Path, float]:
     """The data directory of the runs: the text corpora of $COMPRESS_EVAL_DATA_DIR (linked, never copied)
-    and ``questions`` easy-vqa test questions in MMMU's layout (what scripts/easy_vqa_to_mmmu.py writes);
+    and ``questions`` easy-vqa test questions in MMMU's layout (what `compress-eval data easy-vqa` writes);
     with the chance accuracy of those questions."""
     source = os.environ.get("COMPRESS_EVAL_DATA_DIR")
     if not source:

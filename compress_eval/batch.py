@@ -69,9 +69,8 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> O
             if not missing:
                 return Outcome(cell.name, cell.label, "ran" if compressed else "skipped")
             log.info("[%s] evaluating %s", cell.name, ",".join(missing))
-            ev, cfg = cell.eval, cell.config
-            evaluate_and_record(str(run_dir), missing, ev.seqlen, data_dir, ev.max_windows, str(ev.batch_size),
-                                cfg.device, cfg.dtype, ev.limit, gen_kwargs=ev.gen_kwargs)
+            cfg = cell.config
+            evaluate_and_record(str(run_dir), cell.eval.config(missing, data_dir, cfg.device, cfg.dtype))
             return Outcome(cell.name, cell.label, "ran" if compressed else "evaluated")
         except UserError as exc:
             return Outcome(cell.name, cell.label, "failed", str(exc))

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 from compress_eval import distributed
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
+from compress_eval.eval_config import EvalConfig
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, resolve_device
 from compress_eval.models.registry import resolve
@@ -23,12 +27,12 @@ from compress_eval.paths import data_dir as resolve_data_dir
 from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
-from compress_eval.tasknames import PPL_TASKS, lm_eval_task_name, split_image_tasks, split_tasks
+from compress_eval.tasknames import PPL_TASKS, display_name, lm_eval_task_name, split_image_tasks, split_tasks
 
 
 def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_dir=None,
                  max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
-    """{task_ppl: {ppl, tokens, windows, seconds, tokens_per_s}} for each perplexity task."""
+    """{task_ppl: {ppl, tokens, windows, seconds, tokens_per_s, window_nlls}} for each perplexity task."""
     if tasks:
         get_adapter(model).require_context(seqlen, "--eval-seqlen (run/compress) or --seqlen (eval/ppl)")
     results = {}
@@ -37,7 +41,8 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
         windows = eval_windows(tokenizer, dataset, seqlen, data_dir, max_windows)
         r = perplexity(model, windows, batch_size=batch_size, progress=progress)
         results[f"{dataset}_ppl"] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows, "seqlen": seqlen,
-                                     "seconds": round(r.seconds, 2), "tokens_per_s": round(r.tokens_per_second, 1)}
+                                     "seconds": round(r.seconds, 2), "tokens_per_s": round(r.tokens_per_second, 1),
+                                     "window_nlls": r.window_nlls}
     return results
 
 
@@ -81,20 +86,37 @@ def lm_eval_cache(name_or_dir: str, dtype, device) -> str:
     return str(folder / "requests")
 
 
-def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limit=None, num_fewshot=None,
-                     batch_size="1", device="cpu", dtype="auto", gen_kwargs: dict | None = None) -> dict:
+def sample_indices(manager, names: list[str], cfg: EvalConfig) -> dict[str, list[int]]:
+    """lm-eval's ``samples``: a seeded ``cfg.sample`` of each task's documents (sorted: lm-eval maps its
+    positions back to document ids through this order). The draw depends on the task's display name, its
+    size and the seed only, so every model (and an offline ``ce_`` twin) gets the same documents."""
+    from lm_eval.tasks import get_task_dict
+
+    out = {}
+    names = [name for name in names if cfg.sample_size(name) is not None]
+    for name, task in (get_task_dict(names, manager) if names else {}).items():
+        total, n, seed = len(task.eval_docs), cfg.sample_size(name), cfg.sample_seed
+        if n < total:
+            generator = np.random.default_rng([seed, zlib.crc32(display_name(name).encode())])
+            out[name] = sorted(int(i) for i in generator.choice(total, size=n, replace=False))
+    return out
+
+
+def evaluate_lm_eval(lm, name_or_dir: str, cfg: EvalConfig, tasks: list[str]) -> dict:
     """lm-eval's results dict for ``tasks`` (canonical names) on an already built ``compressed`` (or, for
-    image tasks, ``compressed-multimodal``) model. Image tasks run in the model's chat format when its
-    processor has one (lm-eval's MMMU README: scores are reported with --apply_chat_template), text tasks
-    as plain prompts, so a run of both is two lm-eval runs merged. ``gen_kwargs`` (lm-eval's) override the
-    generation settings of the generate-until tasks, e.g. ``{"max_gen_toks": 32}``."""
+    image tasks, ``compressed-multimodal``) model, with its logged ``samples`` (for the per-document
+    records). Image tasks run in the model's chat format when its processor has one (lm-eval's MMMU
+    README: scores are reported with --apply_chat_template), text tasks as plain prompts, so a run of
+    both is two lm-eval runs merged. ``cfg.gen_kwargs`` (lm-eval's) override the generation settings of
+    the generate-until tasks, e.g. ``{"max_gen_toks": 32}``."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from compress_eval.lm_eval_plugin import MODEL_TYPE, MULTIMODAL_TYPE, tasks_dir
 
     start = time.perf_counter()
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(cfg.data_dir)
+    dtype, device = cfg.dtype or "auto", str(lm.device)
     model_args = {"pretrained": name_or_dir, "dtype": dtype}
     metadata = {**model_args, **({"data_dir": str(root)} if root else {})}
     # Offline, every task is ours: skipping lm-eval's own index saves its scan of ~15k task files.
@@ -102,79 +124,71 @@ def evaluate_lm_eval(lm, name_or_dir: str, tasks: list[str], data_dir=None, limi
     text_tasks, image_tasks = split_image_tasks(tasks)
     chat = bool(image_tasks) and getattr(getattr(lm, "processor", None), "chat_template", None) is not None
     results: dict = {}
+    samples: dict = {}
     for group, apply_chat in ((text_tasks, False), (image_tasks, chat)):
         if not group:
             continue
+        names = [lm_eval_task_name(t, root) for t in group]
         try:
+            chosen = sample_indices(manager, names, cfg) if cfg.sample else None
             done = simple_evaluate(
-                model=lm, model_args=model_args, tasks=[lm_eval_task_name(t, root) for t in group],
-                num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-                use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=False,
-                apply_chat_template=apply_chat, gen_kwargs=gen_kwargs)
+                model=lm, model_args=model_args, tasks=names, num_fewshot=cfg.num_fewshot,
+                batch_size=cfg.batch_size, device=device, limit=cfg.limit, samples=chosen or None,
+                task_manager=manager, use_cache=lm_eval_cache(name_or_dir, dtype, device), log_samples=True,
+                apply_chat_template=apply_chat, gen_kwargs=cfg.gen_kwargs)
         except ConnectionError as exc:  # lm-eval's Hub tasks download their data set
             raise UserError(f"cannot download the data of {', '.join(group)} from the Hugging Face Hub "
-                            f"({str(exc).splitlines()[0]}): use local copies with --data-dir DIR or "
-                            f"COMPRESS_EVAL_DATA_DIR=DIR (laid out like shared/data)") from None
+                            f"({str(exc).splitlines()[0]}): run `compress-eval data prepare` where the Hub is "
+                            f"reachable, or use local copies with --data-dir DIR or COMPRESS_EVAL_DATA_DIR=DIR") from None
+        samples.update(done.get("samples") or {})
         results = store.merge_lm_eval_results(results, done)
     results["config"]["model"] = MULTIMODAL_TYPE if getattr(lm, "MULTIMODAL", False) else MODEL_TYPE
     # The field lm-eval's own CLI writes (as a string) in its results file.
     results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))
+    results["samples"] = samples
     return results
 
 
-def build_lm(name_or_dir: str, batch_size="1", device=None, dtype=None, *, allow_pickle: bool = False,
-             trust_remote_code: bool = False, offload: str = "none", images: bool = False):
+def build_lm(name_or_dir: str, cfg: EvalConfig, offload: str, images: bool = False):
     """The lm-eval ``compressed`` model for a name or checkpoint (its .model and .tokenizer serve ppl too);
     with ``images``, ``compressed-multimodal`` (text tasks run on it as well, through the language model)."""
     from compress_eval.lm_eval_plugin import CompressedLM, CompressedMultimodalLM
 
-    if images and str(batch_size) == "auto":
+    if images and str(cfg.batch_size) == "auto":
         raise UserError("--batch-size auto does not work with image tasks (lm-eval's multimodal models have "
                         "no automatic batch size): give a number")
     lm_class = CompressedMultimodalLM if images else CompressedLM
-    return lm_class(pretrained=name_or_dir, batch_size=batch_size, device=resolve_device(device),
-                    dtype=dtype or "auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                    offload=offload)
+    return lm_class(pretrained=name_or_dir, batch_size=cfg.batch_size, device=resolve_device(cfg.device),
+                    dtype=cfg.dtype or "auto", allow_pickle=cfg.allow_pickle,
+                    trust_remote_code=cfg.trust_remote_code, offload=offload)
 
 
-def evaluate_tasks(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
-                   batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None,
-                   progress: bool = True, *, allow_pickle: bool = False,
-                   trust_remote_code: bool = False, offload: str = "auto",
-                   gen_kwargs: dict | None = None) -> tuple[dict, dict | None]:
-    """(perplexity results, lm-eval results or None) for canonical task names; the model loads once.
+def evaluate_tasks(name_or_dir: str, cfg: EvalConfig) -> tuple[dict, dict | None]:
+    """(perplexity results, lm-eval results or None) for ``cfg.tasks``; the model loads once.
 
-    ``batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
+    ``cfg.batch_size`` may be ``"auto"`` (lm-eval finds the largest that fits; perplexity then uses 1).
     """
-    ppl_tasks, lm_tasks = split_tasks(tasks)
-    ppl_batch = int(batch_size) if str(batch_size).isdigit() else 1
+    ppl_tasks, lm_tasks = split_tasks(list(cfg.tasks))
     if not lm_tasks:
-        return evaluate(name_or_dir, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch, device, dtype,
-                        progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        offload=offload), None
+        return evaluate(name_or_dir, ppl_tasks, cfg.seqlen, cfg.data_dir, cfg.max_windows, cfg.ppl_batch, cfg.device,
+                        cfg.dtype, cfg.progress, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code, offload=cfg.offload), None
     for task in lm_tasks:
-        lm_eval_task_name(task, data_dir)  # a ce_ task without a data directory fails before the model loads
-    offload = evaluation_offload(name_or_dir, offload, device, dtype, trust_remote_code)
-    lm = build_lm(name_or_dir, batch_size, device, dtype, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code, offload=offload, images=bool(split_image_tasks(lm_tasks)[1]))
-    ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, seqlen, data_dir, max_windows, ppl_batch,
-                       progress) if ppl_tasks else {}
-    lm_results = evaluate_lm_eval(lm, name_or_dir, lm_tasks, data_dir, limit, num_fewshot, batch_size,
-                                  str(lm.device), dtype or "auto", gen_kwargs)
-    return ppl, lm_results
+        lm_eval_task_name(task, cfg.data_dir)  # a ce_ task without a data directory fails before the model loads
+    offload = evaluation_offload(name_or_dir, cfg.offload, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    lm = build_lm(name_or_dir, cfg, offload, images=bool(split_image_tasks(lm_tasks)[1]))
+    ppl = evaluate_ppl(lm.model, lm.tokenizer, ppl_tasks, cfg.seqlen, cfg.data_dir, cfg.max_windows, cfg.ppl_batch,
+                       cfg.progress) if ppl_tasks else {}
+    return ppl, evaluate_lm_eval(lm, name_or_dir, cfg, lm_tasks)
 
 
-def evaluate_and_record(target: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
-                        batch_size="1", device=None, dtype=None, limit=None, num_fewshot=None, *,
-                        allow_pickle: bool = False, trust_remote_code: bool = False,
-                        offload: str = "auto", gen_kwargs: dict | None = None) -> tuple[dict, dict | None]:
-    """Evaluate, and store the results in ``target`` when it is one of our checkpoint directories."""
-    ppl, lm_results = evaluate_tasks(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
-                                     limit, num_fewshot, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code, offload=offload, gen_kwargs=gen_kwargs)
+def evaluate_and_record(target: str, cfg: EvalConfig) -> tuple[dict, dict | None]:
+    """Evaluate, and store the results (and their per-document records) in ``target`` when it is one of
+    our checkpoint directories."""
+    ppl, lm_results = evaluate_tasks(target, cfg)
     if distributed.is_main() and Path(target).is_dir() and store.read_manifest(target) is not None:
         if ppl:
             store.store_ppl_results(target, ppl)
         if lm_results:
-            store.store_lm_eval_results(target, lm_results)
+            store.store_lm_eval_results(target, lm_results, cfg.selection)
     return ppl, lm_results

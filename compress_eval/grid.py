@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compress_eval.config import CompressConfig, validation_message
 from compress_eval.errors import UserError
+from compress_eval.eval_config import EvalConfig
 from compress_eval.methods.registry import resolve_config
 
 HASH_CHARS = 12
@@ -75,9 +76,27 @@ class EvalSettings(BaseModel):
     seqlen: int = Field(2048, ge=2)
     max_windows: int | None = Field(None, ge=1)
     limit: int | None = Field(None, ge=1, description="lm-eval tasks: the first N documents of each")
+    sample: int | dict[str, int] | None = Field(
+        None, description="lm-eval tasks: a seeded N documents of each, or per task ({hellaswag: 2000}), the same "
+                          "for every cell (instead of limit)")
+    sample_seed: int = 0
     gen_kwargs: dict[str, str | int | float | bool] | None = Field(
         None, description="lm-eval's generation settings over the generate-until tasks' own, e.g. {max_gen_toks: 32}")
     batch_size: int = Field(1, ge=1)  # speed only: left out of the hash
+
+    @model_validator(mode="after")
+    def _one_selection(self):
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("limit (the first N documents) and sample (a seeded N) choose the documents two ways: "
+                             "give one of them")
+        return self
+
+    def config(self, tasks: list[str], data_dir, device: str | None, dtype: str | None) -> EvalConfig:
+        """The evaluation of a cell: these settings on its missing ``tasks``, on the cell's device and dtype."""
+        return EvalConfig(tasks=tasks, seqlen=self.seqlen, max_windows=self.max_windows,
+                          batch_size=str(self.batch_size), device=device, dtype=dtype, limit=self.limit,
+                          sample=self.sample, sample_seed=self.sample_seed, gen_kwargs=self.gen_kwargs,
+                          data_dir=None if data_dir is None else str(data_dir))
 
 
 class Grid(BaseModel):

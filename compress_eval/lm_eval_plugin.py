@@ -32,16 +32,19 @@ MULTIMODAL_TYPE = "compressed-multimodal"
 # Images per question: MMMU's reference evaluation of LLaVA-1.5 gives the model the first image only (lm-eval's
 # MMMU README recommends setting max_images; its default, 999, passes every image).
 MAX_IMAGES = 1
-# Our task YAMLs (offline benchmarks, papers' perplexity); lm-eval finds them via --include_path.
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+# Our task YAMLs (offline benchmarks, papers' perplexity), which lm-eval finds via --include_path: in an
+# installed wheel the package carries them as compress_eval/_tasks (setup.py); in a checkout, installed
+# editable or on PYTHONPATH, they are the repository's tasks/ beside the package.
+TASKS_DIRS = (Path(__file__).resolve().parent / "_tasks", Path(__file__).resolve().parent.parent / "tasks")
 
 
 def tasks_dir() -> str:
-    """Our task directory, for lm-eval's include_path (it lives beside the package in a checkout)."""
-    if not TASKS_DIR.is_dir():
-        raise UserError(f"task directory {TASKS_DIR} is missing: install compress-eval from a source checkout "
-                        f"(pip install -e .) so tasks/ sits beside the package")
-    return str(TASKS_DIR)
+    """Our task directory, for lm-eval's include_path."""
+    for folder in TASKS_DIRS:
+        if (folder / "ce_loaders.py").is_file():
+            return str(folder)
+    raise UserError(f"compress-eval's lm-eval tasks are missing (looked in {', '.join(map(str, TASKS_DIRS))}): "
+                    f"reinstall compress-eval (pip install --force-reinstall compress-eval)")
 
 
 # HFLM options that build the model another way; ours is always the checkpoint as saved.

@@ -51,6 +51,8 @@ class Manifest(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     recipe: str | None = None
     seed: int | None = None
+    data_dir: str | None = Field(None, description="the local data directory the run read (calibration, "
+                                                   "fine-tunes); None: the Hugging Face Hub")
     blocks_before: PositiveInt
     blocks_after: PositiveInt | None = None
     removed_blocks: list[int] = Field(default_factory=list, description="indices in the original model")

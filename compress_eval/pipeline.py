@@ -30,6 +30,7 @@ from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, load_processor, resolve_device, shared_modules
 from compress_eval.models.sublayers import skipped_paths
+from compress_eval.paths import data_dir as resolve_data_dir
 from compress_eval.plan import resolve_offload, say_offload
 from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
 from compress_eval.results import store
@@ -224,7 +225,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
         base_model=BaseModelRef(name=cfg.model, kind=source.kind, location=source.location),
         method=cfg.method, config=cfg.model_dump(mode="json"),
         method_options=records[0][1].options.model_dump(mode="json") if len(records) == 1 else {},
-        recipe=dump_recipe(cfg), seed=cfg.seed,
+        recipe=dump_recipe(cfg), seed=cfg.seed, data_dir=_data_source(data_dir),
         blocks_before=blocks_before, blocks_after=adapter.num_blocks,
         removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=tie_map,
         skipped=skipped_paths(model),
@@ -236,6 +237,12 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
         git_sha=checkpoint.git_sha(),
     )
     return Compressed(model, tokenizer, manifest, artifacts, processor)
+
+
+def _data_source(data_dir: str | Path | None) -> str | None:
+    """The data directory a run read, for its manifest (None: the Hub)."""
+    root = resolve_data_dir(data_dir)
+    return None if root is None else str(root.resolve())
 
 
 def save(result: Compressed, out: str | Path) -> Path:

@@ -115,11 +115,8 @@ def load_config(model: str, trust_remote_code: bool = False):
                         f"`compress-eval models` or a shipped config ({', '.join(example_names())})") from None
     where, kwargs = source.location, {}
     if source.kind == "packaged" and not (Path(source.location) / "config.json").exists():
-        spec = PACKAGED[model]
-        pkg = _package_dir(spec.package)
-        if pkg is None:
-            raise UserError(f"model {model!r} needs its package: run `{spec.install}` (or `make setup`)")
-        where, kwargs = str(pkg), {"gguf_file": spec.gguf_file}
+        gguf = packaged_gguf(model)  # the package's GGUF, or its parts assembled once
+        where, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     elif source.kind == "packaged":
         where = str(packaged_cache_path(model))
     try:

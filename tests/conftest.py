@@ -151,6 +151,15 @@ def stub_manifest(**fields):
     return Manifest(base_model={"name": "test"}, method="none", **{**counts, **fields})
 
 
+@pytest.fixture(autouse=True)
+def no_prepared_data(monkeypatch):
+    """Tests see the data directory they name, never the user's prepared cache (``data prepare``'s
+    default, which ``make setup`` fills from shared/data): without one they get the Hub."""
+    from compress_eval import paths
+
+    monkeypatch.setattr(paths, "prepared_data_dir", lambda: Path("/nonexistent/compress-eval-prepared-data"))
+
+
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()

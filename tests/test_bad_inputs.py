@@ -355,12 +355,14 @@ def test_hub_unreachable_without_data_dir(command, tiny_model_dir, tmp_path):
     """No data directory and no Hub: one line naming the local alternative (in a fresh process, since
     the Hub libraries read their offline switch at import)."""
     env = {k: v for k, v in os.environ.items() if k != "COMPRESS_EVAL_DATA_DIR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    # Its own cache: a prepared data directory in the user's would be found (it comes after the variable).
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO), COMPRESS_EVAL_CACHE=str(tmp_path))
     argv = [sys.executable, "-m", "compress_eval", command[0], str(tiny_model_dir), *command[1:]]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--data-dir" in lines[0] and "COMPRESS_EVAL_DATA_DIR" in lines[0], result.stderr
+    assert "compress-eval data prepare" in lines[0]
 
 
 def test_then_eval_error_names_the_eval_flag(tiny_model_dir, data_dir, tmp_path):

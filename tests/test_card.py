@@ -75,6 +75,9 @@ def test_compress_writes_card_and_eval_updates_it(tiny_model_dir, data_dir, tmp_
     assert "(indices in the original model): 1, 2" in card.text and "No evaluations yet" in card.text
     assert 'AutoModelForCausalLM.from_pretrained("DIR")' in card.text  # no tie map, not quantized
     assert "```yaml\nmodel: " in card.text
+    # the exact command: the model is a local directory, calibration read the data directory
+    assert (f"compress-eval compress MODEL --recipe recipe.yaml --data-dir {data_dir.resolve()} --out OUT"
+            in card.text) and f"(`{tiny_model_dir}` where it was made)" in card.text
 
     result = invoke("eval", out, "--tasks", "wiki", "--seqlen", 16, "--max-windows", 2)
     assert result.exit_code == 0, result.output
@@ -94,7 +97,7 @@ def test_card_of_a_staged_quantized_run(tmp_path):
               {"kind": "quantize", "params_after": 20, "weight_bytes_after": 30, "seconds": 0.5}]
     run = checkpoint_dir(
         tmp_path / "run", base_model={"name": "smollm2-135m", "kind": "packaged", "location": "/cache"},
-        method="shortgpt+merge", removed_blocks=[3], tie_map={"model.layers.1.mlp": "model.layers.0.mlp"},
+        method="shortgpt+merge", recipe="model: smollm2-135m\n", removed_blocks=[3], tie_map={"model.layers.1.mlp": "model.layers.0.mlp"},
         params_before=40, params_after=20, weight_bytes_before=160, weight_bytes_after=30, stages=stages,
         quantization={"kind": "nf4", "double_quant": True, "compute_dtype": "float32", "unquantized": {}})
     store.store_lm_eval_results(run, {"results": {"ce_piqa": {"acc,none": 0.625}}, "config": {"limit": 8},
@@ -106,6 +109,7 @@ def test_card_of_a_staged_quantized_run(tmp_path):
     assert "| 2 | merge |  | `model.layers.1.mlp` | 20 | 80 | 2.0 |" in card.text
     assert "| piqa | accuracy | 0.6250 | 8 of 1838 documents, 0-shot |" in card.text and "`--limit 8`" in card.text
     assert "load_model(\"DIR\")" in card.text and "from_pretrained" not in card.text
+    assert "```bash\ncompress-eval compress --recipe recipe.yaml --out OUT\n```" in card.text
 
 
 def test_card_names_the_hub_base_of_a_local_checkpoint(tmp_path):

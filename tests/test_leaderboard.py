@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from compress_eval.cli.app import app
-from compress_eval.results.leaderboard import build, markdown, pareto_front
+from compress_eval.results.leaderboard import MARKS_NOTE, build, markdown, pareto_front
 from compress_eval.results.store import RunError, lm_eval_accuracies, read_run
 
 L = 30  # blocks of the fixture model
@@ -57,16 +57,19 @@ def runs(tmp_path):
 
 
 EXPECTED = """\
-| model | method | sparsity | params kept | weights (MB) | wikitext2 ppl | c4 ppl | piqa (%) | hellaswag (%) | avg acc (%) |
-|---|---|---|---|---|---|---|---|---|---|
-| smollm2-135m | dense (none) | 0% | 100.0% | 4.00 | 10.00 | 20.00 | 70.00 | 45.00 | 57.50 |
-| smollm2-135m | drop-late | 10% (3/30 blocks) | 94.0% | 3.76 | 12.25 (+2.25) | - | - | - | - |
-| smollm2-135m | merge permute=False | - | 100.0% | 4.00 | 11.00 | - | - | - | - |
-| smollm2-135m | sleb | 25% (8/30 blocks) | 84.0% | 3.36 | 15.50 (+5.50) | 26.00 (+6.00) | 65.00 (-5.00) | 35.00 (-10.00) | 50.00 (-7.50) |
+| model | method | sparsity | params kept | weights (MB) | wikitext2 ppl | c4 ppl | piqa (%) | hellaswag (%) | avg acc (%) \
+| avg acc 95 % CI |
+|---|---|---|---|---|---|---|---|---|---|---|
+| smollm2-135m | dense (none) | 0% | 100.0% | 4.00 | 10.00 | 20.00 | 70.00 | 45.00 | 57.50 | - |
+| smollm2-135m | drop-late | 10% (3/30 blocks) | 94.0% | 3.76 | 12.25 (+2.25) | - | - | - | - | - |
+| smollm2-135m | merge permute=False | - | 100.0% | 4.00 | 11.00 | - | - | - | - | - |
+| smollm2-135m | sleb | 25% (8/30 blocks) | 84.0% | 3.36 | 15.50 (+5.50) | 26.00 (+6.00) | 65.00 (-5.00) | 35.00 (-10.00) \
+| 50.00 (-7.50) | - |
 
 Measured on: wikitext2 ppl: 20 windows of 256 tokens, 20 windows of 512 tokens; c4 ppl: 20 windows of 512 tokens; \
-piqa: 100 of 1000 documents; hellaswag: 100 of 1000 documents.
-"""
+piqa: 100 of 1000 documents (the first); hellaswag: 100 of 1000 documents (the first).
+
+""" + MARKS_NOTE + "\n"
 
 
 def test_table_rows_deltas_and_skipped_directories(runs):
@@ -198,3 +201,67 @@ def test_offline_twins_report_the_accuracy_their_task_does():
     results = {"results": {t: metrics for t in ("ce_hellaswag", "ce_arc_challenge", "hellaswag", "ce_piqa")}}
     assert lm_eval_accuracies(results) == {"ce_hellaswag": 0.4, "ce_arc_challenge": 0.4, "hellaswag": 0.4,
                                            "ce_piqa": 0.3}
+
+
+def with_records(path: Path, piqa: list[int], hellaswag: list[int], nll: list[float]) -> Path:
+    """Per-document records as evaluations keep them (records.json), consistent with the stored results."""
+    record = {t: {"doc_id": list(range(len(v))), "prompt_hash": [f"h{d}" for d in range(len(v))], "acc": v,
+                  "acc_norm": v, "selection": {"sample": len(v), "seed": 0}}
+              for t, v in (("ce_piqa", piqa), ("ce_hellaswag", hellaswag))}
+    ppl = {"wikitext2_ppl": {"seqlen": 512, "nll": nll, "tokens": [511] * len(nll)}}
+    (path / "records.json").write_text(json.dumps({"lm_eval": record, "ppl": ppl}))
+    results = {t: {"acc,none": sum(v) / len(v), "acc_norm,none": sum(v) / len(v)}
+               for t, v in (("ce_piqa", piqa), ("ce_hellaswag", hellaswag))}
+    samples = {t: {"original": 5000, "effective": len(v)} for t, v in (("ce_piqa", piqa), ("ce_hellaswag", hellaswag))}
+    (path / "lm_eval_results.json").write_text(json.dumps({"results": results, "n-samples": samples}))
+    return path
+
+
+@pytest.fixture
+def paired_runs(tmp_path):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    piqa, hs = (g.random(2000) < 0.7).astype(int), (g.random(1000) < 0.4).astype(int)
+    worse = piqa.copy()
+    worse[np.flatnonzero(piqa == 1)[:100]] = 0  # 5 points fewer, all on documents dense got right
+    nll = list(g.uniform(1500, 1600, 20))
+    root = tmp_path / "runs"
+    rows = {"dense": ("none", piqa, nll), "same": ("shortgpt", piqa, [x + g.normal(0, 2) for x in nll]),
+            "worse": ("sleb", worse, [1.2 * x for x in nll])}
+    for name, (method, p, n) in rows.items():
+        run = make_run(root, name, method, removed=0 if method == "none" else 8, sparsity=None if method == "none"
+                       else 0.25, ppl={"wikitext2": float(np.exp(sum(n) / (511 * len(n))))}, seqlen=512, windows=20)
+        with_records(run, [int(x) for x in p], [int(x) for x in hs], n)
+    return root
+
+
+def test_deltas_are_marked_when_paired_tests_say_more_than_chance(paired_runs):
+    board = build(paired_runs)
+    by_label = {r.label: i for i, r in enumerate(board.rows)}
+    worse, same = by_label["sleb"], by_label["shortgpt"]
+    assert board.significant[(worse, "ce_piqa")] and board.significant[(worse, "wikitext2_ppl")]
+    assert board.significant[(worse, "avg_acc")]
+    assert not board.significant[(same, "ce_piqa")] and not board.significant[(same, "avg_acc")]
+    assert not board.significant[(same, "ce_hellaswag")]
+    table = markdown(board)
+    row = next(line for line in table.splitlines() if "| sleb |" in line)
+    assert "(-5.00*)" in row and "40.40 (+0.00) |" in row  # hellaswag: the same documents right
+    same_row = next(line for line in table.splitlines() if "| shortgpt |" in line)
+    assert "70" in same_row and "(+0.00)" in same_row and "*" not in same_row
+    low, high = board.avg_interval[by_label["none"]]
+    assert low < board.rows[by_label["none"]].metrics["avg_acc"] < high
+    assert "2000 of 5000 documents (a sample, seed 0)" in table and MARKS_NOTE in table
+
+
+def test_sort_ranks_rows_best_first(paired_runs, tmp_path):
+    labels = [r.label for r in build(paired_runs, sort="ppl").rows]
+    assert labels[-1] == "sleb" and set(labels[:2]) == {"none", "shortgpt"}
+    assert [r.label for r in build(paired_runs, sort="piqa").rows][-1] == "sleb"
+    assert [r.label for r in build(paired_runs, sort="avg").rows][-1] == "sleb"
+    result = CliRunner().invoke(app, ["leaderboard", str(paired_runs), "--sort", "wiki", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "o" / "leaderboard.html").read_text()
+    assert html.count("<details>") == 3 and "removed blocks: [0, 1, 2, 3, 4, 5, 6, 7]" in html
+    result = CliRunner().invoke(app, ["leaderboard", str(paired_runs), "--sort", "arc_c", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "no run has that column" in result.stderr and "Traceback" not in result.output

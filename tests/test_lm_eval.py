@@ -10,7 +10,7 @@ from compress_eval.cli.app import app
 from compress_eval.errors import UserError
 from compress_eval.evaluate import cache_key, evaluate
 from compress_eval.tasknames import parse_tasks
-from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
+from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 from compress_eval.models.loading import load_checkpoint
 from compress_eval.results import store
 from conftest import SHARED_DATA, stub_manifest, tiny_model, tiny_tokenizer
@@ -44,7 +44,7 @@ def own_cache(tmp_path, monkeypatch):
 def manager(**metadata):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    return TaskManager(include_path=tasks_dir(), include_defaults=False, metadata=metadata)
 
 
 def run(model_dir, tasks, limit, **metadata):

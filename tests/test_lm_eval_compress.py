@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from compress_eval.cli.app import app
 from compress_eval.errors import UserError
-from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
+from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 from compress_eval.models.loading import load_checkpoint
 from compress_eval.results.store import read_manifest
 from conftest import one_line_error
@@ -53,7 +53,7 @@ def evaluate(model_dir, **model_args):
     from lm_eval.tasks import TaskManager
 
     # The perplexity tasks tokenize with `pretrained`'s tokenizer and take their window from `seqlen`.
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=False,
                           metadata={"pretrained": str(model_dir), "seqlen": 16})
     return simple_evaluate(model="compressed", model_args=model_args, tasks=["wikitext2_ppl"], limit=2,
                            device="cpu", log_samples=False, task_manager=manager, bootstrap_iters=0)

@@ -181,15 +181,15 @@ def test_easy_vqa_questions_are_mmmu_multiple_choice():
 @pytest.fixture
 def vlm_data(tmp_path, monkeypatch):
     """A data directory with the text corpora, shared/data's PIQA when it is beside the checkout, and 8
-    easy-vqa questions that the converter script wrote in MMMU's layout."""
+    easy-vqa questions that `compress-eval data easy-vqa` wrote in MMMU's layout."""
     pytest.importorskip("easy_vqa")
     from conftest import SHARED_DATA, write_data_dir
 
     root = write_data_dir(tmp_path / "data")
     if (SHARED_DATA / "piqa").is_dir():
         (root / "piqa").symlink_to(SHARED_DATA / "piqa")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "easy_vqa_to_mmmu.py"), "--out", str(root / "mmmu"),
-                           "--limit", "8"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "compress_eval", "data", "easy-vqa", "--out", str(root / "mmmu"),
+                           "--limit", "8"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "wrote 8 questions" in done.stdout and (root / "mmmu" / "EasyVQA" / "SOURCE-validation.md").is_file()
     monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
@@ -230,11 +230,13 @@ def test_run_then_eval_mmmu_with_text_tasks(vlm_data, tmp_path):
 
 
 def test_image_tasks_run_in_the_chat_format_with_one_image(vlm_data, tmp_path):
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import build_lm, evaluate_lm_eval
 
     vlm = str(saved_vlm_dir(tmp_path / "vlm", "llava"))
-    lm = build_lm(vlm, images=True)
-    evaluate_lm_eval(lm, vlm, ["mmmu_val"], limit=1)
+    cfg = EvalConfig(tasks=["mmmu_val"], limit=1)
+    lm = build_lm(vlm, cfg, offload="none", images=True)
+    evaluate_lm_eval(lm, vlm, cfg, ["mmmu_val"])
     assert lm.chat_applied and lm.max_images == 1
 
 
@@ -251,12 +253,13 @@ def test_multimodal_type_sets_the_processor_from_a_tokenizer_arg(tmp_path):
 
 def test_image_tasks_refuse_a_text_model(vlm_data, tiny_model_dir):
     from compress_eval.errors import UserError
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import evaluate_tasks
 
     with pytest.raises(UserError, match="is a text model"):
-        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], device="cpu")
+        evaluate_tasks(str(tiny_model_dir), EvalConfig(tasks=["mmmu_val"], device="cpu"))
     with pytest.raises(UserError, match="--batch-size auto"):
-        evaluate_tasks(str(tiny_model_dir), ["mmmu_val"], batch_size="auto", device="cpu")
+        evaluate_tasks(str(tiny_model_dir), EvalConfig(tasks=["mmmu_val"], batch_size="auto", device="cpu"))
 
 
 def test_merged_int8_vlm_loads_in_the_multimodal_type(data_dir, tmp_path):

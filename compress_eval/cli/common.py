@@ -44,13 +44,18 @@ def int_list(value: str | None) -> list[int] | None:
 
 
 DataDir = typer.Option(None, "--data-dir", help="local data directory (layout of shared/data); "
-                       "default: $COMPRESS_EVAL_DATA_DIR, else the Hugging Face Hub")
+                       "default: $COMPRESS_EVAL_DATA_DIR, else the one `compress-eval data prepare` wrote, "
+                       "else the Hugging Face Hub")
 Device = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 Dtype = typer.Option(None, help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
 EvalSeqlen = typer.Option(2048, min=2, help="window length of perplexity tasks (the papers use 2048; "
                           "512 for quick CPU runs)")
 GenKwargs = typer.Option(None, help="lm-eval's generation settings over the generate-until tasks' own, e.g. "
                                     "max_gen_toks=32 (key=value,...)")
+Sample = typer.Option(None, help="lm-eval tasks: a seeded sample of N documents of each, or per task "
+                                 "(hellaswag=2000: the others whole); the same for every model, so runs pair "
+                                 "(instead of --limit's first N)")
+SampleSeed = typer.Option(0, help="the seed that draws --sample's documents")
 MaxWindows = typer.Option(None, min=1, help="perplexity tasks: score only the first N windows (quick partial run)")
 AllowPickle = typer.Option(False, "--allow-pickle", help="also read pickle weights (pytorch_model.bin), which can "
                            "run code when loaded; default: safetensors only")

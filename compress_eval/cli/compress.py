@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxShardSize,
-                                      MaxWindows, Offload, OffloadDir, TrustRemoteCode, int_list, user_errors)
+                                      MaxWindows, Offload, OffloadDir, Sample, SampleSeed, TrustRemoteCode, int_list,
+                                      user_errors)
 from compress_eval.config import MethodStage, load_recipe, make_config
 from compress_eval.errors import UserError
 
@@ -114,6 +115,8 @@ def compress_command(
     max_windows: int = MaxWindows,
     batch_size: int = typer.Option(1, min=1, help="evaluation batch size"),
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
+    sample: str = Sample,
+    sample_seed: int = SampleSeed,
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples"),
     gen_kwargs: str = GenKwargs,
     data_dir: str = DataDir,
@@ -133,7 +136,8 @@ def compress_command(
     Method options (see `compress-eval methods`) are given as extra flags, e.g. `--num-merge 4
     --no-permute`, or as `--set key=value`.
     """
-    from compress_eval.cli.evaluate import parse_gen_kwargs, run_evaluation
+    from compress_eval.cli.evaluate import parse_gen_kwargs, parse_limit, run_evaluation
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.tasknames import parse_tasks
     from compress_eval.methods.registry import resolve_config
     from compress_eval.pipeline import compress_to_dir
@@ -142,18 +146,20 @@ def compress_command(
     cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
                        device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
                        allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size, param_sparsity)
-    tasks = parse_tasks(then_eval) if then_eval else None  # reject bad task names before compressing
-    generation = parse_gen_kwargs(gen_kwargs)
+    # Bad evaluation settings (task names, --limit with --sample, ...) fail before compressing.
+    evaluation = EvalConfig(
+        tasks=parse_tasks(then_eval), seqlen=eval_seqlen, max_windows=max_windows, batch_size=str(batch_size),
+        device=device, dtype=dtype, limit=parse_limit(limit), sample=sample, sample_seed=sample_seed,
+        num_fewshot=num_fewshot, gen_kwargs=parse_gen_kwargs(gen_kwargs), data_dir=data_dir,
+        offload=cfg.offload) if then_eval else None  # our checkpoint: always safetensors
     if push_to_hub:
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
         raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
     path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir)
     typer.echo(f"saved {path}")
-    if tasks:
-        run_evaluation(str(path), tasks, eval_seqlen, data_dir, max_windows, batch_size, device, dtype,
-                       limit=limit, num_fewshot=num_fewshot,  # our checkpoint: always safetensors
-                       offload=cfg.offload, gen_kwargs=generation)
+    if evaluation:
+        run_evaluation(str(path), evaluation)
     if push_to_hub:  # after the evaluation, so the card on the Hub has its results
         typer.echo(f"pushed {path} to {push(path, push_to_hub, private)}")
 

@@ -7,19 +7,13 @@ from rich.console import Console
 from rich.table import Table
 
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxWindows,
-                                      Offload, TrustRemoteCode, user_errors)
+                                      Offload, Sample, SampleSeed, TrustRemoteCode, user_errors)
 from compress_eval.errors import UserError
+from compress_eval.eval_config import EvalConfig
 from compress_eval.evaluate import evaluate_and_record
 from compress_eval.tasknames import display_name, parse_tasks
 
 METRICS = ("acc", "acc_norm")
-
-
-def parse_batch_size(value: str | int) -> str:
-    text = str(value)
-    if text == "auto" or (text.isdigit() and int(text) >= 1):
-        return text
-    raise UserError(f"--batch-size must be a positive integer or auto, got {text!r}")
 
 
 def parse_limit(value: float | None) -> int | float | None:
@@ -60,14 +54,9 @@ def summary_table(title: str, ppl: dict, lm_results: dict | None) -> Table:
     return table
 
 
-def run_evaluation(target, tasks, seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit=None, num_fewshot=None, allow_pickle=False, trust_remote_code=False,
-                   offload="auto", gen_kwargs=None) -> None:
+def run_evaluation(target: str, cfg: EvalConfig) -> None:
     """Evaluate, store the results in a checkpoint directory, print the summary table."""
-    ppl, lm_results = evaluate_and_record(target, tasks, seqlen, data_dir, max_windows, parse_batch_size(batch_size),
-                                          device, dtype, parse_limit(limit), num_fewshot,
-                                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                          offload=offload, gen_kwargs=gen_kwargs)
+    ppl, lm_results = evaluate_and_record(target, cfg)
     Console(width=120).print(summary_table(str(target), ppl, lm_results))
 
 
@@ -79,6 +68,8 @@ def eval_command(
     seqlen: int = EvalSeqlen,
     max_windows: int = MaxWindows,
     limit: float = typer.Option(None, help="lm-eval tasks: only the first N documents (a fraction if < 1)"),
+    sample: str = Sample,
+    sample_seed: int = SampleSeed,
     num_fewshot: int = typer.Option(None, min=0, help="lm-eval tasks: few-shot examples (default: task's own)"),
     gen_kwargs: str = GenKwargs,
     batch_size: str = typer.Option("1", help="batch size, or auto (lm-eval finds the largest that fits)"),
@@ -94,9 +85,11 @@ def eval_command(
     Perplexity (wiki, c4) is the papers' protocol; the benchmarks run through lm-evaluation-harness
     (offline copies from the data directory when one is set, else lm-eval's Hub tasks).
     """
-    run_evaluation(model, parse_tasks(tasks), seqlen, data_dir, max_windows, batch_size, device, dtype,
-                   limit, num_fewshot, allow_pickle, trust_remote_code, offload or "auto",
-                   parse_gen_kwargs(gen_kwargs))
+    run_evaluation(model, EvalConfig(
+        tasks=parse_tasks(tasks), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
+        dtype=dtype, limit=parse_limit(limit), sample=sample, sample_seed=sample_seed, num_fewshot=num_fewshot,
+        gen_kwargs=parse_gen_kwargs(gen_kwargs), data_dir=data_dir, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, offload=offload or "auto"))
 
 
 def register(app: typer.Typer) -> None:

@@ -17,10 +17,14 @@ log = logging.getLogger(__name__)
 def leaderboard_command(
     runs_dir: Path = typer.Argument(..., help="a runs directory (one run per sub-directory) or one run"),
     out: Path = typer.Option(None, "--out", "-o", help="where to write the files (default: RUNS_DIR/leaderboard)"),
+    sort: str = typer.Option(None, help="rank the rows, best first, by a task (piqa, arc_e, c4, ...), avg (mean "
+                                        "accuracy) or ppl (the first perplexity); default: by model and method"),
 ) -> None:
     """Compare runs: method x sparsity rows, task columns, deltas against the dense (method none) run.
 
-    Reads only the run directories (manifest, results_ppl.json, lm_eval_results.json); a corrupt or
+    Deltas marked * differ from the dense row by more than chance (paired tests on the per-document
+    records); the mean accuracy has its 95 % interval. Reads only the run directories (manifest,
+    results_ppl.json, lm_eval_results.json, records.json); a corrupt or
     unfinished one is reported on stderr and skipped. Writes leaderboard.md, .csv, .html (sortable)
     and pareto.png (quality vs parameters kept and vs bytes of weights).
     """
@@ -30,7 +34,7 @@ def leaderboard_command(
     if not runs_dir.is_dir():
         raise UserError(f"runs directory {runs_dir} not found: give the --runs directory of `compress-eval batch`")
     out = out or runs_dir / "leaderboard"
-    board = build(runs_dir, exclude=out)
+    board = build(runs_dir, exclude=out, sort=sort)
     if not board.rows:
         skipped = (f" ({len(board.problems)} skipped, first {board.problems[0][0]}: {board.problems[0][1]})"
                    if board.problems else "")

@@ -91,19 +91,19 @@ def _root(name: str, data_dir: str | Path | None, hub_task: str) -> Path:
     root = resolve_data_dir(data_dir)
     if root is None:
         raise UserError(f"the offline {name} task needs a data directory: set COMPRESS_EVAL_DATA_DIR "
-                        f"(or pass data_dir), or use lm-eval's own `{hub_task}` task from the Hub")
+                        f"(or pass data_dir; `compress-eval data prepare` writes one), or use lm-eval's own `{hub_task}` task from the Hub")
     return root
 
 
 def mmmu_files(data_dir: str | Path | None = None) -> list[Path]:
     """MMMU's validation files in the data directory, in the Hub data set's own layout and schema
     (MMMU/MMMU: ``mmmu/<Subject>/validation-*.parquet``), so a snapshot of it serves as it is, and so does
-    the easy-vqa copy that ``scripts/easy_vqa_to_mmmu.py`` writes."""
+    the easy-vqa copy that ``compress-eval data easy-vqa`` writes."""
     folder = data_file(_root("mmmu", data_dir, "mmmu_val"), "mmmu")
     files = sorted(folder.glob("*/validation-*.parquet"))
     if not files:
         raise UserError(f"no MMMU validation files (SUBJECT/validation-*.parquet) in {folder}: copy the MMMU/MMMU "
-                        f"data set there, or make one with scripts/easy_vqa_to_mmmu.py --out {folder}")
+                        f"data set there, or make one with `compress-eval data easy-vqa --out {folder}`")
     return files
 
 

@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 
 from compress_eval.errors import UserError
-from compress_eval.paths import DATA_DIR_ENV, data_file
+from compress_eval.paths import DATA_DIR_ENV, data_file, prepared_data_dir
 from compress_eval.paths import data_dir as resolve_data_dir
 
 DATASETS = ("wikitext2", "c4")
 # The C4 protocol of GPTQ / SparseGPT / SLEB / FuseGPT: the first 1100 validation documents.
 C4_EVAL_DOCS = 1100
+# The papers' C4 shards on the Hub (allenai/c4): evaluation documents from the first, calibration from the other.
+C4_FILES = {"validation": "en/c4-validation.00000-of-00008.json.gz", "train": "en/c4-train.00000-of-01024.json.gz"}
 
 
 def _check_dataset(name: str) -> None:
@@ -32,7 +34,8 @@ def hub_dataset(path: str, *args, **kwargs):
         return load_dataset(path, *args, **kwargs)
     except OSError as exc:  # ConnectionError, a missing file on the Hub, offline mode
         raise UserError(f"cannot load {path!r} from the Hugging Face Hub ({str(exc).splitlines()[0]}): "
-                        f"use local data with --data-dir DIR or {DATA_DIR_ENV}=DIR (laid out like shared/data)"
+                        f"run `compress-eval data prepare` where the Hub is reachable (then copy its "
+                        f"{prepared_data_dir()} here), or use local data with --data-dir DIR or {DATA_DIR_ENV}=DIR"
                         ) from None
 
 
@@ -59,11 +62,7 @@ def c4_documents(split: str, data_dir: Path | None) -> list[str]:
         docs = pq.read_table(data_file(data_dir, "c4/c4_validation_2k.parquet"), columns=["text"])
         texts = docs.column("text").to_pylist()
         return texts[:C4_EVAL_DOCS] if split == "validation" else texts[C4_EVAL_DOCS:]
-    files = {
-        "validation": "en/c4-validation.00000-of-00008.json.gz",
-        "train": "en/c4-train.00000-of-01024.json.gz",
-    }
-    ds = hub_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+    ds = hub_dataset("allenai/c4", data_files={split: C4_FILES[split]}, split=split)
     texts = ds["text"]
     return list(texts[:C4_EVAL_DOCS]) if split == "validation" else list(texts)
 

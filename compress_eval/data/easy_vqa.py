@@ -20,6 +20,12 @@ SUBJECT = "EasyVQA"  # the one "subject" folder, as MMMU/MMMU has one per subjec
 SPLITS = {"train": "dev", "test": "validation"}  # easy-vqa's splits -> the MMMU split names written
 MMMU_IMAGES = 7  # MMMU's image_1 .. image_7 columns
 INSTALL = "pip install easy-vqa (or make setup)"
+SOURCE = """# easy-vqa as MMMU-schema multiple choice: {file}
+
+- Made by `compress-eval data easy-vqa --split {split} --seed {seed} --limit {limit}` from the PyPI package
+  `easy-vqa` {version} (MIT; https://github.com/vzhou842/easy-VQA): {n} questions, chance accuracy {chance:.4f}.
+- Options are answers of the question's own group (8 colours, 3 shapes, yes/no), at most 4, seeded.
+"""
 
 
 def _package():
@@ -94,3 +100,16 @@ def write_mmmu(rows: list[dict], out: str | Path, split: str = "test") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
     return path
+
+
+def convert(out: str | Path, split: str = "test", seed: int = 0, limit: int | None = None) -> tuple[Path, list[dict]]:
+    """``compress-eval data easy-vqa``: write a split into ``out`` (a data directory's ``mmmu`` folder) with
+    a SOURCE file saying how it was made; returns the parquet file and its rows. Same arguments, same bytes."""
+    from importlib.metadata import version
+
+    rows = mmmu_rows(split, seed, limit)
+    path = write_mmmu(rows, out, split)
+    (path.parent / f"SOURCE-{SPLITS[split]}.md").write_text(SOURCE.format(
+        file=path.name, split=split, seed=seed, limit=limit, version=version("easy-vqa"), n=len(rows),
+        chance=chance_accuracy(rows)))
+    return path, rows

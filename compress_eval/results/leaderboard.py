@@ -2,7 +2,10 @@
 deltas against the dense reference of the same model; as markdown, CSV, HTML and a Pareto plot.
 
 Deltas are only given where they mean something: a perplexity is compared with the reference's
-only when both were measured with the same window length and number of windows.
+only when both were measured with the same window length and number of windows, an accuracy only
+on the same documents. Where both runs kept per-document records, the delta is tested (paired
+bootstrap and exact McNemar, ``results.paired``) and marked when it is more than chance; the mean
+accuracy gets its 95 % interval.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress_eval.results.store import LOCK_DIR, Run, RunError, read_run
-from compress_eval.tasknames import display_name
+from compress_eval.errors import UserError
+from compress_eval.results import compare, paired
+from compress_eval.results.store import LOCK_DIR, Run, RunError, read_records, read_run
+from compress_eval.tasknames import PPL_TASKS, display_name, parse_tasks
 
 PPL_ORDER = ["wikitext2_ppl", "c4_ppl"]
 ACC_ORDER = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]  # FuseGPT's Table II
@@ -26,6 +31,9 @@ class Board:
     metrics: list[str]  # column order: perplexities, accuracies, then their mean
     problems: list[tuple[Path, str]] = field(default_factory=list)  # skipped directories and why
     deltas: dict[tuple[int, str], float] = field(default_factory=dict)  # (row index, metric) -> delta
+    # (row index, metric) -> whether the delta is more than chance (absent: not paired, no records)
+    significant: dict[tuple[int, str], bool] = field(default_factory=dict)
+    avg_interval: dict[int, tuple[float, float]] = field(default_factory=dict)  # row -> 95 % CI of avg acc
 
 
 def is_ppl(metric: str) -> bool:
@@ -68,27 +76,70 @@ def sort_key(run: Run):
     return (run.model, not run.reference, run.label, run.sparsity or 0.0, run.path.name)
 
 
-def reference_value(run: Run, metric: str, references: list[Run]) -> float | None:
-    """The dense model's value of ``metric``, measured under the same protocol as ``run``'s."""
+def sort_metric(sort: str, metrics: list[str]) -> str:
+    """The column ``--sort`` names: ``avg``, ``ppl`` (the first perplexity column) or a task, short or
+    full name (``arc_e``, ``hellaswag``, ``c4``)."""
+    if sort == "avg":
+        wanted = AVG_ACC
+    elif sort == "ppl":
+        wanted = next((m for m in metrics if is_ppl(m)), "wikitext2_ppl")
+    else:
+        task = parse_tasks(sort)[0]
+        wanted = f"{task}_ppl" if task in PPL_TASKS.values() else task
+    match = [m for m in metrics if m == wanted or display_name(m) == wanted]
+    if not match:
+        shown_names = ", ".join(["avg", "ppl"] + [display_name(m) for m in metrics if m != AVG_ACC])
+        raise UserError(f"--sort {sort}: no run has that column; sort by one of {shown_names}")
+    return match[0]
+
+
+def ranked(runs: list[Run], metric: str) -> list[Run]:
+    """Best first on ``metric`` (lowest perplexity, highest accuracy); runs without it last."""
+    sign = 1 if is_ppl(metric) else -1
+    return sorted(runs, key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0), sort_key(r)))
+
+
+def reference_value(run: Run, metric: str, references: list[Run]) -> Run | None:
+    """The dense run of ``run``'s model with ``metric`` measured under the same protocol as ``run``'s."""
     for ref in references:
         if ref.model == run.model and metric in ref.metrics and ref.protocol.get(metric) == run.protocol.get(metric):
-            return ref.metrics[metric]
+            return ref
     return None
 
 
-def build(runs_dir: Path, exclude: Path | None = None) -> Board:
+def build(runs_dir: Path, exclude: Path | None = None, sort: str | None = None) -> Board:
     runs, problems = collect(runs_dir, exclude)
     metrics = metric_order(runs)
-    add_mean_accuracy(runs, [m for m in metrics if not is_ppl(m) and m != AVG_ACC])
-    rows = sorted(runs, key=sort_key)
+    acc_metrics = [m for m in metrics if not is_ppl(m) and m != AVG_ACC]
+    add_mean_accuracy(runs, acc_metrics)
+    rows = ranked(runs, sort_metric(sort, metrics)) if sort else sorted(runs, key=sort_key)
     board = Board(rows, metrics, problems)
     references = [r for r in rows if r.reference]
+    held = {r.path: read_records(r.path) for r in rows}
     for i, run in enumerate(rows):
         for metric in metrics:
             ref = reference_value(run, metric, references)
             if not run.reference and ref is not None and metric in run.metrics:
-                board.deltas[(i, metric)] = run.metrics[metric] - ref
+                board.deltas[(i, metric)] = run.metrics[metric] - ref.metrics[metric]
+                mark_significance(board, i, ref, metric, held, acc_metrics)
+        vectors = compare.accuracy_vectors(held[run.path], [display_name(m) for m in acc_metrics])
+        if acc_metrics and vectors:
+            board.avg_interval[i] = paired.average_accuracy(vectors)[1:]
     return board
+
+
+def mark_significance(board: Board, i: int, ref: Run, metric: str, held: dict, acc_metrics: list[str]) -> None:
+    """Whether row i's delta on ``metric`` against ``ref`` is more than chance, where both kept records."""
+    run = board.rows[i]
+    names = (ref.path.name, run.path.name)
+    if metric == AVG_ACC:
+        result = compare.pair_average(held[ref.path], held[run.path], [display_name(m) for m in acc_metrics], names)
+        if result is not None:
+            board.significant[(i, metric)] = result[1] > 0 or result[2] < 0
+        return
+    pair = compare.pair_metric(held[ref.path], held[run.path], display_name(metric), names)
+    if pair is not None:
+        board.significant[(i, metric)] = pair.result.significant
 
 
 # --- cells as text -------------------------------------------------------------------------------
@@ -110,7 +161,20 @@ def metric_text(board: Board, i: int, metric: str) -> str:
         return "-"
     text = f"{shown(metric, value):.2f}"
     delta = board.deltas.get((i, metric))
-    return text if delta is None else f"{text} ({shown(metric, delta):+.2f})"
+    mark = SIGNIFICANT if board.significant.get((i, metric)) else ""
+    return text if delta is None else f"{text} ({shown(metric, delta):+.2f}{mark})"
+
+
+SIGNIFICANT = "*"
+MARKS_NOTE = (f"{SIGNIFICANT}: the delta from the dense row is more than chance at 95 % (paired bootstrap interval "
+              f"over documents excludes 0 and exact McNemar p < 0.05; perplexity: bootstrap over windows; mean "
+              f"accuracy: paired bootstrap over every task's documents). Deltas without it are within chance where "
+              f"both runs kept per-document records (records.json), untested where not.")
+
+
+def interval_text(board: Board, i: int) -> str:
+    low_high = board.avg_interval.get(i)
+    return "-" if low_high is None else f"[{100 * low_high[0]:.2f}, {100 * low_high[1]:.2f}]"
 
 
 def sparsity_text(run: Run) -> str:
@@ -127,13 +191,22 @@ def method_text(run: Run) -> str:
 
 
 HEAD = ["model", "method", "sparsity", "params kept", "weights (MB)"]
+AVG_INTERVAL_TITLE = "avg acc 95 % CI"
+
+
+def columns(board: Board) -> list[str]:
+    """The table's header: the run's description, each metric, and the mean accuracy's interval."""
+    tail = [AVG_INTERVAL_TITLE] if AVG_ACC in board.metrics else []
+    return HEAD + [metric_title(m) for m in board.metrics] + tail
 
 
 def row_cells(board: Board, i: int) -> list[str]:
     run = board.rows[i]
     megabytes = run.bytes_after / 1e6
+    tail = [interval_text(board, i)] if AVG_ACC in board.metrics else []
     return [run.model, method_text(run), sparsity_text(run), f"{100 * run.params_kept:.1f}%",
-            f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.2f}"] + [metric_text(board, i, m) for m in board.metrics]
+            f"{megabytes:.1f}" if megabytes >= 10 else f"{megabytes:.2f}"] + [metric_text(board, i, m)
+                                                                              for m in board.metrics] + tail
 
 
 def protocol_note(board: Board) -> str:
@@ -146,18 +219,25 @@ def protocol_note(board: Board) -> str:
         if is_ppl(metric):
             said = ", ".join(f"{windows} windows of {seqlen} tokens" for seqlen, windows in seen)
         else:
-            said = ", ".join(f"{n} of {total} documents" if n != total else f"all {total} documents"
-                             for n, total in seen)
+            said = ", ".join(documents_text(*seen_protocol) for seen_protocol in seen)
         parts.append(f"{metric_title(metric).removesuffix(' (%)')}: {said}")
     return "; ".join(parts) + "." if parts else ""
 
 
+def documents_text(n, total, chosen: str = "first") -> str:
+    if n == total:
+        return f"all {total} documents"
+    return f"{n} of {total} documents ({'the first' if chosen == 'first' else 'a sample, ' + chosen})"
+
+
 def markdown(board: Board) -> str:
-    head = HEAD + [metric_title(m) for m in board.metrics]
+    head = columns(board)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row_cells(board, i)) + " |" for i in range(len(board.rows))]
     note = protocol_note(board)
-    return "\n".join(lines) + "\n" + (f"\nMeasured on: {note}\n" if note else "")
+    notes = [f"Measured on: {note}"] if note else []
+    notes += [MARKS_NOTE] if board.deltas else []
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 def write_csv(board: Board, path: Path) -> None:
@@ -165,7 +245,8 @@ def write_csv(board: Board, path: Path) -> None:
     fields = ["run", "model", "method", "label", "sparsity", "removed_blocks", "blocks_before", "params_before",
               "params_after", "params_kept", "weight_bytes_before", "weight_bytes_after"]
     for metric in board.metrics:
-        fields += [metric, f"{metric}_delta"]
+        fields += [metric, f"{metric}_delta", f"{metric}_significant"]
+    fields += ["avg_acc_ci_low", "avg_acc_ci_high"]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
@@ -173,7 +254,8 @@ def write_csv(board: Board, path: Path) -> None:
             row = [r.path.name, r.model, r.method, r.label, r.sparsity, r.removed_blocks, r.blocks_before,
                    r.params_before, r.params_after, round(r.params_kept, 6), r.bytes_before, r.bytes_after]
             for metric in board.metrics:
-                row += [r.metrics.get(metric), board.deltas.get((i, metric))]
+                row += [r.metrics.get(metric), board.deltas.get((i, metric)), board.significant.get((i, metric))]
+            row += list(board.avg_interval.get(i, (None, None)))
             writer.writerow(["" if v is None else v for v in row])
 
 

@@ -3,7 +3,8 @@ writer per run at a time.
 
 A run directory is the pipeline's checkpoint (model files, ``compress_eval.json`` manifest,
 ``recipe.yaml``) plus what evaluations store beside it: ``results_ppl.json`` (our perplexity
-protocol) and ``lm_eval_results.json`` (lm-eval's own results schema); ``batch`` adds ``cell.json``.
+protocol) and ``lm_eval_results.json`` (lm-eval's own results schema); ``batch`` adds ``cell.json``;
+``records.json`` keeps each evaluation's per-document (per-window) outcomes for paired statistics.
 The leaderboard reads nothing else. ``README.md``, the model card, is rendered from the rest
 whenever the checkpoint is saved or a result is stored.
 """
@@ -25,6 +26,7 @@ from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_a
 from compress_eval.manifest import Manifest
 from compress_eval.models.adapters import is_multimodal
 from compress_eval.models.registry import hub_id
+from compress_eval.results import records
 from compress_eval.results.card import MARKER, render_card
 from compress_eval.tasknames import LM_EVAL_TASKS, PPL_TASKS, display_name
 
@@ -32,6 +34,7 @@ MANIFEST = "compress_eval.json"
 RECIPE_FILE = "recipe.yaml"
 PPL_FILE = "results_ppl.json"
 LM_EVAL_FILE = "lm_eval_results.json"
+RECORDS_FILE = "records.json"  # {"lm_eval": {task: per-document}, "ppl": {task_ppl: per-window}}
 CELL_FILE = "cell.json"  # written by `batch`: the grid cell (label, tasks, eval settings, hash)
 CARD_FILE = "README.md"
 LOCK_DIR = ".locks"
@@ -78,20 +81,41 @@ def _results(path: Path) -> dict:
 
 
 def store_ppl_results(run_dir: str | Path, results: dict) -> Path:
-    """Merge perplexity ``results`` ({task_ppl: {ppl, ...}}) into the run's results file."""
+    """Merge perplexity ``results`` ({task_ppl: {ppl, ..., window_nlls}}) into the run's results file,
+    the per-window NLLs into its records."""
     path = Path(run_dir) / PPL_FILE
-    write_json_atomic(path, {**_results(path), **results})
+    store_records(run_dir, "ppl", records.ppl_records(results))
+    summary = {task: {k: v for k, v in r.items() if k != "window_nlls"} for task, r in results.items()}
+    write_json_atomic(path, {**_results(path), **summary})
     write_card(run_dir)
     return path
 
 
-def store_lm_eval_results(run_dir: str | Path, results: dict) -> Path:
-    """Save lm-eval's results JSON in the run directory, in lm-eval's own schema.
+def store_records(run_dir: str | Path, kind: str, new: dict) -> None:
+    """Merge per-task records of ``kind`` (``lm_eval`` or ``ppl``) into the run's records file: a task
+    evaluated again replaces its records, as it replaces its result."""
+    if not new:
+        return
+    path = Path(run_dir) / RECORDS_FILE
+    held = _results(path)
+    held[kind] = {**(held.get(kind) or {}), **new}
+    write_json_atomic(path, held)
+
+
+def read_records(run_dir: str | Path) -> dict:
+    """The run's per-document records ({} when it has none: evaluated before records were kept)."""
+    return read_json(Path(run_dir) / RECORDS_FILE) or {}
+
+
+def store_lm_eval_results(run_dir: str | Path, results: dict, selection=None) -> Path:
+    """Save lm-eval's results JSON in the run directory, in lm-eval's own schema, and the per-document
+    records of its logged samples (``selection(task)``: how its documents were chosen).
 
     A later evaluation on other tasks adds its tasks: the per-task sections (``results``,
     ``configs``, ``versions``, ...) are merged, the run-level fields are those of the latest run.
     """
     path = Path(run_dir) / LM_EVAL_FILE
+    store_records(run_dir, "lm_eval", records.lm_eval_records(results.get("samples") or {}, selection))
     write_json_atomic(path, merge_lm_eval_results(_results(path), results))
     write_card(run_dir)
     return path
@@ -202,9 +226,10 @@ class Run:
     bytes_before: int
     bytes_after: int
     metrics: dict[str, float] = field(default_factory=dict)  # wikitext2_ppl, piqa (accuracy 0..1), ...
-    # ppl metric -> (seqlen, windows); lm-eval task -> (documents evaluated, documents in the task)
+    # ppl metric -> (seqlen, windows); lm-eval task -> (documents evaluated, documents in the task, how chosen)
     protocol: dict[str, tuple] = field(default_factory=dict)
     reference: bool = False  # the dense model (method none, not quantized): the row deltas refer to
+    manifest: Manifest | None = None  # what the row's detail shows (recipe, stages, seconds, peak RSS)
 
     @property
     def params_kept(self) -> float:
@@ -238,6 +263,14 @@ def lm_eval_accuracies(results: dict) -> dict[str, float]:
     return out
 
 
+def selection_text(selection: dict | None) -> str:
+    """How a task's documents were chosen, as the protocol compares it: a seeded sample is other documents
+    than the first N (unknown for runs evaluated before records were kept: taken as the first N)."""
+    if selection and "sample" in selection:
+        return f"seed {selection['seed']}"
+    return "first"
+
+
 def read_run(path: Path) -> Run:
     """Read a run directory; RunError says why it cannot be used."""
     manifest = read_manifest(path)
@@ -255,7 +288,7 @@ def read_run(path: Path) -> Run:
         removed_blocks=removed, blocks_before=manifest.blocks_before,
         params_before=manifest.params_before, params_after=manifest.params_after,
         bytes_before=manifest.weight_bytes_before, bytes_after=manifest.weight_bytes_after,
-        reference=manifest.method == "none" and not manifest.config.get("quantize"),
+        reference=manifest.method == "none" and not manifest.config.get("quantize"), manifest=manifest,
     )
     try:
         for key, value in ppl.items():
@@ -266,11 +299,12 @@ def read_run(path: Path) -> Run:
     except (KeyError, TypeError, ValueError) as exc:
         raise RunError(f"{PPL_FILE}: results lack a field ({type(exc).__name__}: {exc})") from None
     samples = lm_eval.get("n-samples") if isinstance(lm_eval.get("n-samples"), dict) else {}
+    selections = {task: r.get("selection") for task, r in (read_records(path).get("lm_eval") or {}).items()}
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)
         n = samples.get(task)
         if isinstance(n, dict) and "effective" in n:
-            run.protocol.setdefault(task, (n["effective"], n.get("original")))
+            run.protocol.setdefault(task, (n["effective"], n.get("original"), selection_text(selections.get(task))))
     if not run.metrics:
         raise RunError(f"no results yet (neither {PPL_FILE} nor {LM_EVAL_FILE})")
     return run

@@ -24,6 +24,7 @@ class PplResult:
     tokens: int
     windows: int
     seconds: float
+    window_nlls: list[float] | None = None  # each window's summed NLL, in window order (paired statistics)
 
     @property
     def tokens_per_second(self) -> float:
@@ -49,14 +50,20 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     """Perplexity of ``model`` over (n, seqlen) token windows (``progress``: with a bar)."""
     device = model_device(model)
     start = time.perf_counter()
-    total = 0.0
     local = distributed.shard(windows)  # data parallel: this process's windows, NLL summed over all
+    local_nlls: list[float] = []
     for b in bar(range(0, local.size(0), batch_size), f"ppl ({windows.size(0)} x {windows.size(1)} tokens)",
                  disable=not progress, unit="batch"):
         ids = local[b: b + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits
-        total += window_nll(logits, ids).sum().item()
-    total = distributed.all_sum(total)
+        local_nlls += window_nll(logits, ids).tolist()
+    # Every window's NLL in window order: each rank fills its own (shard's) positions, the sum joins them.
+    nlls = [0.0] * windows.size(0)
+    for k, value in zip(range(distributed.rank(), windows.size(0), distributed.world_size()), local_nlls):
+        nlls[k] = value
+    nlls = distributed.all_sum(nlls)
+    total = math.fsum(nlls)
     tokens = windows.size(0) * (windows.size(1) - 1)
     mean = total / tokens
-    return PplResult(math.exp(mean) if mean < 700 else math.inf, total, tokens, windows.size(0), time.perf_counter() - start)
+    return PplResult(math.exp(mean) if mean < 700 else math.inf, total, tokens, windows.size(0),
+                     time.perf_counter() - start, nlls)
