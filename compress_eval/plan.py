@@ -89,7 +89,7 @@ def load_config(model: str, trust_remote_code: bool = False):
     example config, or one of our model names (never its weights)."""
     from transformers import AutoConfig
 
-    from compress_eval.models.registry import ALIASES, PACKAGED, _package_dir, packaged_cache_path, resolve
+    from compress_eval.models.registry import ALIASES, PACKAGED, packaged_cache_path, packaged_gguf, resolve
 
     path = Path(model).expanduser()
     if path.is_file() or model in example_names():
