@@ -1,15 +1,19 @@
-"""Faults at scale on SmolLM2-135M: random kills of real runs, re-runs compared with uninterrupted
+"""Faults at scale (SmolLM2-135M by default): kills of real runs, re-runs compared with uninterrupted
 ones, and the bad-input table of tests/test_bad_inputs.py on the real model.
 
     COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/faults.py --kills 24 --seed 0
 
-Kills: each round picks a scenario (ShortGPT compress, FuseGPT compress with --resume, a batch of
-two cells, an eval) and a signal (SIGTERM or SIGKILL), starts the command as its own process, kills
-it at a uniformly random moment of its reference duration, then checks what it left (a half-written
-output, a temp dir after SIGTERM) and re-runs it (the same command; --resume continues FuseGPT)
-to compare with the uninterrupted reference: same removed blocks, bitwise-equal weights, equal
-perplexities. Bad inputs: every case of the test table through the CLI (in process), with the real
-model where a case names one; each must be one ``error:`` line, exit 2, no traceback, nothing left.
+Kills: each round picks a kill point, a scenario that has it (ShortGPT compress, FuseGPT compress
+with --resume, a batch of two cells, an eval) and a signal (SIGTERM or SIGKILL), starts the command
+as its own process and kills it there: a quarter of the rounds inside the checkpoint save (weights
+written, manifest not yet), a quarter right after a FuseGPT --resume state write (both through
+tests/fault_point.py, which pauses the command at that point), the rest at a uniformly random moment
+of the reference duration (which rarely falls in a save). Then it checks what the kill left (a
+half-written output, a temp dir after SIGTERM) and re-runs the command (the same one; --resume
+continues FuseGPT) to compare with the uninterrupted reference: same removed blocks, bitwise-equal
+weights, equal perplexities. Bad inputs: every case of the test table through the CLI (in process),
+with the real model where a case names one and its bad amounts written for the model's depth (so no
+case does real work); each must be one ``error:`` line, exit 2, no traceback, nothing left.
 Writes bench/results/faults.{json,md}.
 """
 
@@ -33,6 +37,10 @@ RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO / "tests"))
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+POINT = REPO / "tests" / "fault_point.py"
+# kill point -> the scenarios that pass it ("random": a moment of the run, any scenario)
+KILL_POINTS = {"save": ["compress-shortgpt", "compress-fuse-resume", "batch"],
+               "loop-state": ["compress-fuse-resume"]}
 
 
 def cli(*args) -> list[str]:
@@ -111,8 +119,36 @@ def half_written(out: Path, runs_dir: bool) -> bool:
                if c.is_dir() and not c.name.startswith("."))
 
 
-def kill_round(i: int, name: str, spec: dict, sig: str, delay: float, work: Path, env: dict,
-               reference: dict, base_checkpoint: Path) -> dict:
+def schedule(kills: int, names: list[str], durations: dict[str, float], rng: random.Random) -> list[tuple]:
+    """(scenario, kill point, signal, delay) of each round: a quarter of them at each named point, so
+    that saves and state writes are hit as often as the record needs, the rest at random moments."""
+    named = [p for p in KILL_POINTS for _ in range(kills // 4)]
+    points = named + ["random"] * (kills - len(named))
+    rng.shuffle(points)
+    rounds = []
+    for i, point in enumerate(points):
+        name = rng.choice(KILL_POINTS[point]) if point in KILL_POINTS else names[i % len(names)]
+        delay = 0.0 if point in KILL_POINTS else rng.uniform(0.05, 1.0) * durations[name]
+        rounds.append((name, point, rng.choice(list(SIGNALS)), delay))
+    return rounds
+
+
+def start_until(argv: list[str], point: str, delay: float, ready: Path, env: dict) -> subprocess.Popen:
+    """The command started, and returned at its kill point: after ``delay`` for a random moment, else
+    once tests/fault_point.py says it paused there (or the command ended without reaching it)."""
+    if point in KILL_POINTS:
+        argv = [sys.executable, str(POINT), point, str(ready), *argv[3:]]  # argv[:3]: python -m compress_eval
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if point not in KILL_POINTS:
+        time.sleep(delay)
+    while point in KILL_POINTS and not ready.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    return proc
+
+
+def kill_round(i: int, plan: tuple, spec: dict, work: Path, env: dict, reference: dict,
+               base_checkpoint: Path) -> dict:
+    name, point, sig, delay = plan
     parent = work / f"kill{i:02d}"
     parent.mkdir()
     out = parent / "out"
@@ -121,14 +157,15 @@ def kill_round(i: int, name: str, spec: dict, sig: str, delay: float, work: Path
         for f in out.glob("results_*.json"):
             f.unlink()
     argv = spec["argv"](out)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    time.sleep(delay)
+    started = time.perf_counter()
+    proc = start_until(argv, point, delay, work / f"ready{i:02d}", env)
     finished_first = proc.poll() is not None
     if not finished_first:
         proc.send_signal(SIGNALS[sig])
     _, err = proc.communicate()
     after_kill = leftovers(parent)
-    row = {"round": i, "scenario": name, "signal": sig, "delay_s": round(delay, 2), "rc": proc.returncode,
+    row = {"round": i, "scenario": name, "point": point, "signal": sig,
+           "delay_s": round(delay if point == "random" else time.perf_counter() - started, 2), "rc": proc.returncode,
            "finished_before_kill": finished_first, "traceback": "Traceback" in err,
            "half_written": False if spec.get("needs_checkpoint") else half_written(out, name == "batch"),
            "temp_dirs_after_kill": after_kill}
@@ -146,10 +183,11 @@ def kill_round(i: int, name: str, spec: dict, sig: str, delay: float, work: Path
 
 def bad_inputs(model_dir: Path, data_dir: Path, work: Path) -> list[dict]:
     """Every case of tests/test_bad_inputs.py on the real model, in process."""
-    from test_bad_inputs import CASES, run_case
+    from test_bad_inputs import CASES, depth, run_case, scaled
 
     rows = []
     for case_id, setup, args, fragment in CASES:
+        fragment = scaled(fragment, depth(model_dir))
         start = time.perf_counter()
         result, left = run_case(setup, args, model_dir, work / f"bad-{case_id}",
                                 env={"COMPRESS_EVAL_DATA_DIR": str(data_dir)})
@@ -166,19 +204,20 @@ def bad_inputs(model_dir: Path, data_dir: Path, work: Path) -> list[dict]:
 def markdown(result: dict) -> str:
     s = result["summary"]
     lines = [
-        "# Faults on SmolLM2-135M", "",
+        f"# Faults on {result['model']}", "",
         f"Command: `{result['command']}` (git {result['git_sha']}, {result['date']}, {result['seconds']:.0f} s).", "",
-        f"- kills: {s['kills']} ({s['by_signal']}); finished before the kill: {s['finished_before_kill']}",
+        f"- kills: {s['kills']} ({s['by_signal']}; at {s['by_point']}); finished before the kill: "
+        f"{s['finished_before_kill']}",
         f"- re-runs identical to the uninterrupted run: {s['identical']} / {s['kills']} "
         f"(resumed from --resume state: {s['resumed']})",
         f"- leftovers found (temp dir after SIGTERM, half-written output, temp dir after the re-run): {s['leftovers']}",
         f"- tracebacks after a kill: {s['tracebacks']}",
         f"- bad inputs tried: {s['bad_inputs']}; one-line errors (exit 2, no traceback, nothing left): "
         f"{s['one_line_errors']}", "",
-        "| round | scenario | signal | kill at (s) | rc | re-run identical | temp dirs after kill | leftover |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| round | scenario | point | signal | kill at (s) | rc | re-run identical | temp dirs after kill | leftover |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in result["kills"]:
-        lines.append(f"| {r['round']} | {r['scenario']} | {r['signal']} | {r['delay_s']} | {r['rc']} | "
+        lines.append(f"| {r['round']} | {r['scenario']} | {r['point']} | {r['signal']} | {r['delay_s']} | {r['rc']} | "
                      f"{'yes' if r['identical'] else 'NO'} | {len(r['temp_dirs_after_kill'])} | "
                      f"{'YES' if r['leftover'] else 'no'} |")
     failures = [b for b in result["bad_inputs"] if not (b["one_line"] and b["exit"] == 2 and not b["traceback"]
@@ -221,22 +260,20 @@ def main() -> None:
             reference[name] = snapshot(out)
             print(json.dumps({"reference": name, "seconds": round(durations[name], 1)}), flush=True)
         kills = []
-        names = list(specs)
-        for i in range(args.kills):
-            name = names[i % len(names)]
-            sig = rng.choice(list(SIGNALS))
-            delay = rng.uniform(0.05, 1.0) * durations[name]
-            kills.append(kill_round(i, name, specs[name], sig, delay, work, env, reference, base))
+        for i, plan in enumerate(schedule(args.kills, list(specs), durations, rng)):
+            kills.append(kill_round(i, plan, specs[plan[0]], work, env, reference, base))
             print(json.dumps(kills[-1]), flush=True)
         bad = [] if args.skip_bad_inputs else bad_inputs(Path(local_path_or_id(resolve(args.model))), data_dir, work)
     clean = [b for b in bad if b["one_line"] and b["exit"] == 2 and not b["traceback"] and not b["left"]]
     result = {
         "command": "COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/faults.py " + " ".join(sys.argv[1:]),
-        "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - started,
+        "model": args.model, "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - started,
         "reference_seconds": {k: round(v, 1) for k, v in durations.items()},
         "summary": {"kills": len(kills),
                     "by_signal": {s: sum(k["signal"] == s for k in kills) for s in SIGNALS},
                     "finished_before_kill": sum(k["finished_before_kill"] for k in kills),
+                    "by_point": {p: sum(k["point"] == p for k in kills) for p in [*KILL_POINTS, "random"]},
                     "identical": sum(k["identical"] for k in kills), "resumed": sum(k["resumed"] for k in kills),
                     "leftovers": sum(k["leftover"] for k in kills),
                     "tracebacks": sum(k["traceback"] for k in kills),

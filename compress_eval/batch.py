@@ -105,7 +105,12 @@ class _Relay(logging.Handler):
 
 def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1) -> list[Outcome]:
     """Run cells, ``jobs`` at a time (worker processes share the cores); then wait for any cell that
-    another batch was running, so that on return every cell is finished or has failed."""
+    another batch was running, so that on return every cell is finished or has failed. Every cell is
+    checked first: a grid with a bad cell runs none (rather than the good cells, then fails)."""
+    problems = check_cells(cells)
+    if problems:
+        more = f" (and {len(problems) - 1} more: `--check` lists them)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; nothing was run: fix the grid")
     runs_dir.mkdir(parents=True, exist_ok=True)
     if jobs <= 1:
         outcomes = [run_cell(c, runs_dir, data_dir) for c in cells]
@@ -132,18 +137,41 @@ def run_cells(cells: list[Cell], runs_dir: Path, data_dir=None, jobs: int = 1) -
 
 
 def check_cells(cells: list[Cell]) -> list[str]:
-    """Problems that would make cells fail, found without loading a model: unknown methods or
-    method options, unknown tasks, unknown models."""
+    """Problems that would make cells fail, found without loading a model: unknown methods or method
+    options, amounts the model's depth cannot take, unknown tasks, unknown models, local model
+    directories the loading gate refuses."""
     from compress_eval.methods.registry import get_method
+    from compress_eval.models import gate
     from compress_eval.models.registry import resolve
+    from compress_eval.plan import architecture, load_config
     from compress_eval.tasknames import parse_tasks
+
+    whole, depths = set(), {}
+
+    def model_loads(cfg) -> None:
+        source = resolve(cfg.model)
+        if source.kind == "local" and source.location not in whole:
+            gate.check(source.location, cfg.allow_pickle, cfg.trust_remote_code)
+            whole.add(source.location)
+
+    def amount_fits(cfg) -> None:
+        method = get_method(cfg)
+        if cfg.stages is not None or method.ties_modules or method.removes_sublayers or not any(
+                getattr(cfg, f) is not None for f in ("sparsity", "num_blocks", "blocks", "param_sparsity")):
+            return
+        if cfg.model not in depths:
+            depths[cfg.model] = architecture(load_config(cfg.model, cfg.trust_remote_code)).num_blocks
+        cfg.blocks_to_remove(depths[cfg.model])
+        bad = [b for b in cfg.blocks or [] if not 0 <= b < depths[cfg.model]]
+        if bad:
+            raise UserError(f"block index {bad[0]} out of range: the model has blocks 0..{depths[cfg.model] - 1}")
 
     problems = []
     for cell in cells:
-        for check in (lambda: get_method(cell.config), lambda: parse_tasks(list(cell.tasks)),
-                      lambda: resolve(cell.config.model)):
-            try:
-                check()
-            except UserError as exc:
-                problems.append(f"{cell.name}: {exc}")
+        try:  # in this order, so a cell's first problem is the one named
+            parse_tasks(list(cell.tasks))
+            model_loads(cell.config)
+            amount_fits(cell.config)
+        except UserError as exc:
+            problems.append(f"{cell.name}: {exc}")
     return list(dict.fromkeys(problems))

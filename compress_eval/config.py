@@ -223,6 +223,9 @@ class CompressConfig(Amount, Quantization):
     @classmethod
     def _method_of_stages(cls, data):
         """A staged config is named by its methods (``fuse+merge``); written out, the name comes back."""
+        if isinstance(data, dict) and data.get("stages") is not None and not isinstance(data["stages"], list):
+            raise ValueError(f"stages must be a list, one item per stage (stages: [{{method: fuse, sparsity: 0.2}}, "
+                             f"{{quantize: nf4}}]), not a {type(data['stages']).__name__}")
         if isinstance(data, dict) and isinstance(data.get("stages"), list):
             names = [s.get("method") if isinstance(s, dict) else getattr(s, "method", None) for s in data["stages"]]
             name = "+".join(n for n in names if isinstance(n, str)) or "none"

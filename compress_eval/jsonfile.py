@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compress_eval.errors import no_space_is_one_line
+
 
 def finite_or_null(value: Any) -> Any:
     """``value`` with every NaN / inf float (at any depth) replaced by None."""
@@ -45,15 +47,16 @@ def user_modes(path: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` beside ``path`` and rename it into place: a reader sees the old file or the new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        user_modes(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with no_space_is_one_line(str(path), "it keeps what it held before"):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            user_modes(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

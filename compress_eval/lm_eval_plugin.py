@@ -22,7 +22,7 @@ from lm_eval.models.huggingface import HFLM
 from compress_eval.config import CompressConfig, load_recipe, make_config
 from compress_eval.errors import UserError
 from compress_eval.manifest import Manifest
-from compress_eval.models import checkpoint
+from compress_eval.models import checkpoint, gate
 from compress_eval.models.loading import load_model
 from compress_eval.models.registry import local_path_or_id, resolve
 from compress_eval.results.store import read_manifest
@@ -129,6 +129,8 @@ class CompressedLM(HFLM):
         if self.compression is not None:
             pretrained = self.compression.model
         location = local_path_or_id(resolve(pretrained)) if isinstance(pretrained, str) else pretrained
+        if self.compression is None and isinstance(location, str) and Path(location).is_dir():
+            gate.check(location, allow_pickle, bool(kwargs.get("trust_remote_code")))  # before HFLM reads it
         super().__init__(pretrained=location, **self._tokenizer_arg(location, tokenizer, kwargs), **kwargs)
         accelerator = getattr(self, "accelerator", None)  # set by HFLM under a launcher of several processes
         if accelerator is not None and self._world_size == 1:

@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -42,6 +43,10 @@ HOST_BASELINE = IMPORTS + TOKENIZER + CALIB_CORPUS  # a compress run once calibr
 # Room kept free on each memory: allocator slack, the CUDA context (not measured here: this machine
 # has no GPU), the OS. A plan fits when its peak is at most (1 - HEADROOM) of what is available.
 HEADROOM = 0.10
+# Every row of bench/results/plan_accuracy.md is within this fraction of the measured peak: a forced
+# --offload none is refused only when the plan's peak, lowered by it, still exceeds the memory.
+PLAN_ERROR = 0.20
+NO_MEMORY_CHECK = "COMPRESS_EVAL_NO_MEMORY_CHECK"  # set: a forced --offload none runs whatever the plan says
 
 class OffloadChoice(NamedTuple):
     """``--offload auto``'s answer: the mode and a sentence for the log (unpacks as (mode, reason))."""
@@ -84,7 +89,7 @@ def load_config(model: str, trust_remote_code: bool = False):
     example config, or one of our model names (never its weights)."""
     from transformers import AutoConfig
 
-    from compress_eval.models.registry import ALIASES, PACKAGED, _package_dir, packaged_cache_path, resolve
+    from compress_eval.models.registry import ALIASES, PACKAGED, packaged_cache_path, packaged_gguf, resolve
 
     path = Path(model).expanduser()
     if path.is_file() or model in example_names():
@@ -706,14 +711,32 @@ def resolve_offload(mode: str, model: str, device: str, dtype=None, method: str 
 
     if mode not in MODES:
         raise UserError(f"unknown --offload {mode!r}: use {', '.join(MODES)}")
-    if mode != "auto":
+    if mode not in ("auto", "none") or (mode == "none" and os.environ.get(NO_MEMORY_CHECK)):
         return OffloadChoice(mode, "as asked")
     try:
-        plan = make_plan(model, method, options, device, dtype, "auto", calib_samples, seqlen, sparsity, num_blocks,
+        plan = make_plan(model, method, options, device, dtype, mode, calib_samples, seqlen, sparsity, num_blocks,
                          eval_seqlen=None, trust_remote_code=trust_remote_code)
     except (UserError, OSError, ValueError) as exc:
         return OffloadChoice("none", f"the model's size is unknown here: {str(exc).splitlines()[0]}")
+    if mode == "none":
+        refuse_beyond_memory(plan)
+        return OffloadChoice(mode, "as asked")
     return OffloadChoice(plan.offload, plan.offload_reason)
+
+
+def refuse_beyond_memory(plan: Plan) -> None:
+    """Refuse, before loading, a run kept in memory (``--offload none``) that the plan says cannot fit even
+    if it overestimates by its whole measured error: it would end in an out-of-memory kill, later."""
+    sides = [("host", plan.peak_host, plan.host_available, lambda s: s.host)]
+    if plan.device_type == "cuda":
+        sides.append(("GPU", plan.peak_device, plan.device_available, lambda s: s.device))
+    for side, peak, available, of in sides:
+        if peak * (1 - PLAN_ERROR) > available:
+            step = max(plan.steps, key=of).step
+            raise UserError(f"--offload none: the plan predicts {peak / GB:.1f} GB of {side} memory at its {step} "
+                            f"step and {available / GB:.1f} GB are available, too little even if the plan "
+                            f"overestimates by its measured {PLAN_ERROR:.0%} (bench/results/plan_accuracy.md): use "
+                            f"--offload auto to offload what does not fit, or set {NO_MEMORY_CHECK}=1 to run anyway")
 
 
 def say_offload(mode: str, reason: str) -> None:

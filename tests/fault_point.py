@@ -24,6 +24,30 @@ def pause_here(ready: Path) -> None:
     time.sleep(3600)
 
 
+def in_collective(ready: Path, rank: str) -> Path:
+    """The file that exists while a rank other than $FAULT_RANK is inside an all-reduce. With the paused
+    rank's READY_FILE it means: that rank waits there for the paused one (an all-reduce needs every rank),
+    so a test kills the paused rank then, not after a guessed delay."""
+    return ready.with_name(f"{ready.name}.rank{rank}-in-collective")
+
+
+def announce_collectives(ready: Path) -> None:
+    import torch.distributed
+
+    rank = os.environ.get("RANK")
+    if rank is None or os.environ.get("FAULT_RANK", rank) == rank:
+        return
+    all_reduce, inside = torch.distributed.all_reduce, in_collective(ready, rank)
+
+    def announced(*args, **kwargs):
+        inside.touch()
+        result = all_reduce(*args, **kwargs)
+        inside.unlink()
+        return result
+
+    torch.distributed.all_reduce = announced
+
+
 def install(point: str, ready: Path) -> None:
     from compress_eval import pipeline
     from compress_eval.methods import loop_state
@@ -82,6 +106,7 @@ def install(point: str, ready: Path) -> None:
 if __name__ == "__main__":
     point, ready, *args = sys.argv[1:]
     install(point, Path(ready))
+    announce_collectives(Path(ready))
     from compress_eval.cli.app import main
 
     sys.argv = ["compress-eval", *args]

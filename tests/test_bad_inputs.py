@@ -60,12 +60,43 @@ manifest_not_json = damaged("manifest-text", lambda p: (p / "compress_eval.json"
 no_config = damaged("no-config", lambda p: (p / "config.json").unlink())
 
 
-def recipe(text: str | bytes):
-    """Writes {tmp}/r.yaml with ``text``; the model is the plain one."""
+def depth(model_dir: Path) -> int:
+    """The number of blocks of a model directory (its config's)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers") or config["n_layer"]
+
+
+def scaled(text: str, blocks: int) -> str:
+    """``text`` with the amounts that are bad for any model written for this one's depth: {L} blocks,
+    {L+2}, {2L} (its sublayers), {beyond} (an index past the last), {all} (every index), so that no bad
+    case does real work on a deeper model (bench/faults.py runs this table on SmolLM2's 30 blocks)."""
+    tokens = {"{L}": blocks, "{L+2}": blocks + 2, "{2L}": 2 * blocks, "{beyond}": blocks + 5,
+              "{all}": ",".join(map(str, range(blocks)))}
+    for token, value in tokens.items():
+        text = text.replace(token, str(value))
+    return text
+
+
+def _config(path: Path, **values) -> None:
+    """config.json with ``values`` set (None: the key removed)."""
+    data = {**json.loads((path / "config.json").read_text()), **values}
+    (path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+
+
+no_model_type = damaged("no-model-type", lambda p: _config(p, model_type=None))
+no_tokenizer = damaged("no-tokenizer", lambda p: [f.unlink() for f in p.glob("tokenizer*")])
+more_layers = damaged("more-layers", lambda p: _config(p, num_hidden_layers=depth(p) + 2))
+
+
+def recipe(text: str | bytes, model=None):
+    """Writes {tmp}/r.yaml with ``text``; the model is the plain one, or what the setup ``model`` makes."""
 
     def setup(tmp, model_dir):
+        model_dir = model(tmp, model_dir) if model else model_dir
         target = tmp / "r.yaml"
-        target.write_bytes(text if isinstance(text, bytes) else text.replace("{model}", str(model_dir)).encode())
+        target.write_bytes(text if isinstance(text, bytes) else
+                           scaled(text.replace("{model}", str(model_dir)), depth(model_dir)).encode())
         return model_dir
 
     return setup
@@ -92,6 +123,7 @@ def vlm(tmp, model_dir):
 
 
 COMPRESS = ["compress", "{model}", "--method", "drop", "--blocks", "1"]
+GRID = ["batch", "{tmp}/r.yaml", "--runs", "{tmp}/out"]
 FUSE = ["compress", "{model}", "--method", "fuse", "--num-blocks", "1", "--calib-samples", "2", "--seqlen", "16",
         "--set", "resume={tmp}/state"]
 
@@ -119,9 +151,9 @@ CASES = [
     ("two-amounts", plain, ["compress", "{model}", "--method", "shortgpt", "--sparsity", "0.2", "--num-blocks", "1"],
      "only one of"),
     ("num-blocks-zero", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "0"], "at least 1"),
-    ("num-blocks-all", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "4"], "would leave none"),
-    ("blocks-all", plain, ["compress", "{model}", "--method", "drop", "--blocks", "0,1,2,3"], "would leave none"),
-    ("blocks-out-of-range", plain, ["compress", "{model}", "--method", "drop", "--blocks", "9"], "out of range"),
+    ("num-blocks-all", plain, ["compress", "{model}", "--method", "shortgpt", "--num-blocks", "{L}"], "would leave none"),
+    ("blocks-all", plain, ["compress", "{model}", "--method", "drop", "--blocks", "{all}"], "would leave none"),
+    ("blocks-out-of-range", plain, ["compress", "{model}", "--method", "drop", "--blocks", "{beyond}"], "out of range"),
     ("blocks-duplicate", plain, ["compress", "{model}", "--method", "drop", "--blocks", "3,3"], "listed twice"),
     ("blocks-negative", plain, ["compress", "{model}", "--method", "drop", "--blocks=-1"], "indices from 0"),
     ("blocks-not-integers", plain, ["compress", "{model}", "--method", "drop", "--blocks", "a,b"], "comma-separated integers"),
@@ -132,7 +164,7 @@ CASES = [
      "param_sparsity must be in (0, 1)"),
     ("param-sparsity-and-sparsity", plain, ["compress", "{model}", "--method", "sleb", "--param-sparsity", "0.2",
                                             "--sparsity", "0.2"], "only one of"),
-    ("sublayer-all", plain, ["compress", "{model}", "--method", "sublayer", "--num-sublayers", "8"], "would remove all"),
+    ("sublayer-all", plain, ["compress", "{model}", "--method", "sublayer", "--num-sublayers", "{2L}"], "would remove all"),
     ("sublayer-two-amounts", plain, ["compress", "{model}", "--method", "sublayer", "--num-sublayers", "1",
                                      "--param-sparsity", "0.2"], "one amount"),
     ("sublayer-blocks", plain, ["compress", "{model}", "--method", "sublayer", "--blocks", "1"], "chooses its own"),
@@ -178,7 +210,7 @@ CASES = [
     ("merge-window-reversed", plain, ["compress", "{model}", "--method", "merge", "--window", "3-2"], "LAST must be greater"),
     ("merge-window-syntax", plain, ["compress", "{model}", "--method", "merge", "--window", "x"], "FIRST-LAST"),
     ("merge-num-merge-zero", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "0"], "num_merge"),
-    ("merge-too-many", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "9"], "impossible"),
+    ("merge-too-many", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "{beyond}"], "impossible"),
     ("merge-ff-fraction-one", plain, ["compress", "{model}", "--method", "merge", "--ff-fraction", "1"], "ff_fraction"),
     ("merge-with-sparsity", plain, ["compress", "{model}", "--method", "merge", "--num-merge", "1", "--sparsity", "0.2"],
      "removes FF sublayers"),
@@ -238,6 +270,14 @@ CASES = [
     ("manifest-not-utf8", manifest_not_utf8, ["ppl", "{model}", "--seqlen", "16"], "not UTF-8"),
     ("manifest-not-json", manifest_not_json, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"], "not valid JSON"),
     ("model-dir-without-config", no_config, ["ppl", "{model}", "--seqlen", "16"], "without config.json"),
+    ("config-without-model-type", no_model_type, ["ppl", "{model}", "--seqlen", "16"], "has no model_type"),
+    ("no-tokenizer-files", no_tokenizer, COMPRESS, "has no tokenizer files"),
+    ("config-more-layers-than-weights", more_layers, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "16"],
+     "config.json names {L+2} blocks but the weights hold {L}"),
+    ("recipe-stages-a-mapping", recipe("model: {model}\nstages: {method: drop, blocks: [1]}\n"),
+     ["compress", "--recipe", "{tmp}/r.yaml"], "stages must be a list"),
+    ("recipe-stages-a-string", recipe("model: {model}\nstages: shortgpt\n"), ["compress", "--recipe", "{tmp}/r.yaml"],
+     "stages must be a list"),
     ("recipe-missing", plain, ["compress", "--recipe", "{tmp}/none.yaml"], "not found"),
     ("recipe-directory", plain, ["compress", "--recipe", "{tmp}"], "is a directory"),
     ("recipe-not-utf8", recipe(b"\xff\xfemodel: x\n"), ["compress", "--recipe", "{tmp}/r.yaml"], "not UTF-8"),
@@ -254,9 +294,26 @@ CASES = [
     ("resume-state-foreign", resume_state('{"a": 1}'), FUSE, "lacks fingerprint"),
     # other commands
     ("leaderboard-missing", plain, ["leaderboard", "{tmp}/none"], "not found"),
+    ("leaderboard-no-runs", plain, ["leaderboard", "{tmp}", "--out", "{tmp}/out"], "no finished runs"),
+    ("leaderboard-only-broken-runs", recipe("", damaged("run", lambda p: (p / "compress_eval.json").write_text("{"))),
+     ["leaderboard", "{tmp}", "--out", "{tmp}/out"], "1 skipped"),
     ("batch-grid-missing", plain, ["batch", "{tmp}/none.yaml"], "not found"),
     ("batch-grid-not-yaml", recipe("models: [unclosed\n"), ["batch", "{tmp}/r.yaml"], "not valid YAML"),
     ("batch-grid-invalid", recipe("models: []\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml"], "models"),
+    ("batch-unknown-method-after-a-good-one", recipe("models: [{model}]\nmethods: [none, nosuch]\ntasks: [wiki]\n"),
+     GRID, "unknown method"),
+    ("batch-unknown-method-option", recipe("models: [{model}]\nmethods: [none, {method: sleb, options: {x: 1}}]\n"
+                                           "sparsities: [0.25]\ntasks: [wiki]\n"), GRID, "x"),
+    ("batch-unknown-task", recipe("models: [{model}]\nmethods: [none]\ntasks: [wiki, nosuch]\n"), GRID,
+     "unknown task"),
+    ("batch-unknown-model", recipe("models: [{model}, no-such-model]\nmethods: [none]\ntasks: [wiki]\n"), GRID,
+     "unknown model"),
+    ("batch-broken-model", recipe("models: [{model}]\nmethods: [none]\ntasks: [wiki]\n", more_layers), GRID,
+     "config.json names {L+2} blocks"),
+    ("batch-amount-leaves-none", recipe("models: [{model}]\nmethods: [none, {method: shortgpt, num_blocks: [1, {L}]}]\n"
+                                        "tasks: [wiki]\n"), GRID, "would leave none"),
+    ("batch-block-out-of-range", recipe("models: [{model}]\nmethods: [none, {method: drop, blocks: [[{beyond}]]}]\n"
+                                        "tasks: [wiki]\n"), GRID, "out of range"),
     ("batch-jobs-zero", recipe("models: [x]\nmethods: [none]\ntasks: [wiki]\n"), ["batch", "{tmp}/r.yaml", "--jobs", "0"],
      "--jobs"),
     # the Hub (checked before any work)
@@ -277,7 +334,7 @@ def run_case(setup, args: list[str], model_dir: Path, work: Path, env: dict | No
     """Prepare one case in ``work`` and run it through the CLI in process: (result, leftovers)."""
     work.mkdir()
     model = setup(work, model_dir)
-    args = [a.replace("{model}", str(model)).replace("{tmp}", str(work)) for a in args]
+    args = [scaled(a.replace("{model}", str(model)).replace("{tmp}", str(work)), depth(model_dir)) for a in args]
     if args[0] == "compress" and "--out" not in args:
         args += ["--out", str(work / "out")]
     before = set(work.rglob("*"))
@@ -288,7 +345,7 @@ def run_case(setup, args: list[str], model_dir: Path, work: Path, env: dict | No
 @pytest.mark.parametrize("case_id,setup,args,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case_id, setup, args, fragment, tiny_model_dir, data_dir, tmp_path):
     result, left = run_case(setup, args, tiny_model_dir, tmp_path / "case")
-    one_line_error(result, fragment)
+    one_line_error(result, scaled(fragment, depth(tiny_model_dir)))
     assert not left
 
 

@@ -176,7 +176,10 @@ def test_cell_names_are_stable_through_method_resolution(profile):
     assert (paper.config.calib_samples, paper.config.seqlen) == (128, 2048)
 
 
-def test_a_bad_cell_fails_alone(tiny_model_dir, data_dir, tmp_path):
+def test_a_bad_cell_stops_the_grid_before_any_cell_runs(tiny_model_dir, data_dir, tmp_path):
+    """A grid is checked whole: a bad cell after a good one runs neither (one line, no runs directory)."""
+    from conftest import one_line_error
+
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"models": [str(tiny_model_dir)], "tasks": ["wikitext2"],
                                     "eval": {"seqlen": 32, "max_windows": 1},
@@ -185,14 +188,13 @@ def test_a_bad_cell_fails_alone(tiny_model_dir, data_dir, tmp_path):
     check = cli.invoke(app, ["batch", str(path), "--check"])
     assert check.exit_code == 2 and "unknown method 'nosuch'" in check.stderr
     result = cli.invoke(app, ["batch", str(path), "--runs", str(tmp_path / "runs")])
-    assert result.exit_code == 1 and "1 of 2 cells failed" in result.stderr
-    outcomes = run_cells(expand(load_grid(path)), tmp_path / "runs")
-    assert [o.status for o in outcomes] == ["skipped", "failed"] and "unknown method" in outcomes[1].message
+    one_line_error(result, "unknown method 'nosuch'")
+    assert "nothing was run" in result.stderr and not (tmp_path / "runs").exists()
     g = load_grid(path)
     g.tasks = ["wikitext2", "nosuchtask"]
-    outcomes = run_cells(expand(g)[:1], tmp_path / "runs2")
-    assert outcomes[0].status == "failed" and "unknown task" in outcomes[0].message
-    assert not (tmp_path / "runs2" / outcomes[0].cell).exists()  # refused before compressing
+    with pytest.raises(UserError, match="unknown task"):
+        run_cells(expand(g)[:1], tmp_path / "runs2")
+    assert not (tmp_path / "runs2").exists()
 
 
 def test_a_busy_cell_is_waited_for(tiny_model_dir, data_dir, tmp_path):

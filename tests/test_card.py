@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.hf_api import RepoUrl
 from typer.testing import CliRunner
 
-from conftest import one_line_error, stub_manifest
+from conftest import one_line_error, saved_model_dir, stub_manifest, tiny_model
 
 from compress_eval.cli.app import app
 from compress_eval.manifest import Manifest
@@ -27,6 +27,13 @@ def checkpoint_dir(path, **fields):
     """A directory holding only a manifest (what pipeline.save has written when it renders the card)."""
     path.mkdir()
     store.write_manifest(path, Manifest.model_validate({**stub_manifest().model_dump(), **fields}))
+    return path
+
+
+def whole_checkpoint_dir(path):
+    """A checkpoint the loading gate accepts (a push checks it first): a tiny model, its tokenizer, a manifest."""
+    saved_model_dir(path, tiny_model("llama"))
+    store.write_manifest(path, stub_manifest())
     return path
 
 
@@ -136,7 +143,7 @@ def test_run_pushes_after_its_evaluation(tiny_model_dir, data_dir, tmp_path, hub
 
 
 def test_push_command(tmp_path, hub_api):
-    run = checkpoint_dir(tmp_path / "run")
+    run = whole_checkpoint_dir(tmp_path / "run")
     result = invoke("push", run, REPO)
     assert result.exit_code == 0, result.output
     assert [c[0] for c in hub_api.calls] == ["create_repo", "upload_folder"]
@@ -164,7 +171,7 @@ def test_push_without_token_is_one_line(tmp_path, online, monkeypatch):
 def test_push_to_an_unreachable_hub_is_one_line(tmp_path, online, monkeypatch):
     """The real HfApi against a closed port: the transport's error, named, with how to push again."""
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    run = checkpoint_dir(tmp_path / "run")
+    run = whole_checkpoint_dir(tmp_path / "run")
     result = invoke("push", run, REPO)
     one_line_error(result, "cannot reach the Hugging Face Hub at http://127.0.0.1:9")
     assert f"push it again with `compress-eval push {run} {REPO}`" in result.stderr

@@ -25,9 +25,10 @@ def user_errors(fn):
             line = distributed.peer_failure(exc)
             if line is None:
                 raise
+            # Said once: the launcher's SIGTERM, which may follow (even while the line is written), is
+            # ignored from here on rather than answered with a second line; the process is ending anyway.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             typer.echo(f"error: {line}", err=True)
-            # Said once: the launcher's SIGTERM, which may follow, ends the process without a second line.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             raise typer.Exit(2) from None
 
     return wrapper

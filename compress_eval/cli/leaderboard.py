@@ -35,10 +35,13 @@ def leaderboard_command(
         raise UserError(f"runs directory {runs_dir} not found: give the --runs directory of `compress-eval batch`")
     out = out or runs_dir / "leaderboard"
     board = build(runs_dir, exclude=out, sort=sort)
+    if not board.rows:
+        skipped = (f" ({len(board.problems)} skipped, first {board.problems[0][0]}: {board.problems[0][1]})"
+                   if board.problems else "")
+        raise UserError(f"no finished runs in {runs_dir}{skipped}: give the --runs directory of a "
+                        f"`compress-eval batch` that has finished cells")
     for path, why in board.problems:
         log.warning("skipped %s: %s", path, why)
-    if not board.rows:
-        log.warning("no finished runs in %s", runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(board)
     (out / "leaderboard.md").write_text(table)

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from compress_eval.errors import UserError
+from compress_eval.errors import UserError, no_space_is_one_line
 from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
 
 STATE = "state.json"
@@ -60,12 +60,21 @@ class LoopState:
         """Write the changed blocks (original index -> module), then state.json; returns the new state."""
         self.dir.mkdir(parents=True, exist_ok=True)
         files = {orig: name for orig, name in state.get("files", {}).items() if int(orig) in state["alive"]}
-        for orig, block in changed.items():
-            name = f"block{orig}-iter{iteration}.safetensors"
-            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, self.dir / name)
-            files[str(orig)] = name
-        state = {**state, "files": files, "fingerprint": self.fingerprint}
-        write_json_atomic(self.dir / STATE, state)
+        kept, written = set(state.get("files", {}).values()), []
+        try:
+            with no_space_is_one_line(f"the --resume state in {self.dir}", "the state of the previous iteration "
+                                      "is kept, to resume from"):
+                for orig, block in changed.items():
+                    written.append(self.dir / f"block{orig}-iter{iteration}.safetensors")
+                    save_file({k: v.contiguous() for k, v in block.state_dict().items()}, written[-1])
+                    files[str(orig)] = written[-1].name
+                state = {**state, "files": files, "fingerprint": self.fingerprint}
+                write_json_atomic(self.dir / STATE, state)
+        except BaseException:  # the previous state.json names the previous files: only this call's go
+            for path in written:
+                if path.name not in kept:
+                    path.unlink(missing_ok=True)
+            raise
         for stale in self.dir.glob("block*.safetensors"):
             if stale.name not in files.values():
                 stale.unlink()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from compress_eval.errors import UserError
+from compress_eval.errors import UserError, no_space_is_one_line
 from compress_eval.jsonfile import user_modes
 from compress_eval.models.loading import copies_detached
 from compress_eval.models.offload import offloader_of, save_sharded, tensor_slots
@@ -88,6 +88,13 @@ def atomic_output_dir(out: str | Path):
     out = ensure_new_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out)
+    with no_space_is_one_line(str(out), "nothing of it was kept"), _temp_dir_for(out) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _temp_dir_for(out: Path):
+    """The temp directory of ``atomic_output_dir``: renamed to ``out`` on success, removed otherwise."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_INFIX}{os.getpid()}-", dir=out.parent))
     try:
         yield tmp

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from compress_eval.errors import UserError
+from compress_eval.models import gate
 from compress_eval.models.checkpoint import atomic_output_dir, ensure_new_output
-from compress_eval.models.loading import (absent_modules, auto_model_class, from_pretrained_tied, load_checkpoint,
-                                           untie)
+from compress_eval.models.loading import auto_model_class, from_pretrained_tied, load_checkpoint, untie
 from compress_eval.results.store import read_manifest
 
 
@@ -40,23 +40,24 @@ def dequantized(directory: str | Path) -> torch.nn.Module:
 def export_plain(directory: str | Path, out: str | Path) -> Path:
     """Write ``directory`` (our checkpoint) to ``out`` as a plain transformers checkpoint: weights,
     config, generation config, tokenizer and processor; no manifest (nothing is left to rebuild)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     manifest = read_manifest(directory)
     if manifest is None:
         raise UserError(f"{directory} is not a compress-eval checkpoint (no compress_eval.json): "
                         f"transformers loads it as it is")
     ensure_new_output(out)
+    tokenizer = gate.check(directory).tokenizer
     if manifest.quantized:
         model = dequantized(directory)
     else:
-        model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest))
+        model = from_pretrained_tied(auto_model_class(str(directory)), directory, gate.absent_modules(manifest))
     untie(model, manifest.tie_map)
     for path in manifest.skipped:
         zero_module(model.get_submodule(path))
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if (Path(directory) / "preprocessor_config.json").is_file():
             AutoProcessor.from_pretrained(directory).save_pretrained(tmp)
     return Path(out)

@@ -17,6 +17,7 @@ import torch
 
 from compress_eval import distributed
 from compress_eval.errors import UserError
+from compress_eval.models import gate
 from compress_eval.manifest import Manifest
 from compress_eval.models.adapters import is_multimodal
 from compress_eval.models.registry import local_path_or_id, resolve
@@ -66,28 +67,11 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-# Weight files that are pickles: loading one can run arbitrary code, so they need --allow-pickle.
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
 def auto_model_class(where: str, trust_remote_code: bool = False):
     """AutoModelForCausalLM, or AutoModelForImageTextToText for LLaVA-style models."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    multimodal = is_multimodal(getattr(config, "model_type", None))
-    return AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-
-
-def require_safetensors(where: str) -> None:
-    """Refuse a local directory whose weights exist only as pickles (``pytorch_model.bin``)."""
-    path = Path(where)
-    if not path.is_dir() or any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
-    if pickles:
-        raise UserError(f"{where} holds only pickle weights ({pickles[0]}), which can run code when loaded: "
-                        f"convert them to safetensors, or pass --allow-pickle if you trust the files")
+    return gate.model_class(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
 
 
 def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -107,19 +91,22 @@ def load_model(name: str, device: str | None = None, dtype: str | torch.dtype | 
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     where = local_path_or_id(source)
     trust = {"trust_remote_code": trust_remote_code}
-    if not allow_pickle:
-        require_safetensors(where)
+    tokenizer = manifest = None
+    if source.kind != "hub":  # a local directory or a packaged model's cache: loaded only when whole
+        checked = gate.check(where, allow_pickle, trust_remote_code)
+        tokenizer = checked.tokenizer
+        manifest = checked.manifest if source.kind == "local" else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **trust)
-        manifest = read_manifest(where) if source.kind == "local" else None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(where, **trust)
         if offload in ("cpu", "disk"):
             model = load_offloaded(where, manifest, offload, device, torch_dtype, offload_dir, trust_remote_code)
             return model, tokenizer, source
         if manifest is not None:
             model, _ = load_checkpoint(where, manifest, dtype=torch_dtype, device=device)
         else:
-            model = auto_model_class(where, trust_remote_code).from_pretrained(
-                where, dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **trust)
+            model = from_pretrained_tied(auto_model_class(where, trust_remote_code), where, [], dtype=torch_dtype,
+                                         use_safetensors=None if allow_pickle else True, **trust)
     except SafetensorError as exc:
         raise UserError(f"cannot read the weights of {where}: {str(exc).splitlines()[0]} (a truncated or "
                         f"corrupt .safetensors file); save or download the model again") from None
@@ -238,11 +225,6 @@ def untie(model: torch.nn.Module, tie_map: dict[str, str]) -> None:
         model.set_submodule(dst, copy.deepcopy(model.get_submodule(src)))
 
 
-def absent_modules(manifest: Manifest) -> list[str]:
-    """Module paths whose weights a checkpoint leaves out on purpose: tie-map copies, removed sublayers."""
-    return [*manifest.tie_map, *manifest.skipped]
-
-
 def restore_structure(model: torch.nn.Module, tie_map: dict[str, str], skipped: list[str]) -> None:
     """Put back on a model loaded from a checkpoint what its weights leave out on purpose: its removed
     sublayers (empty modules) and its ties."""
@@ -264,8 +246,8 @@ def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dty
     if manifest.quantized:
         quiet_int8_cast_warning()
         placement = {"device_map": {"": device}} if device else {}
-    model = from_pretrained_tied(auto_model_class(str(directory)), directory, absent_modules(manifest), dtype=dtype,
-                                 **placement)
+    model = from_pretrained_tied(auto_model_class(str(directory)), directory, gate.absent_modules(manifest),
+                                 dtype=dtype, **placement)
     restore_structure(model, manifest.tie_map, manifest.skipped)
     if manifest.quantized:
         keep_4bit_scales_on_save(model)  # a re-save after inference keeps the scales it was loaded with
@@ -273,11 +255,10 @@ def load_checkpoint(directory: str | Path, manifest: Manifest | None = None, dty
 
 
 def from_pretrained_tied(cls, directory, absent: list[str], **kwargs):
-    """``cls.from_pretrained`` without transformers' "MISSING" report for the modules whose weights are
-    absent on purpose (a tie map's copies, stored once; removed sublayers); any other missing tensor is
-    still reported."""
-    if not absent:
-        return cls.from_pretrained(directory, **kwargs)
+    """``cls.from_pretrained``, refusing a model that would run with initialised weights: any tensor
+    missing from the checkpoint is an error (the gate refuses a local directory earlier; this catches a
+    Hub download). Modules whose weights are absent on purpose (a tie map's copies, stored once;
+    removed sublayers) are not missing, and transformers' own "MISSING" report is silenced."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -287,10 +268,11 @@ def from_pretrained_tied(cls, directory, absent: list[str], **kwargs):
     finally:
         hf_logging.set_verbosity(level)
     prefixes = tuple(f"{path}." for path in absent)
-    missing = [k for k in info["missing_keys"] if not k.startswith(prefixes)]
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(prefixes))
     if missing:
-        log.warning("checkpoint %s lacks %d tensors (newly initialized): %s",
-                    directory, len(missing), ", ".join(missing[:5]))
+        raise UserError(f"the weights of {directory} lack {len(missing)} tensors the model needs: "
+                        f"{gate.listing(missing)}; they would be randomly initialised: download or save the model "
+                        f"again")
     return model
 
 

@@ -15,6 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 
 from compress_eval.errors import UserError
+from compress_eval.models import gate
 from compress_eval.results import store
 
 # Why a Hub answer refused the push, by status: what to do about it.
@@ -52,6 +53,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     if not run_dir.is_dir() or store.read_manifest(run_dir) is None:
         raise UserError(f"{run_dir} is not a compress-eval checkpoint (no {store.MANIFEST}): give a directory "
                         f"written by `compress-eval compress` or `run`")
+    gate.check(run_dir)  # a directory that does not load is not worth publishing
     store.write_card(run_dir, repo_id)
     api = HfApi()
     again = f"the checkpoint stays in {run_dir}: push it again with `compress-eval push {run_dir} {repo_id}`"
