@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compress_eval import distributed
+from compress_eval.config import CompressConfig
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 from compress_eval.eval_config import EvalConfig
@@ -48,7 +49,13 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
 
 def evaluation_offload(name_or_dir: str, offload: str, device, dtype, trust_remote_code: bool) -> str:
     """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said."""
-    choice = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, trust_remote_code=trust_remote_code)
+    from compress_eval.models.offload import MODES
+
+    if offload not in MODES:
+        raise UserError(f"unknown --offload {offload!r}: use {', '.join(MODES)}")
+    # Planned as a run that removes nothing: the model's weights and the evaluation's activations.
+    choice = resolve_offload(CompressConfig(model=name_or_dir, method="none", device=resolve_device(device),
+                                            dtype=dtype, offload=offload, trust_remote_code=trust_remote_code))
     say_offload(*choice)
     return choice.mode
 

@@ -67,12 +67,8 @@ def placement(cfg: CompressConfig) -> tuple[str, str]:
     """The offload mode of this run and why (``auto``: the plan's choice from the model's size, the
     first method's predicted activations and the free memory); stages that need the whole model at once
     refuse an offloaded one."""
-    stages = cfg.stage_list()
-    first = next((cfg.stage_config(s) if cfg.stages else cfg for s in stages if isinstance(s, MethodStage)), cfg)
-    mode, reason = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, first.method,
-                                   first.options, cfg.calib_samples, cfg.seqlen, first.sparsity, first.num_blocks,
-                                   cfg.trust_remote_code)
-    whole = next((s for s in stages if isinstance(s, (RecoverStage, QuantizeStage))), None)
+    mode, reason = resolve_offload(cfg.model_copy(update={"device": resolve_device(cfg.device)}))
+    whole = next((s for s in cfg.stage_list() if isinstance(s, (RecoverStage, QuantizeStage))), None)
     if mode != "none" and whole is not None:
         stage = f"--recover {whole.recover}" if isinstance(whole, RecoverStage) else f"--quantize {whole.quantize}"
         raise UserError(f"{stage} needs the whole model on the device at once, and this run offloads it "

@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress_eval.config import CompressConfig
 from compress_eval.errors import UserError
 from compress_eval.sizes import parse_memory
 
@@ -544,87 +545,56 @@ def device_available(device: str) -> int:
 
 
 # --- the plan --------------------------------------------------------------------------------------
-def run_shape(a: Architecture, method: str, options: dict, device_type: str, dtype_bytes: int, offload: str,
-              calib_samples: int | None = None, seqlen: int | None = None, sparsity: float | None = None,
-              num_blocks: int | None = None, eval_seqlen: int | None = 2048,
-              max_shard_bytes: int = 5 * GB) -> RunShape:
-    """The settings of ``compress MODEL --method M ...`` as the pipeline resolves them (the method's
-    options validated and its profile applied)."""
-    from compress_eval.config import make_config
-    from compress_eval.methods.ffmerge import MergeFF
-    from compress_eval.methods.fusegpt import IterativeFusion
+def run_shape(a: Architecture, cfg: CompressConfig, device_type: str, dtype_bytes: int, offload: str,
+              eval_seqlen: int | None = 2048) -> RunShape:
+    """The settings of a run as the pipeline resolves them (the method's options validated and its profile
+    applied); a recipe of several stages is planned by its first method's."""
+    from compress_eval.config import MethodStage
     from compress_eval.methods.registry import get_method, resolve_config
 
-    cfg = resolve_config(make_config(model="plan", method=method, calib_samples=calib_samples, seqlen=seqlen,
-                                     sparsity=sparsity, num_blocks=num_blocks, options=options))
-    compressor = get_method(cfg)  # unknown methods and bad options fail here, as in compress
-    o = compressor.options
-    L = a.num_blocks
-    common = dict(method=method, device_type=device_type, dtype_bytes=dtype_bytes, offload=offload,
-                  calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, eval_seqlen=eval_seqlen,
-                  max_shard_bytes=max_shard_bytes, batch_size=getattr(o, "batch_size", None) or 8)
-    amount = cfg.sparsity is not None or cfg.num_blocks is not None or cfg.blocks is not None
-    removed = cfg.blocks_to_remove(L) if amount else 1  # the method's default amount, else one block
-    if isinstance(compressor, MergeFF):
-        return RunShape(kind="merge", remove_blocks=0, score_samples=min(o.score_samples or cfg.calib_samples,
-                                                                          cfg.calib_samples),
-                        merge_window=o.window_sizes(L)[0], feature_tokens=o.feature_tokens, cka_tokens=o.cka_tokens,
-                        permute=o.permute, **common)
-    if not compressor.needs_calibration:
-        return RunShape(kind="none", remove_blocks=removed if method != "none" else 0, score_samples=0, **common)
-    if isinstance(compressor, IterativeFusion):
-        training = compressor.training
-        return RunShape(kind="fusion", remove_blocks=removed,
-                        score_samples=min(o.mi_samples or cfg.calib_samples, cfg.calib_samples),
-                        cache_on_host=o.cache_store == "cpu", training=training,
-                        group_size=getattr(o, "group_size", 0) or 0, coef_rank=getattr(o, "coef_rank", 0) or 0,
-                        lora_rank=getattr(o, "lora_rank", 0) or 0, extra_rank=getattr(o, "extra_rank", 0) or 0,
-                        kd_logits=getattr(o, "loss", None) == "kd-logits", **common)
-    # Suffix-scored methods advance one state per candidate through the blocks at once (block-major).
-    candidates = {"sleb": L - 2 if getattr(o, "protect_ends", True) else L, "drop-window": L - removed + 1,
-                  "sublayer": 2 * L}.get(method, 0)
-    return RunShape(kind="depth", remove_blocks=removed, score_samples=cfg.calib_samples,
-                    cache_on_host=getattr(o, "cache_store", "device") == "cpu",
-                    logits_scoring=candidates > 0, candidates=candidates, **common)
+    first = next((s for s in cfg.stage_list() if isinstance(s, MethodStage)), None) if cfg.stages else None
+    one = resolve_config(cfg.stage_config(first) if first else cfg)
+    compressor = get_method(one)  # unknown methods and bad options fail here, as in compress
+    return RunShape(method=one.method, device_type=device_type, dtype_bytes=dtype_bytes, offload=offload,
+                    calib_samples=one.calib_samples, seqlen=one.seqlen, eval_seqlen=eval_seqlen,
+                    max_shard_bytes=parse_memory(cfg.max_shard_size),
+                    batch_size=getattr(compressor.options, "batch_size", None) or 8,
+                    **compressor.memory_shape(a.num_blocks))
 
 
-def make_plan(model: str, method: str, options: dict | None = None, device: str = "cpu", dtype: str | None = None,
-              offload: str = "auto", calib_samples: int | None = None, seqlen: int | None = None,
-              sparsity: float | None = None, num_blocks: int | None = None, eval_seqlen: int | None = 2048,
-              max_shard_size: str = "5GB", device_memory: str | None = None, host_memory: str | None = None,
-              trust_remote_code: bool = False) -> Plan:
-    """The plan of ``compress MODEL --method M`` with these settings, and whether it fits the memory
-    given (or, when not given, what this machine has free). Cheap checks of the input come first, so
+def make_plan(cfg: CompressConfig, device_memory: str | None = None, host_memory: str | None = None,
+              eval_seqlen: int | None = 2048) -> Plan:
+    """The plan of ``compress`` with this config (on ``cfg.device``, default the CPU), and whether it fits the
+    memory given (or, when not given, what this machine has free). Cheap checks of the input come first, so
     a typo fails before the model is built."""
     import torch
 
+    from compress_eval.config import RecoverStage
     from compress_eval.methods.registry import method_class
     from compress_eval.models.loading import parse_dtype
 
+    device, offload = cfg.device or "cpu", cfg.offload
     try:
         device_type = torch.device(device).type
     except RuntimeError:
         raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if device_type not in ("cpu", "cuda"):
         raise UserError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
-    if offload not in ("auto", "none", "cpu", "disk"):
-        raise UserError(f"unknown offload mode {offload!r}: use auto, none, cpu or disk")
-    method_class(method)
-    torch_dtype = parse_dtype(dtype, device)
+    for stage in cfg.stage_list():
+        if getattr(stage, "method", None):
+            method_class(stage.method)
+    torch_dtype = parse_dtype(cfg.dtype, device)
     b = torch_dtype.itemsize
-    shard = parse_memory(max_shard_size)
     host_total = parse_memory(host_memory) if host_memory else None
     device_total = parse_memory(device_memory) if device_memory else None
     if device_type == "cpu" and None not in (device_total, host_total) and device_total != host_total:
         raise UserError("on a CPU run the device is the host: give --host-memory or --device-memory, not both")
     if device_type == "cuda" and device_total is None:
         device_available(device)  # no GPU here: ask for --device-memory before the slow part
-    a = architecture(load_config(model, trust_remote_code), trust_remote_code)
-    options = options or {}
+    a = architecture(load_config(cfg.model, cfg.trust_remote_code), cfg.trust_remote_code)
 
     def shape(mode: str) -> RunShape:
-        return run_shape(a, method, options, device_type, b, mode, calib_samples, seqlen, sparsity, num_blocks,
-                         eval_seqlen, shard)
+        return run_shape(a, cfg, device_type, b, mode, eval_seqlen)
 
     if device_type == "cpu":
         device_avail = host_avail = host_total or device_total or host_available()
@@ -650,7 +620,7 @@ def make_plan(model: str, method: str, options: dict | None = None, device: str 
     notes = []
     if device_type == "cpu" and mode == "cpu":
         notes.append("--offload cpu on a CPU device keeps every weight in the same memory: it saves nothing")
-    if str(options.get("recover", "none")) != "none":
+    if any(isinstance(s, RecoverStage) for s in cfg.stage_list()):
         notes.append("the --recover stage after the method is not predicted")
     if run.eval_seqlen:
         notes.append("ppl eval: the saved checkpoint evaluated as `compress-eval ppl` does; with --then-eval in the "
@@ -658,7 +628,7 @@ def make_plan(model: str, method: str, options: dict | None = None, device: str 
     peak_device = max(s.device for s in steps)
     peak_host = max(s.host for s in steps)
     fits = peak_device <= (1 - HEADROOM) * device_avail and peak_host <= (1 - HEADROOM) * host_avail
-    return Plan(model=model, method=method, device_type=device_type, dtype=str(torch_dtype).removeprefix("torch."),
+    return Plan(model=cfg.model, method=cfg.method, device_type=device_type, dtype=str(torch_dtype).removeprefix("torch."),
                 offload=mode, offload_reason=reason, parameters=a.parameters, weight_bytes=a.parameters * b,
                 calibration=f"{run.calib_samples} x {run.seqlen} tokens" if run.kind != "none" else "none",
                 steps=steps, peak_device=peak_device, peak_host=peak_host, device_available=device_avail,
@@ -700,22 +670,16 @@ def _verdict(fits: bool, steps: list[StepMemory], device_avail: int, host_avail:
     return f"does not fit: {numbers} (peak at {worst.step}); try {' or '.join(hints[:3])}"
 
 
-def resolve_offload(mode: str, model: str, device: str, dtype=None, method: str = "none", options: dict | None = None,
-                    calib_samples: int | None = None, seqlen: int | None = None, sparsity: float | None = None,
-                    num_blocks: int | None = None, trust_remote_code: bool = False) -> OffloadChoice:
-    """The offload mode a run uses and why: ``mode`` itself, or for ``auto`` the plan's choice for this run
-    (from the config alone: the weights and the run's predicted activations against the free memory). A
-    model whose config cannot be read here is left to the loader to report. The caller says it
-    (:func:`say_offload`) once its own checks passed."""
-    from compress_eval.models.offload import MODES
-
-    if mode not in MODES:
-        raise UserError(f"unknown --offload {mode!r}: use {', '.join(MODES)}")
+def resolve_offload(cfg: CompressConfig) -> OffloadChoice:
+    """The offload mode a run uses and why: ``cfg.offload`` itself, or for ``auto`` the plan's choice for this
+    run on ``cfg.device`` (from the config alone: the weights and the run's predicted activations against the
+    free memory). A model whose config cannot be read here is left to the loader to report. The caller says
+    it (:func:`say_offload`) once its own checks passed."""
+    mode = cfg.offload
     if mode not in ("auto", "none") or (mode == "none" and os.environ.get(NO_MEMORY_CHECK)):
         return OffloadChoice(mode, "as asked")
     try:
-        plan = make_plan(model, method, options, device, dtype, mode, calib_samples, seqlen, sparsity, num_blocks,
-                         eval_seqlen=None, trust_remote_code=trust_remote_code)
+        plan = make_plan(cfg, eval_seqlen=None)
     except (UserError, OSError, ValueError) as exc:
         return OffloadChoice("none", f"the model's size is unknown here: {str(exc).splitlines()[0]}")
     if mode == "none":

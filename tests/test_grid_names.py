@@ -1,11 +1,13 @@
-"""The committed grids' cell names (their run directories, hash included), pinned: a refactor that
-changed one would make every finished cell of that grid run again."""
+"""Run directory names, pinned: the committed grids' cells (hash included; a refactor that changed one would
+make every finished cell of that grid run again) and the directories ``compress`` names without --out."""
 
 from pathlib import Path
 
 import pytest
 
+from compress_eval.config import make_config
 from compress_eval.grid import expand, load_grid
+from compress_eval.methods.registry import resolve_config, run_name
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 
@@ -130,3 +132,27 @@ def test_every_committed_grid_is_pinned():
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_cell_names_are_unchanged(name):
     assert [cell.name for cell in expand(load_grid(GRIDS / name))] == CELLS[name]
+
+
+# compress without --out: (config values, directory)
+DEFAULT_RUNS = [
+    ({'method': 'shortgpt'}, 'smollm2-135m-shortgpt-0.25-s0'),
+    ({'method': 'shortgpt', 'sparsity': 0.3}, 'smollm2-135m-shortgpt-0.3-s0'),
+    ({'method': 'drop', 'blocks': [1, 2]}, 'smollm2-135m-drop-b1-2-s0'),
+    ({'method': 'merge'}, 'smollm2-135m-merge-0.333-s0'),
+    ({'method': 'merge', 'options': {'num_merge': 2}}, 'smollm2-135m-merge-2-s0'),
+    ({'method': 'merge', 'options': {'window': '1-2'}}, 'smollm2-135m-merge-1-2-s0'),
+    ({'method': 'merge', 'param_sparsity': 0.2}, 'smollm2-135m-merge-p0.2-s0'),
+    ({'method': 'sublayer', 'options': {'num_sublayers': 3}}, 'smollm2-135m-sublayer-3-s0'),
+    ({'method': 'sublayer', 'param_sparsity': 0.25}, 'smollm2-135m-sublayer-p0.25-s0'),
+    ({'method': 'fuse', 'num_blocks': 2}, 'smollm2-135m-fuse-2-s0'),
+    ({'method': 'none'}, 'smollm2-135m-none-0-s0'),
+    ({'method': 'sleb', 'seed': 3}, 'smollm2-135m-sleb-0.25-s3'),
+    ({'stages': [{'method': 'fuse', 'sparsity': 0.2},
+      {'method': 'merge', 'options': {'ff_fraction': 0.2}}, {'quantize': 'nf4'}]}, 'smollm2-135m-fuse-0.2+merge-0.2-s0'),
+]
+
+
+@pytest.mark.parametrize("values,name", DEFAULT_RUNS)
+def test_compress_default_directories_are_unchanged(values, name):
+    assert run_name(resolve_config(make_config(model="/x/smollm2-135m", **values))) == name

@@ -9,7 +9,7 @@ import typer
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxShardSize,
                                       MaxWindows, Offload, OffloadDir, Sample, SampleSeed, TrustRemoteCode, int_list,
                                       user_errors)
-from compress_eval.config import MethodStage, load_recipe, make_config
+from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
 
@@ -70,23 +70,6 @@ def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_
     return make_config(**values)
 
 
-def stage_amount(stage) -> str:
-    """A method stage's amount as given (or its method's default), for directory names."""
-    o = stage.options
-    amount = next((v for v in (stage.sparsity, stage.num_blocks, stage.param_sparsity and f"p{stage.param_sparsity}",
-                               stage.blocks and "b" + "-".join(map(str, stage.blocks)),
-                               o.get("num_merge"), o.get("ff_fraction"), o.get("num_sublayers"),
-                               o.get("window") if o.get("window", "auto") != "auto" else None) if v is not None), 0)
-    return str(round(amount, 3) if isinstance(amount, float) else amount)
-
-
-def default_out(cfg) -> Path:
-    """runs/MODEL-METHOD-AMOUNT-sSEED for a resolved config (the amount as given, or the method's
-    default; several stages: METHOD-AMOUNT of each, joined by +)."""
-    named = "+".join(f"{s.method}-{stage_amount(s)}" for s in cfg.stage_list() if isinstance(s, MethodStage))
-    return Path("runs") / f"{Path(cfg.model).name}-{named or cfg.method}-s{cfg.seed}"
-
-
 @user_errors
 def compress_command(
     ctx: typer.Context,
@@ -139,7 +122,7 @@ def compress_command(
     from compress_eval.cli.evaluate import parse_gen_kwargs, parse_limit, run_evaluation
     from compress_eval.eval_config import EvalConfig
     from compress_eval.tasknames import parse_tasks
-    from compress_eval.methods.registry import resolve_config
+    from compress_eval.methods.registry import resolve_config, run_name
     from compress_eval.pipeline import compress_to_dir
     from compress_eval.results.hub import check_push, push
 
@@ -156,7 +139,7 @@ def compress_command(
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
         raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
-    path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir)
+    path = compress_to_dir(cfg, out or Path("runs") / run_name(resolve_config(cfg)), data_dir)
     typer.echo(f"saved {path}")
     if evaluation:
         run_evaluation(str(path), evaluation)

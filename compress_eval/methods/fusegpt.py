@@ -134,6 +134,16 @@ class IterativeFusion(Compressor):
         return cfg.model_copy(update={key: profile[key] for key in ("calib_samples", "seqlen")
                                       if key not in cfg.model_fields_set})
 
+    def memory_shape(self, blocks: int) -> dict:
+        """Scoring from the prefix cache of --mi-samples windows, then the fine-tune of the variant."""
+        o, calib_samples = self.options, self.cfg.calib_samples
+        return {**super().memory_shape(blocks), "kind": "fusion",
+                "score_samples": min(o.mi_samples or calib_samples, calib_samples),
+                "training": self.training,
+                "group_size": getattr(o, "group_size", 0) or 0, "coef_rank": getattr(o, "coef_rank", 0) or 0,
+                "lora_rank": getattr(o, "lora_rank", 0) or 0, "extra_rank": getattr(o, "extra_rank", 0) or 0,
+                "kd_logits": getattr(o, "loss", None) == "kd-logits"}
+
     # --- one iteration's pieces ----------------------------------------------------------------
     def group_io(self, prefix: PrefixStates, calib: torch.Tensor, group: list[int], reuse: bool):
         """Inputs entering the group (calibration through the current prefix) and its outputs with f.
