@@ -11,8 +11,11 @@ from typer.testing import CliRunner
 from compress_eval.cli.app import app
 from compress_eval.config import make_config
 from compress_eval.errors import UserError
-from compress_eval.plan import (EXAMPLE_CONFIGS, GB, HEADROOM, choose_offload, example_names, make_plan,
-                                parse_memory)
+from compress_eval.architecture import EXAMPLE_CONFIGS, example_names
+from compress_eval.memory_model import GB, HEADROOM
+from compress_eval.offload_policy import choose_offload
+from compress_eval.plan import make_plan
+from compress_eval.sizes import parse_memory
 from conftest import one_line_error, saved_model_dir, tiny_model
 
 CUDA_24 = dict(device="cuda", device_memory="24GB", host_memory="64GB")
@@ -45,7 +48,7 @@ def test_llama3_parameter_counts(name, billions, blocks):
 
 
 def test_llama3_8b_exact_sizes():
-    from compress_eval.plan import architecture, load_config
+    from compress_eval.architecture import architecture, load_config
 
     a = architecture(load_config("llama3-8b"))
     assert a.parameters == 8_030_261_248
@@ -58,7 +61,7 @@ def test_tied_head_counts_once(tmp_path):
     """init_empty_weights leaves a tied head untied on the meta device: counted once all the same."""
     import transformers as tf
 
-    from compress_eval.plan import architecture
+    from compress_eval.architecture import architecture
 
     config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

@@ -52,20 +52,15 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
     return options
 
 
-def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                 device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None,
-                 allow_pickle=False, trust_remote_code=False, offload=None, offload_dir=None, max_shard_size=None,
-                 param_sparsity=None):
-    values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
-                  param_sparsity=param_sparsity,
-                  calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
-                  dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
-                  allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None,
-                  offload=offload, offload_dir=offload_dir, max_shard_size=max_shard_size,
-                  options=parse_options(options, extra))
+def build_config(recipe, options: list[str] | None, extra: list[str] | None, **flags):
+    """The run's config from the CompressConfig ``flags`` given (None: not given), over the ``recipe`` when
+    there is one, with the method options of ``--set`` pairs and extra flags."""
+    values = {**flags, "blocks": int_list(flags.get("blocks")), "options": parse_options(options, extra),
+              "allow_pickle": flags.get("allow_pickle") or None,
+              "trust_remote_code": flags.get("trust_remote_code") or None}
     if recipe:
         return load_recipe(recipe, **values)
-    if method is None:
+    if values.get("method") is None:
         raise UserError("no method given: use --method (see `compress-eval compress --help`) or --recipe")
     return make_config(**values)
 
@@ -126,9 +121,12 @@ def compress_command(
     from compress_eval.pipeline import compress_to_dir
     from compress_eval.results.hub import check_push, push
 
-    cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                       device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
-                       allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size, param_sparsity)
+    cfg = build_config(recipe, options, ctx.args, model=model, method=method, sparsity=sparsity, num_blocks=num_blocks,
+                       blocks=blocks, param_sparsity=param_sparsity, calib_data=calib_data,
+                       calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+                       quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, offload=offload,
+                       offload_dir=offload_dir, max_shard_size=max_shard_size)
     # Bad evaluation settings (task names, --limit with --sample, ...) fail before compressing.
     evaluation = EvalConfig(
         tasks=parse_tasks(then_eval), seqlen=eval_seqlen, max_windows=max_windows, batch_size=str(batch_size),

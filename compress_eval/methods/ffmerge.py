@@ -206,8 +206,8 @@ class MergeFF(Compressor):
     def memory_shape(self, blocks: int) -> dict:
         """One window of FF sublayers averaged at a time, from features of the scored windows."""
         o, calib_samples = self.options, self.cfg.calib_samples
-        return {"kind": "merge", "remove_blocks": 0, "score_samples": min(o.score_samples or calib_samples, calib_samples),
-                "merge_window": o.window_sizes(blocks)[0], "feature_tokens": o.feature_tokens,
+        return {"kind": "merge", "remove_blocks": 0,
+                "score_samples": min(o.score_samples or calib_samples, calib_samples), "merge_window": o.window_sizes(blocks)[0], "feature_tokens": o.feature_tokens,
                 "cka_tokens": o.cka_tokens, "permute": o.permute}
 
     def compress(self, adapter, calib) -> CompressionRecord:

@@ -218,13 +218,14 @@ class IterativeFusion(Compressor):
             teacher = runner.logits(runner.run(target, self.suffix_start, stop))
         return kl_of_logits(runner.logits(runner.run(student_out, self.suffix_start, stop)), teacher)
 
-    def fine_tune(self, runner, group, f, inputs, targets, coef, slow, gen, label) -> list[float]:
+    def fine_tune(self, runner, group, f, data, params, gen, label) -> list[float]:
         """Adam(0.9, 0.95), two learning rates, cosine decay over all steps; returns epoch mean losses.
+        ``data``: the group's (inputs, targets); ``params``: the trainable (coefficients, slow weights).
         Data parallel: each process runs its members of every batch (kl-batch's softmax then spans
         each process's part of the batch), and the gradients are summed.
 
         A NaN/inf loss or trainable weight stops it at that step with a :class:`UserError`."""
-        o = self.options
+        o, (inputs, targets), (coef, slow) = self.options, data, params
         groups = [g for g in ({"params": coef, "lr": o.lr_coef, "flag": "--lr-coef"},
                               {"params": slow, "lr": o.lr_lora, "flag": "--lr-lora"}) if g["params"]]
         lrs = {g.pop("flag"): g["lr"] for g in groups}
@@ -325,7 +326,7 @@ class IterativeFusion(Compressor):
                         coef, slow, r = self.make_student(adapter, group, f, gen, injected)
                         del injected
                         ranks.update(r)
-                        losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
+                        losses = self.fine_tune(runner, group, f, (inputs, targets), (coef, slow), gen, label)
                         del inputs, targets, coef, slow
                         if o.collapse:
                             for j in group:
