@@ -1,5 +1,7 @@
 """The method interface: a method takes a model, its adapter and calibration windows, changes the
-model in place and returns a record for the manifest. It never loads data or writes files."""
+model in place and returns a record for the manifest. It never loads data and writes nothing into the
+run directory (its charts go back in the record); the one file it may write is a long method's own
+resumable state, in the directory the user names (FuseGPT's ``--resume``, ``methods.loop_state``)."""
 
 from __future__ import annotations
 
