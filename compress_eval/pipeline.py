@@ -24,7 +24,7 @@ from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.base import Compressor
-from compress_eval.methods.registry import defaulted_amount, resolve_config, stage_methods
+from compress_eval.methods.registry import defaulted_amount, resolve_config, run_name, stage_methods
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, load_processor, resolve_device
@@ -228,8 +228,10 @@ def save(result: Compressed, out: str | Path) -> Path:
     return out
 
 
-def compress_to_dir(cfg: CompressConfig, out: str | Path, data_dir: str | Path | None = None) -> Path:
-    """Compress and save; data parallel, process 0 writes and the others wait until it has."""
+def compress_to_dir(cfg: CompressConfig, out: str | Path | None, data_dir: str | Path | None = None) -> Path:
+    """Compress and save (``out`` None: to ``runs/`` :func:`~compress_eval.methods.registry.run_name`); data
+    parallel, process 0 writes and the others wait until it has."""
+    out = Path("runs") / run_name(resolve_config(cfg)) if out is None else out
     checkpoint.ensure_new_output(out)  # fail before the slow part, not after it
     result = compress(cfg, data_dir)
     if distributed.is_main():

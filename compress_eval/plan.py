@@ -52,13 +52,13 @@ class Plan(BaseModel):
 
 def run_shape(a: Architecture, cfg: CompressConfig, device_type: str, dtype_bytes: int, offload: str,
               eval_seqlen: int | None = 2048) -> RunShape:
-    """The settings of a run as the pipeline resolves them (the method's options validated and its profile
-    applied); a recipe of several stages is planned by its first method's."""
+    """The settings of a resolved run (the method's options validated, its profile applied); a recipe of
+    several stages is planned by its first method's."""
     from compress_eval.config import MethodStage
-    from compress_eval.methods.registry import get_method, resolve_config
+    from compress_eval.methods.registry import get_method
 
     first = next((s for s in cfg.stage_list() if isinstance(s, MethodStage)), None) if cfg.stages else None
-    one = resolve_config(cfg.stage_config(first) if first else cfg)
+    one = cfg.stage_config(first) if first else cfg
     compressor = get_method(one)  # unknown methods and bad options fail here, as in compress
     return RunShape(method=one.method, device_type=device_type, dtype_bytes=dtype_bytes, offload=offload,
                     calib_samples=one.calib_samples, seqlen=one.seqlen, eval_seqlen=eval_seqlen,
@@ -70,8 +70,16 @@ def run_shape(a: Architecture, cfg: CompressConfig, device_type: str, dtype_byte
 def make_plan(cfg: CompressConfig, device_memory: str | None = None, host_memory: str | None = None,
               eval_seqlen: int | None = 2048) -> Plan:
     """The plan of ``compress`` with this config (on ``cfg.device``, default the CPU), and whether it fits the
-    memory given (or, when not given, what this machine has free). Cheap checks of the input come first, so
-    a typo fails before the model is built."""
+    memory given (or, when not given, what this machine has free)."""
+    from compress_eval.methods.registry import resolve_config
+
+    return plan_resolved(resolve_config(cfg), device_memory, host_memory, eval_seqlen)
+
+
+def plan_resolved(cfg: CompressConfig, device_memory: str | None = None, host_memory: str | None = None,
+                  eval_seqlen: int | None = 2048) -> Plan:
+    """:func:`make_plan` of a config already resolved (the pipeline's). Cheap checks of the input come
+    first, so a typo fails before the model is built."""
     import torch
 
     from compress_eval.config import RecoverStage
@@ -177,15 +185,15 @@ def _verdict(fits: bool, steps: list[StepMemory], device_avail: int, host_avail:
 
 
 def resolve_offload(cfg: CompressConfig) -> OffloadChoice:
-    """The offload mode a run uses and why: ``cfg.offload`` itself, or for ``auto`` the plan's choice for this
-    run on ``cfg.device`` (from the config alone: the weights and the run's predicted activations against the
+    """The offload mode a (resolved) run uses and why: ``cfg.offload`` itself, or for ``auto`` the plan's choice
+    for this run on ``cfg.device`` (from the config alone: the weights and the run's predicted activations against the
     free memory). A model whose config cannot be read here is left to the loader to report. The caller says
     it (:func:`say_offload`) once its own checks passed."""
     mode = cfg.offload
     if mode not in ("auto", "none") or (mode == "none" and os.environ.get(NO_MEMORY_CHECK)):
         return OffloadChoice(mode, "as asked")
     try:
-        plan = make_plan(cfg, eval_seqlen=None)
+        plan = plan_resolved(cfg, eval_seqlen=None)
     except (UserError, OSError, ValueError) as exc:
         return OffloadChoice("none", f"the model's size is unknown here: {str(exc).splitlines()[0]}")
     if mode == "none":

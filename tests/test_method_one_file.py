@@ -51,9 +51,10 @@ def test_a_method_from_one_file_runs_everywhere(tiny_model_dir, data_dir, tmp_pa
                      host_memory="64GB")
     assert plan.method == "toy-last" and plan.fits
 
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "toy-last", "--out", str(out)])
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "toy-last"])
     assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "tiny-llama-toy-last-0.25-s0"  # named by its default amount
     manifest = json.loads((out / "compress_eval.json").read_text())
     assert manifest["removed_blocks"] == [3] and manifest["config"]["sparsity"] == 0.25  # its default amount
     assert "toy-last" in ModelCard.load(out / "README.md").data.tags
@@ -62,7 +63,7 @@ def test_a_method_from_one_file_runs_everywhere(tiny_model_dir, data_dir, tmp_pa
                 eval={"seqlen": 16, "max_windows": 2})
     cells = expand(grid)
     assert [c.name.rsplit("_", 1)[0] for c in cells] == ["tiny-llama_toy-last_s0.5"]
-    assert [o.status for o in run_cells(cells, tmp_path / "runs")] == ["ran"]
-    run = tmp_path / "runs" / cells[0].name
+    assert [o.status for o in run_cells(cells, tmp_path / "grid")] == ["ran"]
+    run = tmp_path / "grid" / cells[0].name
     assert json.loads((run / "compress_eval.json").read_text())["removed_blocks"] == [2, 3]
     assert "wikitext2" in (run / "README.md").read_text()

@@ -117,7 +117,6 @@ def compress_command(
     from compress_eval.cli.evaluate import parse_gen_kwargs, parse_limit, run_evaluation
     from compress_eval.eval_config import EvalConfig
     from compress_eval.tasknames import parse_tasks
-    from compress_eval.methods.registry import resolve_config, run_name
     from compress_eval.pipeline import compress_to_dir
     from compress_eval.results.hub import check_push, push
 
@@ -137,7 +136,7 @@ def compress_command(
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
         raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
-    path = compress_to_dir(cfg, out or Path("runs") / run_name(resolve_config(cfg)), data_dir)
+    path = compress_to_dir(cfg, out, data_dir)
     typer.echo(f"saved {path}")
     if evaluation:
         run_evaluation(str(path), evaluation)
