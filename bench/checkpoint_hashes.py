@@ -5,6 +5,9 @@ that it changes no checkpoint bit.
     PYTHONPATH=. python3 bench/checkpoint_hashes.py --out before.json
     PYTHONPATH=. python3 bench/checkpoint_hashes.py --out after.json --compare before.json
 
+bench/results/checkpoint_hashes.json holds the fingerprints of commit b47d5be (before issue 34's refactor),
+made with this machine's torch and transformers: other versions may change the bits.
+
 Each run is keyed ``family/method``; its value is the sha256 of every saved safetensors file and of the
 manifest without what changes from run to run (timings, dates, memory, versions, paths), or the one-line
 error a run gave. Too slow for CI (a few minutes on two cores).
