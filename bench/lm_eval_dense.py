@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from compress_eval.eval_config import EvalConfig
 from compress_eval.evaluate import evaluate
 from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 
@@ -65,7 +66,8 @@ def main() -> None:
         windows = args.ppl_windows or None
         meta = {"pretrained": args.model, "seqlen": args.seqlen}
         r, seconds, n = run_task(lm, task, windows, meta)
-        ours = evaluate(args.model, [dataset], args.seqlen, max_windows=windows, device="cpu", progress=False)
+        ours = evaluate(args.model, EvalConfig(tasks=[dataset], seqlen=args.seqlen, max_windows=windows, device="cpu",
+                                               progress=False))
         ours = ours[f"{dataset}_ppl"]
         rows.append({"task": task, "n": n, "seqlen": args.seqlen, "seconds": round(seconds, 1),
                      "lm_eval_ppl": r["token_perplexity,none"], "compress_eval_ppl": ours["ppl"],

@@ -11,7 +11,7 @@ the plan's predictions:
     ppl        the ppl process's peak RSS on the saved checkpoint, vs the plan's ``ppl eval`` step
 
 The baseline probe measures the host memory the plan adds to every step (imports, tokenizer,
-tokenized corpora: the constants of ``compress_eval/plan.py``) and reports them beside the constants.
+tokenized corpora: the constants of ``compress_eval/memory_model.py``) and reports them beside the constants.
 
     flock /tmp/compress-eval-locks/heavy.lock python bench/plan_accuracy.py      # ~12 min on 2 cores
     python bench/plan_accuracy.py --rows shortgpt-fp32,merge-bf16                 # a few rows
@@ -145,9 +145,9 @@ def baseline(env: dict) -> dict:
         out = subprocess.run([sys.executable, "-c", BASELINE_PROBE, MODEL, process], capture_output=True, text=True,
                              env=env, cwd=REPO, check=True)
         measured.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    from compress_eval import plan as plan_module
+    from compress_eval import memory_model
 
-    return {k: {"measured_mib": round(v / MiB), "plan_mib": round(getattr(plan_module, k) / MiB)}
+    return {k: {"measured_mib": round(v / MiB), "plan_mib": round(getattr(memory_model, k) / MiB)}
             for k, v in measured.items()}
 
 
@@ -190,7 +190,7 @@ def write_results(report: dict, command: str) -> None:
         steps = ", ".join(f"{k} {mib(v)}" for k, v in r["predicted"]["steps"].items())
         lines.append(f"| {r['row']} | {steps} |")
     lines += ["", "Baseline probe (host memory the plan adds to every step; MiB):", "",
-              "| constant | measured now | in compress_eval/plan.py |", "|---|---|---|"]
+              "| constant | measured now | in compress_eval/memory_model.py |", "|---|---|---|"]
     for k, v in report["baseline"].items():
         lines.append(f"| {k} | {v['measured_mib']} | {v['plan_mib']} |")
     lines += ["", f"Total time {report['seconds']:.0f} s.", "", "Notes:", "",

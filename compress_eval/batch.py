@@ -143,7 +143,7 @@ def check_cells(cells: list[Cell]) -> list[str]:
     from compress_eval.methods.registry import get_method
     from compress_eval.models import gate
     from compress_eval.models.registry import resolve
-    from compress_eval.plan import architecture, load_config
+    from compress_eval.architecture import architecture, load_config
     from compress_eval.tasknames import parse_tasks
 
     whole, depths = set(), {}

@@ -66,6 +66,9 @@ class RecoveryOptions(MethodOptions):
         return self.recover_loss != "ce"
 
 
+AMOUNT_PREFIX = {"sparsity": "s", "num_blocks": "n", "param_sparsity": "p"}
+
+
 class Amount(MethodOptions):
     """How much a method removes: one of a fraction of the blocks, a number of them, which, or a fraction
     of the decoder's parameters (so that methods that remove blocks and methods that remove parts of
@@ -81,8 +84,17 @@ class Amount(MethodOptions):
         """The amount fields, as given (None where not)."""
         return {k: getattr(self, k) for k in Amount.model_fields}
 
-    def amount_given(self) -> bool:
-        return any(v is not None for v in self.amount().values())
+    def given(self) -> dict[str, Any]:
+        """The amount the user gave, ``{field: value}`` (empty: none; the validator allows one)."""
+        return {k: v for k, v in self.amount().items() if v is not None}
+
+    def label(self) -> str:
+        """The amount in a run directory's name: s0.25, n2, p0.3, b3-4, or empty when none was given."""
+        for key, value in self.given().items():
+            if key == "blocks":
+                return "b" + "-".join(map(str, value)) if value else ""
+            return AMOUNT_PREFIX[key] + (f"{value:g}" if isinstance(value, float) else str(value))
+        return ""
 
     @field_validator("blocks")
     @classmethod
@@ -104,8 +116,7 @@ class Amount(MethodOptions):
 
     @model_validator(mode="after")
     def _one_amount(self):
-        given = [x is not None for x in (self.sparsity, self.num_blocks, self.blocks, self.param_sparsity)]
-        if sum(given) > 1:
+        if len(self.given()) > 1:
             raise ValueError("give only one of sparsity, num_blocks, blocks, param_sparsity")
         return self
 
@@ -279,14 +290,12 @@ class CompressConfig(Amount, Quantization):
     def blocks_to_remove(self, num_layers: int) -> int:
         """ceil(L * sparsity) as the papers round (guarding against 30 * 0.1 = 3.0000000000000004). A
         fraction of the parameters is the same fraction of the blocks: a decoder's blocks are one size."""
-        if self.blocks is not None:
-            n = len(set(self.blocks))
-        elif self.num_blocks is not None:
-            n = self.num_blocks
-        elif self.sparsity is not None or self.param_sparsity is not None:
-            n = math.ceil(round(num_layers * (self.sparsity or self.param_sparsity), 6))
-        else:
+        given = self.given()
+        if not given:
             raise UserError(f"method {self.method!r} needs an amount: give --sparsity or --num-blocks")
+        (key, value), = given.items()
+        n = len(set(value)) if key == "blocks" else value if key == "num_blocks" else \
+            math.ceil(round(num_layers * value, 6))
         if n < 1:
             raise UserError("nothing to remove: --num-blocks must be at least 1")
         if n >= num_layers:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compress_eval import distributed
+from compress_eval.config import CompressConfig
 from compress_eval.data.calibration import eval_windows
 from compress_eval.errors import UserError
 from compress_eval.eval_config import EvalConfig
@@ -24,7 +25,8 @@ from compress_eval.models.loading import load_model, resolve_device
 from compress_eval.models.registry import resolve
 from compress_eval.paths import cache_dir
 from compress_eval.paths import data_dir as resolve_data_dir
-from compress_eval.plan import resolve_offload, say_offload
+from compress_eval.offload_policy import say_offload
+from compress_eval.plan import resolve_offload
 from compress_eval.results import store
 from compress_eval.scoring.ppl import perplexity
 from compress_eval.tasknames import PPL_TASKS, display_name, lm_eval_task_name, split_image_tasks, split_tasks
@@ -48,17 +50,24 @@ def evaluate_ppl(model, tokenizer, tasks: list[str], seqlen: int = 2048, data_di
 
 def evaluation_offload(name_or_dir: str, offload: str, device, dtype, trust_remote_code: bool) -> str:
     """The offload mode of an evaluation (``auto``: from the model's size and the free memory), said."""
-    choice = resolve_offload(offload, name_or_dir, resolve_device(device), dtype, trust_remote_code=trust_remote_code)
+    from compress_eval.models.offload import MODES
+
+    if offload not in MODES:
+        raise UserError(f"unknown --offload {offload!r}: use {', '.join(MODES)}")
+    # Planned as a run that removes nothing: the model's weights and the evaluation's activations.
+    choice = resolve_offload(CompressConfig(model=name_or_dir, method="none", device=resolve_device(device),
+                                            dtype=dtype, offload=offload, trust_remote_code=trust_remote_code))
     say_offload(*choice)
     return choice.mode
 
 
-def evaluate(name_or_dir: str, tasks: list[str], seqlen: int = 2048, data_dir=None, max_windows=None,
-             batch_size: int = 1, device=None, dtype=None, progress: bool = True, *, allow_pickle: bool = False,
-             trust_remote_code: bool = False, offload: str = "auto") -> dict:
-    offload = evaluation_offload(name_or_dir, offload, device, dtype, trust_remote_code)
-    model, tokenizer, _ = load_model(name_or_dir, device, dtype, allow_pickle, trust_remote_code, offload)
-    return evaluate_ppl(model, tokenizer, tasks, seqlen, data_dir, max_windows, batch_size, progress)
+def evaluate(name_or_dir: str, cfg: EvalConfig) -> dict:
+    """The perplexity of a model on ``cfg.tasks`` (wikitext2, c4), loaded as ``cfg`` says."""
+    offload = evaluation_offload(name_or_dir, cfg.offload, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    model, tokenizer, _ = load_model(name_or_dir, cfg.device, cfg.dtype, cfg.allow_pickle, cfg.trust_remote_code,
+                                     offload)
+    return evaluate_ppl(model, tokenizer, list(cfg.tasks), cfg.seqlen, cfg.data_dir, cfg.max_windows, cfg.ppl_batch,
+                        cfg.progress)
 
 
 # The files that decide a checkpoint's answers (results files written beside them do not).
@@ -170,9 +179,7 @@ def evaluate_tasks(name_or_dir: str, cfg: EvalConfig) -> tuple[dict, dict | None
     """
     ppl_tasks, lm_tasks = split_tasks(list(cfg.tasks))
     if not lm_tasks:
-        return evaluate(name_or_dir, ppl_tasks, cfg.seqlen, cfg.data_dir, cfg.max_windows, cfg.ppl_batch, cfg.device,
-                        cfg.dtype, cfg.progress, allow_pickle=cfg.allow_pickle,
-                        trust_remote_code=cfg.trust_remote_code, offload=cfg.offload), None
+        return evaluate(name_or_dir, cfg), None
     for task in lm_tasks:
         lm_eval_task_name(task, cfg.data_dir)  # a ce_ task without a data directory fails before the model loads
     offload = evaluation_offload(name_or_dir, cfg.offload, cfg.device, cfg.dtype, cfg.trust_remote_code)

@@ -138,11 +138,7 @@ class Cell:
     @property
     def name(self) -> str:
         """Run directory name: readable prefix (model, label, amount) + the hash that identifies it."""
-        cfg = self.config
-        amount = (f"s{cfg.sparsity:g}" if cfg.sparsity is not None else f"n{cfg.num_blocks}"
-                  if cfg.num_blocks is not None else f"p{cfg.param_sparsity:g}" if cfg.param_sparsity is not None
-                  else "b" + "-".join(map(str, cfg.blocks)) if cfg.blocks else "")
-        parts = [Path(cfg.model).name, self.label, amount, self.key]
+        parts = [Path(self.config.model).name, self.label, self.config.label(), self.key]
         return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p)
 
     def record(self) -> dict:

@@ -1,5 +1,6 @@
 """The one path for the data: load -> calibrate -> compress (score, remove, fuse or merge) -> recover
--> quantize -> save; a multi-stage recipe runs its methods and fine-tunes in order on the same path. Evaluation and recording follow in ``evaluate.evaluate_and_record``.
+-> quantize -> save; a multi-stage recipe runs its methods and fine-tunes in order on the same path (the
+stages themselves: ``stages``). Evaluation and recording follow in ``evaluate.evaluate_and_record``.
 
 Each step reads the previous step's output and nothing else; the CLI commands are thin wrappers.
 """
@@ -10,46 +11,32 @@ import copy
 import datetime as _dt
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from compress_eval import distributed
-from compress_eval.config import CompressConfig, MethodStage, QuantizeStage, RecoverStage, dump_recipe
+from compress_eval.config import CompressConfig, QuantizeStage, RecoverStage, dump_recipe
 from compress_eval.data.calibration import calibration_windows, training_windows
 from compress_eval.data.image_text import IMAGE_TEXT, image_text_windows, images_in_embeddings
 from compress_eval.errors import UserError
 from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
-from compress_eval.methods.recovery import fine_tune
-from compress_eval.methods.base import CompressionRecord, Compressor
-from compress_eval.methods.registry import defaulted_amount, resolve_config, stage_methods
+from compress_eval.methods.base import Compressor
+from compress_eval.methods.registry import defaulted_amount, resolve_config, run_name, stage_methods
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
-from compress_eval.models.loading import load_model, load_processor, resolve_device, shared_modules
+from compress_eval.models.loading import load_model, load_processor, resolve_device
 from compress_eval.models.sublayers import skipped_paths
+from compress_eval.offload_policy import say_offload
 from compress_eval.paths import data_dir as resolve_data_dir
-from compress_eval.plan import resolve_offload, say_offload
-from compress_eval.quantize import bnb_config, quantize_model, require_unquantized
+from compress_eval.plan import resolve_offload
+from compress_eval.quantize import bnb_config, require_unquantized
 from compress_eval.results import store
+from compress_eval.stages import MethodRun, QuantizeRun, RecoverRun, RunContext, Timer, stage_runs
 
 log = logging.getLogger(__name__)
-
-
-class Timer:
-    """Named wall-clock timings of the pipeline's steps, for the manifest (a step run in several stages
-    adds up)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(self.seconds.get(name, 0) + time.perf_counter() - start, 3)
 
 
 @dataclass
@@ -67,12 +54,8 @@ def placement(cfg: CompressConfig) -> tuple[str, str]:
     """The offload mode of this run and why (``auto``: the plan's choice from the model's size, the
     first method's predicted activations and the free memory); stages that need the whole model at once
     refuse an offloaded one."""
-    stages = cfg.stage_list()
-    first = next((cfg.stage_config(s) if cfg.stages else cfg for s in stages if isinstance(s, MethodStage)), cfg)
-    mode, reason = resolve_offload(cfg.offload, cfg.model, resolve_device(cfg.device), cfg.dtype, first.method,
-                                   first.options, cfg.calib_samples, cfg.seqlen, first.sparsity, first.num_blocks,
-                                   cfg.trust_remote_code)
-    whole = next((s for s in stages if isinstance(s, (RecoverStage, QuantizeStage))), None)
+    mode, reason = resolve_offload(cfg.model_copy(update={"device": resolve_device(cfg.device)}))
+    whole = next((s for s in cfg.stage_list() if isinstance(s, (RecoverStage, QuantizeStage))), None)
     if mode != "none" and whole is not None:
         stage = f"--recover {whole.recover}" if isinstance(whole, RecoverStage) else f"--quantize {whole.quantize}"
         raise UserError(f"{stage} needs the whole model on the device at once, and this run offloads it "
@@ -81,13 +64,11 @@ def placement(cfg: CompressConfig) -> tuple[str, str]:
     return mode, reason
 
 
-def require_whole_sublayers(methods: list[Compressor | None], model) -> None:
+def require_whole_sublayers(methods: list[Compressor], model) -> None:
     """Refuse, before any method runs, a method that reads blocks' linears (fusion, merging) where a
     block lacks a sublayer: in the loaded checkpoint, or after an earlier sublayer stage."""
     why = "the model it is given lacks" if skipped_paths(model) else None
     for method in methods:
-        if method is None:
-            continue
         if why and not method.runs_partial_blocks:
             raise UserError(f"method {method.name!r} reads every block's attention and MLP, and {why} some: "
                             f"run it before the sublayer pruning, or on a checkpoint without removed sublayers")
@@ -135,108 +116,94 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     What is compressed is said at DEBUG (the log file); INFO is for notices (a default amount, an
     offloaded model, a recipe's stages), so input refused once the model is loaded (a block out of
     range) is still answered by its one error line alone."""
-    timer = Timer()
     default = defaulted_amount(cfg)
     cfg = resolve_config(cfg)
-    stages = cfg.stage_list()
-    methods = stage_methods(cfg)  # validates the methods and their options before any heavy work
-    quantize = stages[-1] if isinstance(stages[-1], QuantizeStage) else None
-    if quantize:
-        bnb_config(quantize.quantize, quantize.double_quant, quantize.compute_dtype)  # bitsandbytes installed?
+    runs = stage_runs(cfg, stage_methods(cfg))  # validates the methods and their options before any heavy work
+    if isinstance(runs[-1], QuantizeRun):
+        bnb_config(runs[-1].stage.quantize, runs[-1].stage.double_quant, runs[-1].stage.compute_dtype)  # installed?
+    context, processor, tokenizer, source, offload = _load(cfg, runs)
+    before = _size(context)
+    calib, images = _calibrate(context, runs, processor, tokenizer, data_dir)
+    log.debug("compressing %s (%d blocks) with %s", cfg.model, context.adapter.num_blocks, cfg.method)
+    if default:
+        log.info("no amount given: %s (%s's default)", default, cfg.method)
+    if any(isinstance(r, RecoverRun) and r.stage.distils for r in runs):
+        context.teacher = distillation_teacher(context.model, source, cfg, offload)
+    with images_in_embeddings(images, context.model, context.teacher):
+        done = [r.run(context.model, calib, context) for r in runs if r.on_floats]
+    context.finish()
+    done += [r.run(context.model, calib, context) for r in runs if not r.on_floats]
+    base = BaseModelRef(name=cfg.model, kind=source.kind, location=source.location)
+    manifest = _manifest(context, done, {**before, "base_model": base, "offload": offload,
+                                         "distributed": distributed.record(0 if calib is None else calib.size(0))},
+                         data_dir)
+    artifacts = {(f"stage{n}-{name}" if len(context.records) > 1 else name): content
+                 for n, _, r in context.records for name, content in r.artifacts.items()}
+    return Compressed(context.model, tokenizer, manifest, artifacts, processor)
+
+
+def _load(cfg: CompressConfig, runs: list) -> tuple:
+    """The model placed as the plan says, checked for what the stages need, in a fresh run context."""
     offload, reason = placement(cfg)
     torch.manual_seed(cfg.seed)
+    timer = Timer()
     with timer.step("load"):
         model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype, cfg.allow_pickle,
                                               cfg.trust_remote_code, offload, cfg.offload_dir)
         processor = load_processor(model, cfg.model, cfg.trust_remote_code)
     say_offload(offload, reason)
     require_unquantized(model, cfg.model)
-    require_whole_sublayers(methods, model)
-    adapter = get_adapter(model)
-    blocks_before = adapter.num_blocks
-    params_before, bytes_before = checkpoint.parameter_count(model), checkpoint.weight_bytes(model)
-    calib = images = None
-    if any(m is not None and m.needs_calibration for m in methods) or any(isinstance(s, RecoverStage) for s in stages):
-        adapter.require_context(cfg.seqlen, "--seqlen")
-        with timer.step("calibrate"):
-            if cfg.calib_data in IMAGE_TEXT:
-                images = image_text_windows(model, processor, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
-                                            cfg.seed)
-                calib = images.ids
-            else:
-                calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen,
-                                            cfg.seed, data_dir)
-            # Each recovery stage's text, read now: a missing train split fails before any method runs.
-            training = {n: recovery_windows(s, calib, tokenizer, cfg, data_dir) for n, s in enumerate(stages, 1)
-                        if isinstance(s, RecoverStage)}
-    log.debug("compressing %s (%d blocks) with %s", cfg.model, blocks_before, cfg.method)
-    if default:
-        log.info("no amount given: %s (%s's default)", default, cfg.method)
-    teacher = distillation_teacher(model, source, cfg, offload) if any(
-        isinstance(s, RecoverStage) and s.distils for s in stages) else None
-    original = list(range(blocks_before))  # the original index of each block still there
-    done: list[StageRecord] = []
-    records: list[tuple[int, Compressor, CompressionRecord]] = []
-    recovery = quantization = None
-    with images_in_embeddings(images, model, teacher):
-        for number, (stage, method) in enumerate(zip(stages, methods), 1):
-            if stage is quantize:
-                break
-            start, removed, tied, skipped_before = time.perf_counter(), [], [], skipped_paths(model)
-            if method is not None:
-                if len(stages) > 1:
-                    log.info("stage %d/%d: %s", number, len(stages), method.name)
-                with timer.step("compress"):
-                    record = method.compress(adapter, calib)
-                gone = set(record.removed_blocks)
-                record = replace(record, removed_blocks=[original[i] for i in record.removed_blocks])
-                original = [b for i, b in enumerate(original) if i not in gone]
-                records.append((number, method, record))
-                removed, tied = record.removed_blocks, sorted(record.tie_map)
-            else:
-                with timer.step("recover"):
-                    recovery = fine_tune(model, training.pop(number), stage, seed=cfg.seed,
-                                         teacher=teacher if stage.distils else None)
-            done.append(StageRecord(kind="method" if method else "recover", method=method and method.name,
-                                    removed_blocks=removed, tied=tied,
-                                    skipped=[p for p in skipped_paths(model) if p not in skipped_before],
-                                    params_after=checkpoint.parameter_count(model),
-                                    weight_bytes_after=checkpoint.weight_bytes(model),
-                                    seconds=round(time.perf_counter() - start, 3)))
-    records = [(n, m, m.finish(adapter, r)) for n, m, r in records]
-    tie_map = shared_modules(model)  # this run's ties and those of the checkpoint it started from
-    params_after = checkpoint.parameter_count(model)  # before quantization: bitsandbytes packs 2 per byte
-    if quantize:
-        log.info("quantizing to %s with bitsandbytes", quantize.quantize)
-        start = time.perf_counter()
-        with timer.step("quantize"):
-            model, quantization = quantize_model(model, quantize.quantize, quantize.double_quant,
-                                                 quantize.compute_dtype, tie_map)
-        done.append(StageRecord(kind="quantize", params_after=params_after,
-                                weight_bytes_after=checkpoint.weight_bytes(model),
-                                seconds=round(time.perf_counter() - start, 3)))
+    require_whole_sublayers([r.method for r in runs if isinstance(r, MethodRun)], model)
+    context = RunContext(cfg, model, get_adapter(model), len(runs), timer)
+    return context, processor, tokenizer, source, offload
+
+
+def _calibrate(context: RunContext, runs: list, processor, tokenizer, data_dir) -> tuple:
+    """The calibration windows (and a VLM's images) the stages read, and each recovery stage's text, read
+    now: a missing train split fails before any method runs. None where no stage reads them."""
+    cfg, model = context.cfg, context.model
+    if not any(isinstance(r, RecoverRun) or (isinstance(r, MethodRun) and r.method.needs_calibration)
+               for r in runs):
+        return None, None
+    context.adapter.require_context(cfg.seqlen, "--seqlen")
+    images = None
+    with context.timer.step("calibrate"):
+        if cfg.calib_data in IMAGE_TEXT:
+            images = image_text_windows(model, processor, cfg.calib_data, cfg.calib_samples, cfg.seqlen, cfg.seed)
+            calib = images.ids
+        else:
+            calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen, cfg.seed, data_dir)
+        context.training = {r.number: recovery_windows(r.stage, calib, tokenizer, cfg, data_dir) for r in runs
+                            if isinstance(r, RecoverRun)}
+    return calib, images
+
+
+def _size(context: RunContext) -> dict:
+    """The model's size before any stage, for the manifest."""
+    return dict(blocks_before=context.adapter.num_blocks, params_before=checkpoint.parameter_count(context.model),
+                weight_bytes_before=checkpoint.weight_bytes(context.model))
+
+
+def _manifest(context: RunContext, done: list[StageRecord], known: dict, data_dir) -> Manifest:
+    """The manifest of a finished run: its config, each stage's record, the sizes after; ``known``: what the
+    run knew before its stages (base model, sizes before, placement)."""
+    cfg, records, model = context.cfg, context.records, context.model
     several = len(records) > 1
     details = {f"{n}:{m.name}": r.details for n, m, r in records} if several else \
         (records[0][2].details if records else {})
-    artifacts = {(f"stage{n}-{name}" if several else name): content
-                 for n, _, r in records for name, content in r.artifacts.items()}
-    manifest = Manifest(
+    return Manifest(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        base_model=BaseModelRef(name=cfg.model, kind=source.kind, location=source.location),
         method=cfg.method, config=cfg.model_dump(mode="json"),
         method_options=records[0][1].options.model_dump(mode="json") if len(records) == 1 else {},
-        recipe=dump_recipe(cfg), seed=cfg.seed, data_dir=_data_source(data_dir),
-        blocks_before=blocks_before, blocks_after=adapter.num_blocks,
-        removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=tie_map,
-        skipped=skipped_paths(model),
-        params_before=params_before, params_after=params_after,
-        weight_bytes_before=bytes_before, weight_bytes_after=checkpoint.weight_bytes(model),
-        offload=offload, distributed=distributed.record(0 if calib is None else calib.size(0)),
-        quantization=quantization, recovery=recovery, stages=done, details=details,
-        timings_s=timer.seconds, peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(),
+        recipe=dump_recipe(cfg), seed=cfg.seed, data_dir=_data_source(data_dir), **known,
+        blocks_after=context.adapter.num_blocks,
+        removed_blocks=[b for _, _, r in records for b in r.removed_blocks], tie_map=context.tie_map,
+        skipped=skipped_paths(model), params_after=context.params_after,
+        weight_bytes_after=checkpoint.weight_bytes(model),
+        quantization=context.quantization, recovery=context.recovery, stages=done, details=details,
+        timings_s=context.timer.seconds, peak_rss_mb=peak_rss_mb(), versions=checkpoint.package_versions(),
         git_sha=checkpoint.git_sha(),
     )
-    return Compressed(model, tokenizer, manifest, artifacts, processor)
 
 
 def _data_source(data_dir: str | Path | None) -> str | None:
@@ -253,8 +220,7 @@ def save(result: Compressed, out: str | Path) -> Path:
     with checkpoint.atomic_output_dir(out) as tmp:
         checkpoint.save_model_files(result.model, result.tokenizer, tmp, manifest.tie_map,
                                     manifest.config.get("max_shard_size", "5GB"), result.processor)
-        for name, content in result.artifacts.items():
-            (tmp / name).write_bytes(content)
+        store.write_artifacts(tmp, result.artifacts)
         store.write_recipe(tmp, manifest.recipe)
         manifest.timings_s["save"] = round(time.perf_counter() - start, 3)
         store.write_manifest(tmp, manifest)
@@ -262,8 +228,10 @@ def save(result: Compressed, out: str | Path) -> Path:
     return out
 
 
-def compress_to_dir(cfg: CompressConfig, out: str | Path, data_dir: str | Path | None = None) -> Path:
-    """Compress and save; data parallel, process 0 writes and the others wait until it has."""
+def compress_to_dir(cfg: CompressConfig, out: str | Path | None, data_dir: str | Path | None = None) -> Path:
+    """Compress and save (``out`` None: to ``runs/`` :func:`~compress_eval.methods.registry.run_name`); data
+    parallel, process 0 writes and the others wait until it has."""
+    out = Path("runs") / run_name(resolve_config(cfg)) if out is None else out
     checkpoint.ensure_new_output(out)  # fail before the slow part, not after it
     result = compress(cfg, data_dir)
     if distributed.is_main():

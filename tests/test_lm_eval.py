@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from compress_eval.cli.app import app
 from compress_eval.errors import UserError
+from compress_eval.eval_config import EvalConfig
 from compress_eval.evaluate import cache_key, evaluate
 from compress_eval.tasknames import parse_tasks
 from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
@@ -96,7 +97,8 @@ def test_tiny_model_on_every_offline_task(tiny_model_dir, shared_data):
 def test_ppl_task_equals_our_ppl(tiny_model_dir, data_dir, dataset):
     from lm_eval import simple_evaluate
 
-    ours = evaluate(str(tiny_model_dir), [dataset], seqlen=32, max_windows=6, device="cpu", progress=False)
+    ours = evaluate(str(tiny_model_dir), EvalConfig(tasks=[dataset], seqlen=32, max_windows=6, device="cpu",
+                                                    progress=False))
     theirs = simple_evaluate(model="compressed", model_args={"pretrained": str(tiny_model_dir)},
                              tasks=[f"{dataset}_ppl"], limit=6, device="cpu", log_samples=False,
                              task_manager=manager(pretrained=str(tiny_model_dir), seqlen=32))
@@ -194,7 +196,7 @@ def test_smollm2_ppl_task_equals_our_ppl(smollm2_lm, shared_data):
 
     # C4: WikiText-2's first window opens with a whitespace-only token, which lm-eval cannot take as
     # a context (one token goes unscored: ~4e-3 on 4 short windows, ~1e-5 over the full protocol).
-    ours = evaluate("smollm2-135m", ["c4"], seqlen=256, max_windows=4, device="cpu", progress=False)
+    ours = evaluate("smollm2-135m", EvalConfig(tasks=["c4"], seqlen=256, max_windows=4, device="cpu", progress=False))
     theirs = simple_evaluate(model=smollm2_lm, tasks=["c4_ppl"], limit=4, log_samples=False,
                              task_manager=manager(pretrained="smollm2-135m", seqlen=256))
     ppl = theirs["results"]["c4_ppl"]["token_perplexity,none"]

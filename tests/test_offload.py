@@ -172,7 +172,7 @@ def test_auto_keeps_a_small_model_in_memory(tmp_path, six_block_dir, caplog):
 
 
 def test_choose_offload_rule():
-    from compress_eval.plan import choose_offload
+    from compress_eval.offload_policy import choose_offload
 
     gb = 10**9
     assert choose_offload(16 * gb, 2 * gb, 80 * gb, 64 * gb, "cuda")[0] == "none"
@@ -224,13 +224,12 @@ def test_cli_compress_with_offload(tmp_path, six_block_dir):
 
 
 def test_evaluation_of_an_offloaded_model_equals_in_memory(tiny_model_dir, data_dir):
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import evaluate
     from compress_eval.lm_eval_plugin import CompressedLM
 
-    mem = evaluate(str(tiny_model_dir), ["wikitext2"], seqlen=32, max_windows=4, device="cpu", progress=False,
-                   offload="none")
-    disk = evaluate(str(tiny_model_dir), ["wikitext2"], seqlen=32, max_windows=4, device="cpu", progress=False,
-                    offload="disk")
+    mem, disk = (evaluate(str(tiny_model_dir), EvalConfig(tasks=["wikitext2"], seqlen=32, max_windows=4, device="cpu",
+                                                          progress=False, offload=mode)) for mode in ("none", "disk"))
     assert disk["wikitext2_ppl"]["ppl"] == mem["wikitext2_ppl"]["ppl"]
     requests = [("The quick brown", " fox"), ("A model that is", " compressed")]
 
@@ -244,7 +243,8 @@ def test_evaluation_of_an_offloaded_model_equals_in_memory(tiny_model_dir, data_
 
 
 def test_unknown_offload_mode_is_refused(tiny_model_dir):
+    from compress_eval.eval_config import EvalConfig
     from compress_eval.evaluate import evaluate
 
     with pytest.raises(UserError, match="unknown --offload 'gpu': use auto, none, cpu, disk"):
-        evaluate(str(tiny_model_dir), ["wikitext2"], seqlen=32, device="cpu", offload="gpu")
+        evaluate(str(tiny_model_dir), EvalConfig(tasks=["wikitext2"], seqlen=32, device="cpu", offload="gpu"))

@@ -95,10 +95,12 @@ def test_a_full_disk_while_saving_a_resume_state_keeps_the_previous_iteration(tm
 @pytest.fixture
 def predicted(tiny_model_dir):
     """The plan's peak host memory for the compression the memory tests run (what they make scarce)."""
+    from compress_eval.config import make_config
     from compress_eval.plan import make_plan
 
-    return make_plan(str(tiny_model_dir), "drop", {}, "cpu", None, "none", 8, 512, None, None,
-                     eval_seqlen=None).peak_host
+    cfg = make_config(model=str(tiny_model_dir), method="drop", device="cpu", offload="none", calib_samples=8,
+                      seqlen=512)
+    return make_plan(cfg, eval_seqlen=None).peak_host
 
 
 COMPRESS_IN_MEMORY = ["compress", "{model}", "--method", "drop", "--blocks", "1", "--offload", "none"]

@@ -9,7 +9,7 @@ import typer
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, GenKwargs, MaxShardSize,
                                       MaxWindows, Offload, OffloadDir, Sample, SampleSeed, TrustRemoteCode, int_list,
                                       user_errors)
-from compress_eval.config import MethodStage, load_recipe, make_config
+from compress_eval.config import load_recipe, make_config
 from compress_eval.errors import UserError
 
 
@@ -52,39 +52,17 @@ def parse_options(pairs: list[str] | None, extra: list[str] | None = None) -> di
     return options
 
 
-def build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                 device, dtype, recipe, options, extra=None, quantize=None, double_quant=None, compute_dtype=None,
-                 allow_pickle=False, trust_remote_code=False, offload=None, offload_dir=None, max_shard_size=None,
-                 param_sparsity=None):
-    values = dict(model=model, method=method, sparsity=sparsity, num_blocks=num_blocks, blocks=int_list(blocks),
-                  param_sparsity=param_sparsity,
-                  calib_data=calib_data, calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device,
-                  dtype=dtype, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
-                  allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None,
-                  offload=offload, offload_dir=offload_dir, max_shard_size=max_shard_size,
-                  options=parse_options(options, extra))
+def build_config(recipe, options: list[str] | None, extra: list[str] | None, **flags):
+    """The run's config from the CompressConfig ``flags`` given (None: not given), over the ``recipe`` when
+    there is one, with the method options of ``--set`` pairs and extra flags."""
+    values = {**flags, "blocks": int_list(flags.get("blocks")), "options": parse_options(options, extra),
+              "allow_pickle": flags.get("allow_pickle") or None,
+              "trust_remote_code": flags.get("trust_remote_code") or None}
     if recipe:
         return load_recipe(recipe, **values)
-    if method is None:
+    if values.get("method") is None:
         raise UserError("no method given: use --method (see `compress-eval compress --help`) or --recipe")
     return make_config(**values)
-
-
-def stage_amount(stage) -> str:
-    """A method stage's amount as given (or its method's default), for directory names."""
-    o = stage.options
-    amount = next((v for v in (stage.sparsity, stage.num_blocks, stage.param_sparsity and f"p{stage.param_sparsity}",
-                               stage.blocks and "b" + "-".join(map(str, stage.blocks)),
-                               o.get("num_merge"), o.get("ff_fraction"), o.get("num_sublayers"),
-                               o.get("window") if o.get("window", "auto") != "auto" else None) if v is not None), 0)
-    return str(round(amount, 3) if isinstance(amount, float) else amount)
-
-
-def default_out(cfg) -> Path:
-    """runs/MODEL-METHOD-AMOUNT-sSEED for a resolved config (the amount as given, or the method's
-    default; several stages: METHOD-AMOUNT of each, joined by +)."""
-    named = "+".join(f"{s.method}-{stage_amount(s)}" for s in cfg.stage_list() if isinstance(s, MethodStage))
-    return Path("runs") / f"{Path(cfg.model).name}-{named or cfg.method}-s{cfg.seed}"
 
 
 @user_errors
@@ -139,13 +117,15 @@ def compress_command(
     from compress_eval.cli.evaluate import parse_gen_kwargs, parse_limit, run_evaluation
     from compress_eval.eval_config import EvalConfig
     from compress_eval.tasknames import parse_tasks
-    from compress_eval.methods.registry import resolve_config
     from compress_eval.pipeline import compress_to_dir
     from compress_eval.results.hub import check_push, push
 
-    cfg = build_config(model, method, sparsity, num_blocks, blocks, calib_data, calib_samples, seqlen, seed,
-                       device, dtype, recipe, options, ctx.args, quantize, double_quant, compute_dtype,
-                       allow_pickle, trust_remote_code, offload, offload_dir, max_shard_size, param_sparsity)
+    cfg = build_config(recipe, options, ctx.args, model=model, method=method, sparsity=sparsity, num_blocks=num_blocks,
+                       blocks=blocks, param_sparsity=param_sparsity, calib_data=calib_data,
+                       calib_samples=calib_samples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+                       quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, offload=offload,
+                       offload_dir=offload_dir, max_shard_size=max_shard_size)
     # Bad evaluation settings (task names, --limit with --sample, ...) fail before compressing.
     evaluation = EvalConfig(
         tasks=parse_tasks(then_eval), seqlen=eval_seqlen, max_windows=max_windows, batch_size=str(batch_size),
@@ -156,7 +136,7 @@ def compress_command(
         check_push(push_to_hub)  # a bad id, offline mode or no token: known now, not after the compression
     elif private:
         raise UserError("--private applies to --push-to-hub: add --push-to-hub REPO, or drop --private")
-    path = compress_to_dir(cfg, out or default_out(resolve_config(cfg)), data_dir)
+    path = compress_to_dir(cfg, out, data_dir)
     typer.echo(f"saved {path}")
     if evaluation:
         run_evaluation(str(path), evaluation)

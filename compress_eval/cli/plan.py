@@ -40,15 +40,16 @@ def plan_command(
 
     Method options are given as in `compress`: extra flags (`--num-merge 2`) or `--set key=value`.
     """
+    from compress_eval.config import make_config
     from compress_eval.plan import make_plan
 
     opts = parse_options(options, ctx.args)
     if profile is not None:
         opts["profile"] = profile
-    plan = make_plan(model, method, opts, device=device, dtype=dtype, offload=offload, calib_samples=calib_samples,
-                     seqlen=seqlen, sparsity=sparsity, num_blocks=num_blocks,
-                     eval_seqlen=None if no_eval else eval_seqlen, max_shard_size=max_shard_size,
-                     device_memory=device_memory, host_memory=host_memory, trust_remote_code=trust_remote_code)
+    cfg = make_config(model=model, method=method, options=opts, device=device, dtype=dtype, offload=offload,
+                      calib_samples=calib_samples, seqlen=seqlen, sparsity=sparsity, num_blocks=num_blocks,
+                      max_shard_size=max_shard_size, trust_remote_code=trust_remote_code or None)
+    plan = make_plan(cfg, device_memory, host_memory, eval_seqlen=None if no_eval else eval_seqlen)
     if as_json:
         typer.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
         return

@@ -6,6 +6,7 @@ import typer
 
 from compress_eval.cli.common import (AllowPickle, DataDir, Device, Dtype, EvalSeqlen, MaxWindows, Offload,
                                       TrustRemoteCode, user_errors)
+from compress_eval.eval_config import EvalConfig
 from compress_eval.evaluate import evaluate
 from compress_eval.tasknames import PPL_TASKS
 
@@ -29,8 +30,10 @@ def ppl_command(
         from compress_eval.errors import UserError
 
         raise UserError(f"unknown dataset {dataset!r}: use wikitext2 or c4")
-    results = evaluate(model, [dataset], seqlen, data_dir, max_windows, batch_size, device, dtype,
-                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, offload=offload or "auto")
+    results = evaluate(model, EvalConfig(tasks=[dataset], seqlen=seqlen, data_dir=data_dir, max_windows=max_windows,
+                                         batch_size=str(batch_size), device=device, dtype=dtype,
+                                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                         offload=offload or "auto"))
     r = next(iter(results.values()))
     typer.echo(f"{r['windows']} windows x {seqlen} tokens, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s")
     typer.echo(f"{r['ppl']:.4f}")

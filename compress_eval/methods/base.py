@@ -1,5 +1,7 @@
 """The method interface: a method takes a model, its adapter and calibration windows, changes the
-model in place and returns a record for the manifest. It never loads data or writes files."""
+model in place and returns a record for the manifest. It never loads data and writes nothing into the
+run directory (its charts go back in the record); the one file it may write is a long method's own
+resumable state, in the directory the user names (FuseGPT's ``--resume``, ``methods.loop_state``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from compress_eval.config import CompressConfig, MethodOptions
+from compress_eval.config import Amount, CompressConfig, MethodOptions
 from compress_eval.models.adapters import Adapter
 
 
@@ -54,10 +56,33 @@ class Compressor(ABC):
         return cfg
 
     @classmethod
-    def amount_given(cls, cfg: CompressConfig) -> bool:
-        """Whether the user said how much to remove (depth methods: --sparsity/--num-blocks/--blocks/
-        --param-sparsity)."""
-        return cfg.amount_given()
+    def given_amount(cls, cfg: Amount) -> dict[str, Any]:
+        """How much the user said to remove, ``{field or option: value}`` in the order a run directory names
+        them (empty: nothing said, so :attr:`default_amount` applies). Depth methods read the
+        :class:`Amount` fields; a method with an amount of its own (merge's --ff-fraction) adds it."""
+        return cfg.given()
+
+    @classmethod
+    def run_label(cls, stage: Amount) -> str:
+        """The amount in the directory ``compress`` names without --out (``0.25``, ``2``, ``p0.3``, ``b3-4``,
+        an option's value; ``0``: none), from a resolved stage."""
+        key, value = next(iter(cls.given_amount(stage).items()), (None, 0))
+        if key == "blocks":
+            return "b" + "-".join(map(str, value))
+        if key == "param_sparsity":
+            return f"p{value}"
+        return str(round(value, 3) if isinstance(value, float) else value)
+
+    def memory_shape(self, blocks: int) -> dict[str, Any]:
+        """What this method's run holds in memory, as ``plan.RunShape`` fields (besides the settings every
+        run shares), for a model of ``blocks`` blocks: by default one pass that scores blocks from the
+        prefix cache of every calibration window, or none without calibration."""
+        cfg, o = self.cfg, self.options
+        removed = cfg.blocks_to_remove(blocks) if cfg.given() else 1  # the method's default amount, else one
+        if not self.needs_calibration:
+            return {"kind": "none", "remove_blocks": removed, "score_samples": 0}
+        return {"kind": "depth", "remove_blocks": removed, "score_samples": cfg.calib_samples,
+                "cache_on_host": getattr(o, "cache_store", "device") == "cpu"}
 
     @abstractmethod
     def compress(self, adapter: Adapter, calib: torch.Tensor | None) -> CompressionRecord:

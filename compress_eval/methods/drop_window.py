@@ -19,6 +19,11 @@ class DropWindow(Compressor):
     default_amount = DEPTH_DEFAULT
     summary = "remove the contiguous window of blocks with the lowest calibration ppl when skipped"
 
+    def memory_shape(self, blocks: int) -> dict:
+        """Candidates: every window start, each advanced through the blocks after its window."""
+        shape = super().memory_shape(blocks)
+        return {**shape, "logits_scoring": True, "candidates": blocks - shape["remove_blocks"] + 1}
+
     def compress(self, adapter, calib) -> CompressionRecord:
         k = self.cfg.blocks_to_remove(adapter.num_blocks)
         starts = list(range(adapter.num_blocks - k + 1))

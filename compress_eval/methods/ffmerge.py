@@ -192,12 +192,23 @@ class MergeFF(Compressor):
     runs_partial_blocks = True  # windows of the blocks that still have an FF sublayer
     default_amount = {"options": {"ff_fraction": 1 / 3}}  # the paper's headline: 1/3 of the FF sublayers
 
-    @classmethod
-    def amount_given(cls, cfg) -> bool:
-        o = cfg.options
-        return (cfg.param_sparsity is not None or any(o.get(key) is not None for key in ("num_merge", "ff_fraction"))
-                or o.get("window", "auto") != "auto")
     summary = "align (permute), average and tie a window of adjacent FF sublayers (Verma et al.)"
+
+    @classmethod
+    def given_amount(cls, cfg) -> dict:
+        """--param-sparsity, or the FF sublayers to merge: --num-merge, --ff-fraction or an explicit --window."""
+        o = cfg.options
+        said = {key: o.get(key) for key in ("num_merge", "ff_fraction") if o.get(key) is not None}
+        if o.get("window", "auto") != "auto":
+            said["window"] = o["window"]
+        return {**({} if cfg.param_sparsity is None else {"param_sparsity": cfg.param_sparsity}), **said}
+
+    def memory_shape(self, blocks: int) -> dict:
+        """One window of FF sublayers averaged at a time, from features of the scored windows."""
+        o, calib_samples = self.options, self.cfg.calib_samples
+        return {"kind": "merge", "remove_blocks": 0,
+                "score_samples": min(o.score_samples or calib_samples, calib_samples), "merge_window": o.window_sizes(blocks)[0], "feature_tokens": o.feature_tokens,
+                "cka_tokens": o.cka_tokens, "permute": o.permute}
 
     def compress(self, adapter, calib) -> CompressionRecord:
         o: MergeOptions = self.options

@@ -134,6 +134,16 @@ class IterativeFusion(Compressor):
         return cfg.model_copy(update={key: profile[key] for key in ("calib_samples", "seqlen")
                                       if key not in cfg.model_fields_set})
 
+    def memory_shape(self, blocks: int) -> dict:
+        """Scoring from the prefix cache of --mi-samples windows, then the fine-tune of the variant."""
+        o, calib_samples = self.options, self.cfg.calib_samples
+        return {**super().memory_shape(blocks), "kind": "fusion",
+                "score_samples": min(o.mi_samples or calib_samples, calib_samples),
+                "training": self.training,
+                "group_size": getattr(o, "group_size", 0) or 0, "coef_rank": getattr(o, "coef_rank", 0) or 0,
+                "lora_rank": getattr(o, "lora_rank", 0) or 0, "extra_rank": getattr(o, "extra_rank", 0) or 0,
+                "kd_logits": getattr(o, "loss", None) == "kd-logits"}
+
     # --- one iteration's pieces ----------------------------------------------------------------
     def group_io(self, prefix: PrefixStates, calib: torch.Tensor, group: list[int], reuse: bool):
         """Inputs entering the group (calibration through the current prefix) and its outputs with f.
@@ -208,13 +218,14 @@ class IterativeFusion(Compressor):
             teacher = runner.logits(runner.run(target, self.suffix_start, stop))
         return kl_of_logits(runner.logits(runner.run(student_out, self.suffix_start, stop)), teacher)
 
-    def fine_tune(self, runner, group, f, inputs, targets, coef, slow, gen, label) -> list[float]:
+    def fine_tune(self, runner, group, f, data, params, gen, label) -> list[float]:
         """Adam(0.9, 0.95), two learning rates, cosine decay over all steps; returns epoch mean losses.
+        ``data``: the group's (inputs, targets); ``params``: the trainable (coefficients, slow weights).
         Data parallel: each process runs its members of every batch (kl-batch's softmax then spans
         each process's part of the batch), and the gradients are summed.
 
         A NaN/inf loss or trainable weight stops it at that step with a :class:`UserError`."""
-        o = self.options
+        o, (inputs, targets), (coef, slow) = self.options, data, params
         groups = [g for g in ({"params": coef, "lr": o.lr_coef, "flag": "--lr-coef"},
                               {"params": slow, "lr": o.lr_lora, "flag": "--lr-lora"}) if g["params"]]
         lrs = {g.pop("flag"): g["lr"] for g in groups}
@@ -315,7 +326,7 @@ class IterativeFusion(Compressor):
                         coef, slow, r = self.make_student(adapter, group, f, gen, injected)
                         del injected
                         ranks.update(r)
-                        losses = self.fine_tune(runner, group, f, inputs, targets, coef, slow, gen, label)
+                        losses = self.fine_tune(runner, group, f, (inputs, targets), (coef, slow), gen, label)
                         del inputs, targets, coef, slow
                         if o.collapse:
                             for j in group:

@@ -13,5 +13,8 @@ class NoCompression(Compressor):
     needs_calibration = False
     summary = "leave the model as it is (dense reference, or quantization alone with --quantize)"
 
+    def memory_shape(self, blocks: int) -> dict:
+        return {"kind": "none", "remove_blocks": 0, "score_samples": 0}
+
     def compress(self, adapter, calib) -> CompressionRecord:
         return CompressionRecord()

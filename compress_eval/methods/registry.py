@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -52,7 +53,7 @@ def _resolve_one(cfg: CompressConfig) -> CompressConfig:
         cfg = cls.resolved_config(cfg)
     except (UserError, ValidationError):
         return cfg
-    if cls.default_amount and not cls.amount_given(cfg):
+    if cls.default_amount and not cls.given_amount(cfg):
         update = dict(cls.default_amount)
         if "options" in update:
             update["options"] = {**cfg.options, **update["options"]}
@@ -86,7 +87,7 @@ def defaulted_amount(cfg: CompressConfig) -> str | None:
     for stage in method_stages:
         one = cfg.stage_config(stage) if cfg.stages is not None else cfg
         cls = available_methods().get(one.method)
-        if cls is None or not cls.default_amount or cls.amount_given(one):
+        if cls is None or not cls.default_amount or cls.given_amount(one):
             continue
         parts = []
         for key, value in cls.default_amount.items():
@@ -94,6 +95,14 @@ def defaulted_amount(cfg: CompressConfig) -> str | None:
                 parts.append(f"{k}={round(v, 4) if isinstance(v, float) else v}")
         said.append(", ".join(parts) + (f" for {one.method}" if len(method_stages) > 1 else ""))
     return "; ".join(said) or None
+
+
+def run_name(cfg: CompressConfig) -> str:
+    """MODEL-METHOD-AMOUNT-sSEED, the directory ``compress`` writes without --out, for a resolved config (the
+    amount as given, or the method's default; several stages: METHOD-AMOUNT of each, joined by +)."""
+    named = "+".join(f"{s.method}-{method_class(s.method).run_label(s)}" for s in cfg.stage_list()
+                     if isinstance(s, MethodStage))
+    return f"{Path(cfg.model).name}-{named or cfg.method}-s{cfg.seed}"
 
 
 def stage_methods(cfg: CompressConfig) -> list[Compressor | None]:

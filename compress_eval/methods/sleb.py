@@ -37,6 +37,11 @@ class Sleb(Compressor):
     default_amount = DEPTH_DEFAULT
     summary = "remove blocks one by one, each time the one whose skipping least raises calibration NLL (SLEB)"
 
+    def memory_shape(self, blocks: int) -> dict:
+        """Candidates: every block that may go, each advanced through the blocks after it."""
+        candidates = len(candidate_blocks(blocks, self.options.protect_ends))
+        return {**super().memory_shape(blocks), "logits_scoring": True, "candidates": candidates}
+
     def compress(self, adapter, calib) -> CompressionRecord:
         k = self.cfg.blocks_to_remove(adapter.num_blocks)
         if self.options.protect_ends and adapter.num_blocks - k < 2:

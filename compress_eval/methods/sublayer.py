@@ -50,15 +50,20 @@ class SublayerPruning(Compressor):
                "calibration NLL, until the parameters removed reach the target (BlockPruner)")
 
     @classmethod
-    def amount_given(cls, cfg) -> bool:
-        return cfg.amount_given() or cfg.options.get("num_sublayers") is not None
+    def given_amount(cls, cfg) -> dict:
+        count = cfg.options.get("num_sublayers")
+        return {**cfg.given(), **({} if count is None else {"num_sublayers": count})}
+
+    def memory_shape(self, blocks: int) -> dict:
+        """Candidates: both sublayers of every block, each advanced through the blocks after it."""
+        return {**super().memory_shape(blocks), "logits_scoring": True, "candidates": 2 * blocks}
 
     def compress(self, adapter, calib) -> CompressionRecord:
         if self.cfg.blocks is not None:
             raise UserError("method 'sublayer' chooses its sublayers: give --param-sparsity or --num-sublayers, "
                             "not --blocks")
         count = self.options.num_sublayers
-        if count is not None and self.cfg.amount_given():
+        if count is not None and self.cfg.given():
             raise UserError("give method 'sublayer' one amount: --num-sublayers, or --param-sparsity / --sparsity "
                             "/ --num-blocks")
         target = None if count is not None else parameter_target(self.cfg, adapter)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress_eval.errors import UserError
 from compress_eval.results import compare, paired
-from compress_eval.results.store import LOCK_DIR, Run, RunError, read_records, read_run
+from compress_eval.results.store import LOCK_DIR, Run, RunError, is_run, read_records, read_run
 from compress_eval.tasknames import PPL_TASKS, display_name, parse_tasks
 
 PPL_ORDER = ["wikitext2_ppl", "c4_ppl"]
@@ -45,7 +45,7 @@ def collect(runs_dir: Path, exclude: Path | None = None) -> tuple[list[Run], lis
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return [], [(runs_dir, "not a directory")]
-    candidates = [runs_dir] if (runs_dir / "compress_eval.json").exists() else sorted(
+    candidates = [runs_dir] if is_run(runs_dir) else sorted(
         p for p in runs_dir.iterdir()
         if p.is_dir() and not p.name.startswith(".") and p.name != LOCK_DIR
         and (exclude is None or p.resolve() != Path(exclude).resolve()))

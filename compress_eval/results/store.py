@@ -1,8 +1,9 @@
-"""Run directories: the one owner of every file in them, how to read a finished run, and one
-writer per run at a time.
+"""Run directories: the one owner of every file in them (the model's own files aside: weights, config and
+tokenizer are written by ``models.checkpoint`` as transformers lays them out), how to read a finished run,
+and one writer per run at a time.
 
 A run directory is the pipeline's checkpoint (model files, ``compress_eval.json`` manifest,
-``recipe.yaml``) plus what evaluations store beside it: ``results_ppl.json`` (our perplexity
+``recipe.yaml``, the methods' charts) plus what evaluations store beside it: ``results_ppl.json`` (our perplexity
 protocol) and ``lm_eval_results.json`` (lm-eval's own results schema); ``batch`` adds ``cell.json``;
 ``records.json`` keeps each evaluation's per-document (per-window) outcomes for paired statistics.
 The leaderboard reads nothing else. ``README.md``, the model card, is rendered from the rest
@@ -133,6 +134,17 @@ def merge_lm_eval_results(merged: dict, results: dict) -> dict:
 
 def write_recipe(run_dir: Path, recipe: str | None) -> None:
     (Path(run_dir) / RECIPE_FILE).write_text(recipe or "")
+
+
+def write_artifacts(run_dir: Path, artifacts: dict[str, bytes]) -> None:
+    """What the methods made beside their record (charts), each under its own name."""
+    for name, content in artifacts.items():
+        (Path(run_dir) / name).write_bytes(content)
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run directory itself (it holds a manifest), not a directory of runs."""
+    return (Path(path) / MANIFEST).exists()
 
 
 def base_model_id(manifest: Manifest) -> str | None:
