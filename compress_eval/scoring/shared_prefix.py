@@ -1,0 +1,115 @@
+"""Shared-prefix scoring of log-likelihood requests: a context runs once, its continuations from its
+keys and values.
+
+A multiple-choice task asks for log P(continuation | context) once per choice, and lm-eval's HFLM runs
+context + continuation for every one of them (HellaSwag's context four times). Here requests are grouped
+by their context token sequence, which catches both kinds of sharing: the choices of one question, and
+identical contexts across documents (WinoGrande's twin sentences). A group's context runs once with the
+KV cache on; its continuations then run together on copies of that cache, right-padded: a padded
+position comes after every real one, so the causal mask keeps it out of them, and its outputs are
+dropped.
+
+The numbers are HFLM's own: the context/continuation boundary is the encodings HFLM made (nothing is
+re-tokenized), the first continuation token is scored from the context's last position, the log-softmax
+runs in HFLM's dtype, and a continuation is greedy when the argmax equals it at every one of its tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ((context, continuation) or None, context tokens, continuation tokens): HFLM's _loglikelihood_tokens input.
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+# forward(input_ids [B, T], cache or None, logits_to_keep) -> (logits [B, kept, V], cache after the call);
+# logits_to_keep = 0 keeps every position, 1 the last.
+Forward = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
+
+
+def group_by_context(requests: Sequence[Request], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Indices of the requests that share a context (groups of two or more, in first-seen order), and
+    the others: contexts asked once, where sharing saves nothing, and requests HFLM would truncate
+    (context + continuation longer than ``max_length + 1``), whose boundary moves."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    alone = []
+    for i, (_, context, continuation) in enumerate(requests):
+        if len(context) + len(continuation) > max_length + 1:
+            alone.append(i)
+        else:
+            groups[tuple(context)].append(i)
+    shared = [members for members in groups.values() if len(members) > 1]
+    alone += [members[0] for members in groups.values() if len(members) == 1]
+    return shared, sorted(alone)
+
+
+def token_counts(requests: Sequence[Request], max_length: int) -> tuple[int, int]:
+    """Tokens HFLM runs through the model for ``requests`` and tokens shared-prefix scoring runs: the
+    bound on the speed-up. HFLM's count applies its own reuse (one run for requests whose context +
+    continuation[:-1] agree) and truncation."""
+    def hf(request: Request) -> tuple[int, ...]:
+        return tuple((request[1] + request[2])[-(max_length + 1):][:-1])
+
+    hf_tokens = sum(len(key) for key in {hf(r) for r in requests})
+    shared, alone = group_by_context(requests, max_length)
+    ours = sum(len(key) for key in {hf(requests[i]) for i in alone})
+    ours += sum(len(requests[g[0]][1]) + sum(len(requests[i][2]) - 1 for i in g) for g in shared)
+    return hf_tokens, ours
+
+
+def context_batches(requests: Sequence[Request], groups: Sequence[Sequence[int]],
+                    batch_size: int) -> list[list[Sequence[int]]]:
+    """``groups`` in batches of at most ``batch_size`` whose contexts have one length, longest first: a
+    batch of contexts then runs without padding (so no mask, no position shift, nothing a sliding window
+    could see differently), and the model's fixed cost per forward is paid once per batch."""
+    by_length: dict[int, list[Sequence[int]]] = defaultdict(list)
+    for members in groups:
+        by_length[len(requests[members[0]][1])].append(members)
+    return [same[i:i + batch_size] for length in sorted(by_length, reverse=True)
+            for same in [by_length[length]] for i in range(0, len(same), batch_size)]
+
+
+def score_contexts(forward: Forward, contexts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
+                   batch_size: int, softmax_dtype: torch.dtype | None = None) -> list[list[tuple[float, bool]]]:
+    """(log-likelihood, is_greedy) of ``continuations[g]`` after ``contexts[g]`` (contexts of one length):
+    the contexts run once, together; the continuations ``batch_size`` at a time, longest first, each row
+    on its context's cached keys and values."""
+    last, cache = forward(torch.tensor(contexts), None, 1)
+    first = F.log_softmax(last[:, -1], dim=-1, dtype=softmax_dtype)  # scores each continuation's first token
+    rows = sorted(((g, j) for g, conts in enumerate(continuations) for j in range(len(conts))),
+                  key=lambda row: -len(continuations[row[0]][row[1]]))
+    scores: list[list] = [[None] * len(conts) for conts in continuations]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        conts = [continuations[g][j] for g, j in batch]
+        width = len(conts[0]) - 1  # a continuation's last token is never an input
+        if width:
+            inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in conts])  # right-padded
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.batch_select_indices(torch.tensor([g for g, _ in batch]))
+            logits, _ = forward(inputs, rows_cache, 0)
+            rest = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        for row, ((g, j), cont) in enumerate(zip(batch, conts)):
+            logprobs = torch.cat([first[g][None], rest[row, :len(cont) - 1]]) if len(cont) > 1 else first[g][None]
+            target = torch.tensor(cont, device=logprobs.device)
+            greedy = bool((logprobs.argmax(dim=-1) == target).all())
+            scores[g][j] = (float(logprobs.gather(1, target[:, None]).sum()), greedy)
+    return scores
+
+
+def score_shared(forward: Forward, requests: Sequence[Request], groups: Sequence[Sequence[int]], batch_size: int,
+                 softmax_dtype: torch.dtype | None = None,
+                 on_scored: Callable[[int], None] = lambda n: None) -> dict[int, tuple[float, bool]]:
+    """Scores of the requests in ``groups`` (lists of indices into ``requests`` sharing one context), by
+    request index; ``on_scored(n)`` is told the number of requests of each batch scored (progress)."""
+    scores = {}
+    for batch in context_batches(requests, groups, batch_size):
+        found = score_contexts(forward, [requests[members[0]][1] for members in batch],
+                               [[requests[i][2] for i in members] for members in batch], batch_size, softmax_dtype)
+        for members, group_scores in zip(batch, found, strict=True):
+            scores.update(zip(members, group_scores, strict=True))
+        on_scored(sum(map(len, batch)))
+    return scores
