@@ -151,3 +151,11 @@ def test_context_batches_hold_one_length_at_most_batch_size():
     requests = [(None, [1] * n, [2]) for n in (3, 3, 5, 3, 5)]
     batches = sp.context_batches(requests, [[0], [1], [2], [3], [4]], batch_size=2)
     assert batches == [[[2], [4]], [[0], [1]], [[3]]]
+
+
+def test_rows_split_where_padding_would_cost_more_than_a_forward():
+    assert sp.split_rows([30, 29, 2, 2, 1, 0, 0], batch_size=8, forward_tokens=16) == [(0, 2), (2, 5), (5, 7)]
+    spans = sp.split_rows([5, 5, 5, 5, 5], batch_size=2, forward_tokens=16)
+    assert len(spans) == 3 and all(end - start <= 2 for start, end in spans)
+    assert sp.split_rows([3, 3, 3], batch_size=8, forward_tokens=16) == [(0, 3)]
+    assert sp.split_rows([], batch_size=8) == []

@@ -28,6 +28,9 @@ Request = tuple[tuple[str, str] | None, list[int], list[int]]
 # forward(input_ids [B, T], cache or None, logits_to_keep) -> (logits [B, kept, V], cache after the call);
 # logits_to_keep = 0 keeps every position, 1 the last.
 Forward = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
+# A forward's fixed cost, in tokens: SmolLM2-135M on a CPU core takes ~50 ms for one token and ~3-4 ms
+# per token more, so a forward of its own beats padding a dozen tokens.
+FORWARD_TOKENS = 16
 
 
 def group_by_context(requests: Sequence[Request], max_length: int) -> tuple[list[list[int]], list[int]]:
@@ -72,20 +75,39 @@ def context_batches(requests: Sequence[Request], groups: Sequence[Sequence[int]]
             for same in [by_length[length]] for i in range(0, len(same), batch_size)]
 
 
+def split_rows(widths: Sequence[int], batch_size: int, forward_tokens: int = FORWARD_TOKENS) -> list[tuple[int, int]]:
+    """Cut rows of descending ``widths`` into forwards ``[start, end)`` of at most ``batch_size`` rows, at
+    the least cost: tokens run, padding included, plus ``forward_tokens`` a forward (rows of width 0 need
+    none). Continuations vary more in length than whole requests do, so one batch padded to its longest
+    row would run mostly padding."""
+    best, cut = [0.0] + [float("inf")] * len(widths), [0] * (len(widths) + 1)
+    for end in range(1, len(widths) + 1):
+        for start in range(max(0, end - batch_size), end):
+            cost = best[start] + ((forward_tokens + (end - start) * widths[start]) if widths[start] else 0)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    spans, end = [], len(widths)
+    while end:
+        spans.append((cut[end], end))
+        end = cut[end]
+    return spans[::-1]
+
+
 def score_contexts(forward: Forward, contexts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
                    batch_size: int, softmax_dtype: torch.dtype | None = None) -> list[list[tuple[float, bool]]]:
     """(log-likelihood, is_greedy) of ``continuations[g]`` after ``contexts[g]`` (contexts of one length):
-    the contexts run once, together; the continuations ``batch_size`` at a time, longest first, each row
-    on its context's cached keys and values."""
+    the contexts run once, together; the continuations at most ``batch_size`` at a time, longest first
+    (``split_rows``), each row on its context's cached keys and values."""
     last, cache = forward(torch.tensor(contexts), None, 1)
     first = F.log_softmax(last[:, -1], dim=-1, dtype=softmax_dtype)  # scores each continuation's first token
     rows = sorted(((g, j) for g, conts in enumerate(continuations) for j in range(len(conts))),
                   key=lambda row: -len(continuations[row[0]][row[1]]))
     scores: list[list] = [[None] * len(conts) for conts in continuations]
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+    widths = [len(continuations[g][j]) - 1 for g, j in rows]  # a continuation's last token is never an input
+    for start, end in split_rows(widths, batch_size):
+        batch = rows[start:end]
         conts = [continuations[g][j] for g, j in batch]
-        width = len(conts[0]) - 1  # a continuation's last token is never an input
+        width = widths[start]
         if width:
             inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in conts])  # right-padded
             rows_cache = copy.deepcopy(cache)
