@@ -198,7 +198,8 @@ class CompressedLM(HFLM):
         size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else AUTO_BATCH)
         with bar(desc="shared-prefix requests", total=sum(map(len, groups)), unit="request",
                  disable=disable_tqdm or self.rank != 0) as shown:
-            scores = sp.score_shared(self._cached_forward, requests, groups, size, self.softmax_dtype, shown.update)
+            scores = sp.score_shared(self._cached_forward, requests, groups, size, self.softmax_dtype,
+                                     self._pads_contexts(), shown.update)
         for i, score in scores.items():
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
@@ -214,12 +215,25 @@ class CompressedLM(HFLM):
                 and not is_multimodal(getattr(self.model.config, "model_type", None))
                 and {"cache", "logits_to_keep"} <= set(inspect.signature(self.model.forward).parameters))
 
-    def _cached_forward(self, input_ids: torch.Tensor, cache, logits_to_keep: int):
+    def _pads_contexts(self) -> bool:
+        """Whether contexts of different lengths may share a forward: not where a cache layer slides (its
+        window counts cache slots, pads included). Asked of the cache the model makes for one token."""
+        if not hasattr(self, "_pads"):
+            _, cache = self._cached_forward(torch.tensor([[self.prefix_token_id]]), None, 1)
+            self._pads = all(not getattr(layer, "is_sliding", True) for layer in getattr(cache, "layers", [None]))
+        return self._pads
+
+    def _cached_forward(self, input_ids: torch.Tensor, cache, logits_to_keep, attention_mask=None,
+                        position_ids=None):
         """The model on ``input_ids`` after ``cache`` (None: from the start), keeping it, under HFLM's
-        autocast; only the last ``logits_to_keep`` positions go through the output head (0: all)."""
+        autocast; only the positions ``logits_to_keep`` names go through the output head (0: all)."""
+        def placed(t):
+            return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            out = self.model(input_ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+            out = self.model(placed(input_ids), cache=cache, use_cache=True, logits_to_keep=placed(logits_to_keep),
+                             attention_mask=placed(attention_mask), position_ids=placed(position_ids))
         return out.logits, out.cache
 
     def get_model_info(self) -> dict:

@@ -147,10 +147,18 @@ def test_grouping_shares_contexts_within_and_across_documents():
     assert sp.token_counts(requests, max_length=8) == (2 + 3 + 1 + 4 + 1, (2 + 1) + 1 + 4 + 1)
 
 
-def test_context_batches_hold_one_length_at_most_batch_size():
-    requests = [(None, [1] * n, [2]) for n in (3, 3, 5, 3, 5)]
-    batches = sp.context_batches(requests, [[0], [1], [2], [3], [4]], batch_size=2)
-    assert batches == [[[2], [4]], [[0], [1]], [[3]]]
+def test_context_batches_pad_unless_told_not_to():
+    requests = [(None, [1] * n, [2]) for n in (9, 2, 10, 9)]
+    groups = [[0], [1], [2], [3]]
+    # one forward of 4 x 10 tokens costs less than 3 x 10 + 2 tokens in two
+    assert sp.context_batches(requests, groups, batch_size=4) == [[[2], [0], [3], [1]]]
+    assert sp.context_batches(requests, groups, batch_size=4, pad=False) == [[[2]], [[0], [3]], [[1]]]
+    assert all(len(batch) <= 2 for batch in sp.context_batches(requests, groups, batch_size=2))
+
+
+@pytest.mark.parametrize("family, pads", [("llama", True), ("gemma3_text", False)])
+def test_sliding_window_models_batch_contexts_of_one_length(family, pads, tmp_path):
+    assert loaded(saved_model_dir(tmp_path / family, tiny_model(family)))._pads_contexts() is pads
 
 
 def test_rows_split_where_padding_would_cost_more_than_a_forward():
