@@ -105,8 +105,8 @@ def run_dtype(dtype: str, args, task_manager) -> list[dict]:
         hf.seconds = ours.seconds = 0.0
         ours.tokens = (0, 0)
         correct = {"hf": {}, "compressed": {}}
-        for c in range(args.chunks):
-            chunk = ids[c::args.chunks]
+        for c in range(args.chunks):  # contiguous, so that neighbouring documents (twins) stay together
+            chunk = ids[c * len(ids) // args.chunks:(c + 1) * len(ids) // args.chunks]
             order = [("hf", hf), ("compressed", ours)]
             for name, lm in order if c % 2 == 0 else order[::-1]:
                 correct[name].update(score_chunk(lm, task, chunk, task_manager))

@@ -1,14 +1,14 @@
 """lm-eval model types ``compressed`` and ``compressed-multimodal``: any compress-eval checkpoint or model
 name inside lm-eval, the second for image tasks on vision-language models (lm-eval's ``hf-multimodal``).
 
-``HFLM`` does everything (batching, caching, request handling); only model creation changes, so a
-depth-pruned, FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and
-our aliases (``smollm2-135m``) work as ``pretrained``. Given ``method=`` or ``recipe=``, it compresses
-the model in memory first (``pipeline.compress``), so a method is evaluated without a checkpoint on disk
-(``save_dir=`` keeps one). Log-likelihood requests that share a context run it once
-(``scoring.shared_prefix``; ``shared_prefix=False`` gives HFLM's path). Importing this module registers the type; ``compress-eval lm-eval`` and
-``compress-eval eval`` do so, and the ``lm_eval.models`` entry point names it for lm-eval releases
-that read plugins.
+``HFLM`` does the request handling (batching, caching); model creation changes, so a depth-pruned,
+FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and our aliases
+(``smollm2-135m``) work as ``pretrained``. Given ``method=`` or ``recipe=``, it compresses the model in
+memory first (``pipeline.compress``), so a method is evaluated without a checkpoint on disk (``save_dir=``
+keeps one). Log-likelihood requests that share a context run it once (``scoring.shared_prefix``;
+``shared_prefix=False`` gives HFLM's path). Importing this module registers the type; ``compress-eval
+lm-eval`` and ``compress-eval eval`` do so, and the ``lm_eval.models`` entry point names it for lm-eval
+releases that read plugins.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ class CompressedLM(HFLM):
         self.allow_pickle, self.offload, self.save_dir, self.data_dir = allow_pickle, offload, save_dir, data_dir
         self.shared_prefix = shared_prefix
         self.contexts_run = 0  # contexts run once for several requests (tests read it)
+        self._pads: bool | None = None  # see _pads_contexts
         self.manifest: Manifest | None = None
         if self.compression is not None:
             pretrained = self.compression.model
@@ -218,7 +219,7 @@ class CompressedLM(HFLM):
     def _pads_contexts(self) -> bool:
         """Whether contexts of different lengths may share a forward: not where a cache layer slides (its
         window counts cache slots, pads included). Asked of the cache the model makes for one token."""
-        if not hasattr(self, "_pads"):
+        if self._pads is None:
             _, cache = self._cached_forward(torch.tensor([[self.prefix_token_id]]), None, 1)
             self._pads = all(not getattr(layer, "is_sliding", True) for layer in getattr(cache, "layers", [None]))
         return self._pads

@@ -128,6 +128,17 @@ def test_results_fill_hflms_request_cache(instances, tmp_path):
     assert {inst.args: score for inst, score in zip(instances, scores)} == cached
 
 
+def test_model_arg_turns_it_off(instances, tmp_path):
+    path = saved_model_dir(tmp_path / "llama", tiny_model("llama"))
+    lm = CompressedLM.create_from_arg_string(f"pretrained={path},shared_prefix=False,dtype=float32",
+                                             {"device": "cpu", "batch_size": 3})
+    assert lm.shared_prefix is False and not lm._shares_prefixes()
+    ours = lm.loglikelihood(instances, disable_tqdm=True)
+    assert lm.contexts_run == 0
+    assert ours == HFLM._loglikelihood_tokens(lm, [(i.args, *lm._encode_pair(*i.args)) for i in instances],
+                                              disable_tqdm=True)
+
+
 def test_offloaded_models_take_hflms_path(instances, tmp_path):
     lm = loaded(saved_model_dir(tmp_path / "llama", tiny_model("llama")), offload="cpu")
     assert not lm._shares_prefixes()
