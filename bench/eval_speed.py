@@ -177,7 +177,7 @@ def write(result: dict, name: str) -> None:
              "", f"`{result['command']}`", "",
              f"{'First' if a['first'] else 'A seeded sample (seed ' + str(a['seed']) + ') of'} {a['docs']} "
              f"documents per task, batch size {a['batch_size']}, {a['chunks']} chunks round-robin, "
-             f"{result['threads']} torch threads, {result['cpu']}. Time: the models' log-likelihood calls. "
+             f"torch threads: {result['threads']}, {result['cpu']}. Time: the models' log-likelihood calls. "
              "Bound: tokens HFLM runs / tokens shared-prefix scoring runs, from the same requests. "
              "Complete-set weighting: each task's seconds per document times its size.", ""]
     for dtype, rows in result["runs"].items():
