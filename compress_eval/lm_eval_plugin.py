@@ -1,13 +1,14 @@
 """lm-eval model types ``compressed`` and ``compressed-multimodal``: any compress-eval checkpoint or model
 name inside lm-eval, the second for image tasks on vision-language models (lm-eval's ``hf-multimodal``).
 
-``HFLM`` does everything (batching, caching, request handling); only model creation changes, so a
-depth-pruned, FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and
-our aliases (``smollm2-135m``) work as ``pretrained``. Given ``method=`` or ``recipe=``, it compresses
-the model in memory first (``pipeline.compress``), so a method is evaluated without a checkpoint on disk
-(``save_dir=`` keeps one). Importing this module registers the type; ``compress-eval lm-eval`` and
-``compress-eval eval`` do so, and the ``lm_eval.models`` entry point names it for lm-eval releases
-that read plugins.
+``HFLM`` does the request handling (batching, caching); model creation changes, so a depth-pruned,
+FF-tied or quantized checkpoint is rebuilt from its manifest by our own loader, and our aliases
+(``smollm2-135m``) work as ``pretrained``. Given ``method=`` or ``recipe=``, it compresses the model in
+memory first (``pipeline.compress``), so a method is evaluated without a checkpoint on disk (``save_dir=``
+keeps one). Log-likelihood requests that share a context run it once (``scoring.shared_prefix``;
+``shared_prefix=False`` gives HFLM's path). Importing this module registers the type; ``compress-eval
+lm-eval`` and ``compress-eval eval`` do so, and the ``lm_eval.models`` entry point names it for lm-eval
+releases that read plugins.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.hf_vlms import HFMultimodalLM
 from lm_eval.models.huggingface import HFLM
@@ -23,9 +25,12 @@ from compress_eval.config import CompressConfig, load_recipe, make_config
 from compress_eval.errors import UserError
 from compress_eval.manifest import Manifest
 from compress_eval.models import checkpoint, gate
+from compress_eval.models.adapters import is_multimodal
 from compress_eval.models.loading import load_model
 from compress_eval.models.registry import local_path_or_id, resolve
+from compress_eval.progress import bar
 from compress_eval.results.store import read_manifest
+from compress_eval.scoring import shared_prefix as sp
 
 MODEL_TYPE = "compressed"
 MULTIMODAL_TYPE = "compressed-multimodal"
@@ -36,6 +41,9 @@ MAX_IMAGES = 1
 # installed wheel the package carries them as compress_eval/_tasks (setup.py); in a checkout, installed
 # editable or on PYTHONPATH, they are the repository's tasks/ beside the package.
 TASKS_DIRS = (Path(__file__).resolve().parent / "_tasks", Path(__file__).resolve().parent.parent / "tasks")
+# Requests per forward of shared-prefix scoring under batch_size=auto: HFLM's probe runs full-length
+# batches (minutes on a CPU), and shared contexts and continuations are short.
+AUTO_BATCH = 16
 
 
 def tasks_dir() -> str:
@@ -108,11 +116,16 @@ class CompressedLM(HFLM):
     ``quantize=nf4``, ...) and method options by name (``profile=cpu``), or ``recipe=FILE`` (args override
     it); ``save_dir=DIR`` also writes the checkpoint; calibration data from ``data_dir=`` or
     $COMPRESS_EVAL_DATA_DIR. The manifest's recipe and counts go into lm-eval's results (get_model_info).
+
+    Shared-prefix scoring (``shared_prefix=True``, the default): log-likelihood requests with one context
+    run it once and their continuations from its cache (``scoring.shared_prefix``), with HFLM's numbers.
+    Under torchrun lm-eval gives each process whole documents, so the choices of one question stay
+    together and keep sharing (identical contexts of documents on different processes run on each).
     """
 
     def __init__(self, pretrained: str | None = None, tokenizer=None, allow_pickle: bool = False,
                  offload: str = "none", recipe: str | None = None, save_dir: str | None = None,
-                 data_dir: str | None = None, **kwargs) -> None:
+                 data_dir: str | None = None, shared_prefix: bool = True, **kwargs) -> None:
         if offload not in ("none", "cpu", "disk"):
             raise ValueError(f"offload={offload!r}: use none, cpu or disk")
         if pretrained is None and recipe is None:
@@ -125,6 +138,9 @@ class CompressedLM(HFLM):
                 raise UserError(f"save_dir {save_dir} already exists: choose a new directory or remove it")
             checkpoint.ensure_new_output(save_dir)  # fail before the slow part, not after it
         self.allow_pickle, self.offload, self.save_dir, self.data_dir = allow_pickle, offload, save_dir, data_dir
+        self.shared_prefix = shared_prefix
+        self.contexts_run = 0  # contexts run once for several requests (tests read it)
+        self._pads: bool | None = None  # see _pads_contexts
         self.manifest: Manifest | None = None
         if self.compression is not None:
             pretrained = self.compression.model
@@ -174,6 +190,57 @@ class CompressedLM(HFLM):
             print(f"saved {pipeline.save(result, self.save_dir)}")
         self.manifest = result.manifest
         return result.model
+
+    def _loglikelihood_tokens(self, requests: list[sp.Request], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        """HFLM's scoring, with the requests that share a context scored from its cache; the rest
+        (contexts asked once, requests HFLM truncates) and every request of a model the cache path
+        cannot serve (offloaded block by block, multimodal, seq2seq, a forward without ``cache`` and
+        ``logits_to_keep``, or ``shared_prefix=False``) take HFLM's own path. Results come back in
+        request order; HFLM's request cache is filled for both."""
+        if not self._shares_prefixes():
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups, alone = sp.group_by_context(requests, self.max_length)
+        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else AUTO_BATCH)
+        with bar(desc="shared-prefix requests", total=sum(map(len, groups)), unit="request",
+                 disable=disable_tqdm or self.rank != 0) as shown:
+            scores = sp.score_shared(self._cached_forward, requests, groups, size, self.softmax_dtype,
+                                     self._pads_contexts(), shown.update)
+        for i, score in scores.items():
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+        self.contexts_run += len(groups)
+        if alone:
+            rest = super()._loglikelihood_tokens([requests[i] for i in alone], disable_tqdm, override_bs)
+            scores.update(zip(alone, rest, strict=True))
+        return [scores[i] for i in range(len(requests))]
+
+    def _shares_prefixes(self) -> bool:
+        return (self.shared_prefix and self.offload == "none" and self.backend == "causal"
+                and not isinstance(self, HFMultimodalLM)
+                and not is_multimodal(getattr(self.model.config, "model_type", None))
+                and {"cache", "logits_to_keep"} <= set(inspect.signature(self.model.forward).parameters))
+
+    def _pads_contexts(self) -> bool:
+        """Whether contexts of different lengths may share a forward: not where a cache layer slides (its
+        window counts cache slots, pads included). Asked of the cache the model makes for one token."""
+        if self._pads is None:
+            _, cache = self._cached_forward(torch.tensor([[self.prefix_token_id]]), None, 1)
+            self._pads = all(not getattr(layer, "is_sliding", True) for layer in getattr(cache, "layers", [None]))
+        return self._pads
+
+    def _cached_forward(self, input_ids: torch.Tensor, cache, logits_to_keep, attention_mask=None,
+                        position_ids=None):
+        """The model on ``input_ids`` after ``cache`` (None: from the start), keeping it, under HFLM's
+        autocast; only the positions ``logits_to_keep`` names go through the output head (0: all)."""
+        def placed(t):
+            return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            out = self.model(placed(input_ids), cache=cache, use_cache=True, logits_to_keep=placed(logits_to_keep),
+                             attention_mask=placed(attention_mask), position_ids=placed(position_ids))
+        return out.logits, out.cache
 
     def get_model_info(self) -> dict:
         """HFLM's model info plus what was done to the model: lm-eval merges this into the results'
