@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
+from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 from compress_eval.models.registry import local_path_or_id, resolve
 from compress_eval.scoring.shared_prefix import token_counts
 
@@ -220,7 +220,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    task_manager = TaskManager(include_path=tasks_dir(), include_defaults=False)
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if bf16_kernels() else [])
     result = {"command": " ".join(["python3", "bench/eval_speed.py", *sys.argv[1:]]), "args": vars(args),
               "threads": torch.get_num_threads(), "cpu": cpu_name(), "runs": {}}

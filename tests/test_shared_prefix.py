@@ -12,7 +12,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from compress_eval.config import make_config
-from compress_eval.lm_eval_plugin import TASKS_DIR, CompressedLM
+from compress_eval.lm_eval_plugin import CompressedLM, tasks_dir
 from compress_eval.pipeline import compress, save
 from compress_eval.scoring import shared_prefix as sp
 import conftest
@@ -47,7 +47,7 @@ def instances():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COMPRESS_EVAL_DATA_DIR", str(SHARED_DATA))
-        tasks = get_task_dict(OFFLINE, TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+        tasks = get_task_dict(OFFLINE, TaskManager(include_path=tasks_dir(), include_defaults=False))
         found = []
         for task in tasks.values():
             task.build_all_requests(limit=DOCS, rank=0, world_size=1)
