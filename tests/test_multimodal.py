@@ -372,3 +372,21 @@ def test_offloaded_vlm_evaluates_images_and_text(vlm_data, tmp_path):
     assert "ce_mmmu" in json.loads((out / "lm_eval_results.json").read_text())["results"]
     result = invoke("eval", out, "--tasks", "ce_mmmu", "--limit", 2, "--offload", "disk")
     assert result.exit_code == 0, result.output
+
+
+# --- easy-vqa, an optional extra --------------------------------------------------------------------
+def test_without_easy_vqa_each_use_names_the_extra(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # import easy_vqa raises ImportError
+    from compress_eval.data.easy_vqa import mmmu_rows
+    from compress_eval.errors import UserError
+
+    with pytest.raises(UserError, match=r"compress-eval\[multimodal\]"):
+        mmmu_rows("train")
+    uses = [("data", "easy-vqa", "--out", tmp_path / "mmmu", "--limit", 2),
+            ("compress", saved_vlm_dir(tmp_path / "vlm", "llava"), "--method", "shortgpt", "--num-blocks", 1,
+             "--calib-data", "easy-vqa", "--calib-samples", 1, "--seqlen", 48, "--out", tmp_path / "out")]
+    for args in uses:
+        result = invoke(*args)
+        assert result.exit_code != 0
+        assert "easy-vqa is not installed: pip install 'compress-eval[multimodal]'" in result.output, result.output
+        assert "Traceback" not in result.output

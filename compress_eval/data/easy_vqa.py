@@ -19,7 +19,7 @@ YES_NO = ("yes", "no")
 SUBJECT = "EasyVQA"  # the one "subject" folder, as MMMU/MMMU has one per subject
 SPLITS = {"train": "dev", "test": "validation"}  # easy-vqa's splits -> the MMMU split names written
 MMMU_IMAGES = 7  # MMMU's image_1 .. image_7 columns
-INSTALL = "pip install easy-vqa (or make setup)"
+INSTALL = "pip install 'compress-eval[multimodal]' (or make setup)"
 SOURCE = """# easy-vqa as MMMU-schema multiple choice: {file}
 
 - Made by `compress-eval data easy-vqa --split {split} --seed {seed} --limit {limit}` from the PyPI package
@@ -29,6 +29,7 @@ SOURCE = """# easy-vqa as MMMU-schema multiple choice: {file}
 
 
 def _package():
+    """The easy_vqa module: an optional extra, so its absence is one line naming the extra."""
     try:
         import easy_vqa
     except ImportError:
