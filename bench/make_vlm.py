@@ -172,8 +172,9 @@ def fit(params, losses, steps: int, lr: float) -> list[float]:
 
 
 def train_tower(model, train, epochs: int, batch_size: int, lr: float, seed: int, device: str) -> dict:
-    """Stage 1: every patch feature of the tower predicts its image's colour and shape (linear heads,
-    dropped after)."""
+    """Stage 1: the tower's patch features predict their image's colour and shape (linear heads on each,
+    the logits averaged over the patches, so the patches that show the shape decide; the heads are dropped
+    after)."""
     pixels, colour, shape = train
     width = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, 8), torch.nn.Linear(width, 3)]).to(device)
@@ -184,9 +185,8 @@ def train_tower(model, train, epochs: int, batch_size: int, lr: float, seed: int
         for idx in batches(len(pixels), batch_size, epochs, seed):
             with autocast(device):
                 feats = tower_features(model, pixels[idx])
-                yield sum(torch.nn.functional.cross_entropy(
-                    head(feats).float().flatten(0, 1), target[idx].repeat_interleave(feats.size(1)))
-                    for head, target in zip(heads, (colour, shape)))
+                yield sum(torch.nn.functional.cross_entropy(head(feats).float().mean(1), target[idx])
+                          for head, target in zip(heads, (colour, shape)))
 
     steps = epochs * math.ceil(len(pixels) / batch_size)
     seen = fit([*tower.parameters(), *heads.parameters()], losses(), steps, lr)
