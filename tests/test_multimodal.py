@@ -390,3 +390,19 @@ def test_without_easy_vqa_each_use_names_the_extra(data_dir, tmp_path, monkeypat
         assert result.exit_code != 0
         assert "easy-vqa is not installed: pip install 'compress-eval[multimodal]'" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_image_labels_are_what_the_questions_say():
+    pytest.importorskip("easy_vqa")
+    import easy_vqa
+
+    from compress_eval.data.easy_vqa import image_labels
+
+    paths, labels = image_labels("test")
+    assert len(paths) == len(labels["colour"]) == len(labels["shape"]) == 1000
+    assert sum(c is not None for c in labels["colour"]) > 900 and sum(s is not None for s in labels["shape"]) > 900
+    for text, answer, image in zip(*easy_vqa.get_test_questions()):
+        if text.startswith("what color"):
+            assert labels["colour"][image] == answer
+        if text.startswith("what shape"):
+            assert labels["shape"][image] == answer

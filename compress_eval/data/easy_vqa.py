@@ -81,7 +81,7 @@ def mmmu_rows(split: str = "test", seed: int = 0, limit: int | None = None) -> l
 def image_labels(split: str = "train") -> tuple[list[str], dict[str, list[str | None]]]:
     """(image paths, {"colour": [...], "shape": [...]}) of an easy-vqa split: each image's colour and shape
     as its questions and answers state them (a colour or shape answer; a yes/no question naming one,
-    its answer flipped by a "not"), None where none of its questions does. easy-vqa ships no image labels;
+    its answer flipped by a "not" or "no"), None where none of its questions does. easy-vqa ships no image labels;
     these are what a vision tower can learn before it learns to answer."""
     if split not in SPLITS:
         raise UserError(f"unknown easy-vqa split {split!r}: use {' or '.join(SPLITS)}")
@@ -95,7 +95,7 @@ def image_labels(split: str = "train") -> tuple[list[str], dict[str, list[str | 
         words = text.rstrip("?").split()
         named = [w for w in words if w in colours + SHAPES]
         if answer in YES_NO:
-            if len(named) == 1 and (answer == "yes") != ("not" in words):
+            if len(named) == 1 and (answer == "yes") != bool({"not", "no"} & set(words)):
                 labels["colour" if named[0] in colours else "shape"][image] = named[0]
             continue
         labels["colour" if answer in colours else "shape"][image] = answer
