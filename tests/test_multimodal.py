@@ -406,3 +406,11 @@ def test_image_labels_are_what_the_questions_say():
             assert labels["colour"][image] == answer
         if text.startswith("what shape"):
             assert labels["shape"][image] == answer
+
+
+def test_llava_next_is_refused_offloaded(data_dir, tmp_path):
+    """Its image_newline is a parameter of the module that holds the blocks: no unit moves it, so an
+    offloaded run would lose it."""
+    result = invoke("compress", saved_vlm_dir(tmp_path / "src", "llava_next"), "--method", "drop", "--blocks", 1,
+                    "--offload", "disk", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "'model.image_newline' lies outside" in result.output, result.output

@@ -198,6 +198,11 @@ class Offloader:
                 elif id(t) not in self.home:
                     unnamed[id(t)] = full
             self._add(unit)
+        covered = {id(t) for u in self.units for *_, t in u.slots()}
+        loose = next((n for n, p in model.named_parameters() if id(p) not in covered), None)
+        if loose is not None:  # a parameter of a module that holds the blocks (LLaVA-NeXT's image_newline)
+            raise UserError(f"cannot offload {type(model).__name__}: its parameter {loose!r} lies outside every "
+                            f"block and part that offloading moves; use --offload none")
         missing = [full for i, full in unnamed.items() if i not in self.home]
         if missing:
             raise UserError(f"cannot offload the model: its checkpoint has no tensor {missing[0]!r} "
