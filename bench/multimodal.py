@@ -111,10 +111,11 @@ def standard_error(accuracy: float, questions: int) -> float:
 def write(rows: list[dict], report: dict | None, chance: float, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"vlm": report, "chance": chance, "rows": rows}, indent=1) + "\n")
     dense = next((r for r in rows if r["row"] == "dense"), None)
-    built = (f"The VLM (bench/make_vlm.py): {report['steps']} steps x {report['batch_size']} of easy-vqa train, "
-             f"test accuracy {report['test']['accuracy']:.3f} on {report['test']['questions']} questions (chance "
-             f"{report['test']['chance']:.3f}); its text ppl equals SmolLM2's ({report['text_ppl']['vlm']:.2f})."
-             if report else "")
+    built = (f"The VLM (bench/make_vlm.py, seed {report['seed']}, built in {report['build_seconds']:.0f} s): test "
+             f"accuracy {report['test']['accuracy']:.3f} on {report['test']['questions']} questions (chance "
+             f"{report['test']['chance']:.3f}; " + ", ".join(
+                 f"{kind} {v['accuracy']:.3f} vs {v['chance']:.3f}" for kind, v in report['test']['by_kind'].items())
+             + f"); its text ppl equals SmolLM2's ({report['text_ppl']['vlm']:.2f})." if report else "")
     lines = ["# Compressing the language model of a LLaVA (SmolLM2-135M inside), 25 % of its blocks", "",
              "`COMPRESS_EVAL_DATA_DIR=../shared/data python3 bench/multimodal.py` (ce_mmmu: easy-vqa test "
              f"questions, greedy, chat format; WikiText-2: the first {PPL_WINDOWS} windows of 512). A uniformly "

@@ -334,3 +334,83 @@ def test_compress_with_image_text_calibration(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "compress_eval.json").read_text())
     assert manifest["config"]["calib_data"] == "easy-vqa" and len(manifest["removed_blocks"]) == 1
+
+
+# --- offloaded ------------------------------------------------------------------------------------
+def tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(directory.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+@pytest.mark.parametrize("method", [["shortgpt", "--num-blocks", 1],
+                                    ["shortgpt", "--num-blocks", 1, "--calib-data", "easy-vqa", "--seqlen", 48],
+                                    ["fuse", "--num-blocks", 1, *FUSE_FAST],
+                                    ["merge", "--set", "num_merge=1", "--set", "feature_tokens=16"]],
+                         ids=["shortgpt", "shortgpt-image-text", "fuse", "merge"])
+def test_offloaded_vlm_gives_the_in_memory_checkpoint_bitwise(method, data_dir, tmp_path):
+    """The language model runs unit by unit from the llava-hf checkpoint's legacy tensor names, and the
+    offloaded save writes those names again: the same tensors, bit for bit, and the processor."""
+    src = saved_vlm_dir(tmp_path / "src", "llava")
+    outs = {mode: tmp_path / mode for mode in ("none", "disk")}
+    for mode, out in outs.items():
+        result = invoke("compress", src, "--method", *method, "--calib-samples", 2, "--seqlen", 16,
+                        "--offload", mode, "--out", out)
+        assert result.exit_code == 0, result.output
+    assert json.loads((outs["disk"] / "compress_eval.json").read_text())["offload"] == "disk"
+    a, b = tensors(outs["none"]), tensors(outs["disk"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (outs["disk"] / "processor_config.json").is_file()
+
+
+def test_offloaded_vlm_evaluates_images_and_text(vlm_data, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", saved_vlm_dir(tmp_path / "vlm", "llava"), "--method", "drop", "--blocks", 1,
+                    "--offload", "cpu", "--out", out, "--then-eval", "wiki,mmmu", "--limit", 2,
+                    "--eval-seqlen", 16, "--max-windows", 2, "--gen-kwargs", "max_gen_toks=3")
+    assert result.exit_code == 0, result.output
+    assert "ce_mmmu" in json.loads((out / "lm_eval_results.json").read_text())["results"]
+    result = invoke("eval", out, "--tasks", "ce_mmmu", "--limit", 2, "--offload", "disk")
+    assert result.exit_code == 0, result.output
+
+
+# --- easy-vqa, an optional extra --------------------------------------------------------------------
+def test_without_easy_vqa_each_use_names_the_extra(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # import easy_vqa raises ImportError
+    from compress_eval.data.easy_vqa import mmmu_rows
+    from compress_eval.errors import UserError
+
+    with pytest.raises(UserError, match=r"compress-eval\[multimodal\]"):
+        mmmu_rows("train")
+    uses = [("data", "easy-vqa", "--out", tmp_path / "mmmu", "--limit", 2),
+            ("compress", saved_vlm_dir(tmp_path / "vlm", "llava"), "--method", "shortgpt", "--num-blocks", 1,
+             "--calib-data", "easy-vqa", "--calib-samples", 1, "--seqlen", 48, "--out", tmp_path / "out")]
+    for args in uses:
+        result = invoke(*args)
+        assert result.exit_code != 0
+        assert "easy-vqa is not installed: pip install 'compress-eval[multimodal]'" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_image_labels_are_what_the_questions_say():
+    pytest.importorskip("easy_vqa")
+    import easy_vqa
+
+    from compress_eval.data.easy_vqa import image_labels
+
+    paths, labels = image_labels("test")
+    assert len(paths) == len(labels["colour"]) == len(labels["shape"]) == 1000
+    assert sum(c is not None for c in labels["colour"]) > 900 and sum(s is not None for s in labels["shape"]) > 900
+    for text, answer, image in zip(*easy_vqa.get_test_questions()):
+        if text.startswith("what color"):
+            assert labels["colour"][image] == answer
+        if text.startswith("what shape"):
+            assert labels["shape"][image] == answer
+
+
+def test_llava_next_is_refused_offloaded(data_dir, tmp_path):
+    """Its image_newline is a parameter of the module that holds the blocks: no unit moves it, so an
+    offloaded run would lose it."""
+    result = invoke("compress", saved_vlm_dir(tmp_path / "src", "llava_next"), "--method", "drop", "--blocks", 1,
+                    "--offload", "disk", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "'model.image_newline' lies outside" in result.output, result.output

@@ -19,7 +19,7 @@ YES_NO = ("yes", "no")
 SUBJECT = "EasyVQA"  # the one "subject" folder, as MMMU/MMMU has one per subject
 SPLITS = {"train": "dev", "test": "validation"}  # easy-vqa's splits -> the MMMU split names written
 MMMU_IMAGES = 7  # MMMU's image_1 .. image_7 columns
-INSTALL = "pip install easy-vqa (or make setup)"
+INSTALL = "pip install 'compress-eval[multimodal]' (or make setup)"
 SOURCE = """# easy-vqa as MMMU-schema multiple choice: {file}
 
 - Made by `compress-eval data easy-vqa --split {split} --seed {seed} --limit {limit}` from the PyPI package
@@ -29,6 +29,7 @@ SOURCE = """# easy-vqa as MMMU-schema multiple choice: {file}
 
 
 def _package():
+    """The easy_vqa module: an optional extra, so its absence is one line naming the extra."""
     try:
         import easy_vqa
     except ImportError:
@@ -75,6 +76,32 @@ def mmmu_rows(split: str = "test", seed: int = 0, limit: int | None = None) -> l
             "img_type": "['Diagrams']", "answer": chr(ord("A") + options.index(answers[i])),
             "topic_difficulty": "Easy", "question_type": "multiple-choice", "subfield": kind})
     return rows
+
+
+def image_labels(split: str = "train") -> tuple[list[str], dict[str, list[str | None]]]:
+    """(image paths, {"colour": [...], "shape": [...]}) of an easy-vqa split: each image's colour and shape
+    as its questions and answers state them (a colour or shape answer; a yes/no question naming one,
+    its answer flipped by a "not" or "no"), None where none of its questions does. easy-vqa ships no image labels;
+    these are what a vision tower can learn before it learns to answer."""
+    if split not in SPLITS:
+        raise UserError(f"unknown easy-vqa split {split!r}: use {' or '.join(SPLITS)}")
+    package = _package()
+    texts, answers, image_ids = (package.get_train_questions if split == "train" else package.get_test_questions)()
+    paths = (package.get_train_image_paths if split == "train" else package.get_test_image_paths)()
+    groups = answer_groups()
+    colours = groups[next(a for a in groups if groups[a] not in (SHAPES, YES_NO))]
+    labels: dict[str, list[str | None]] = {"colour": [None] * len(paths), "shape": [None] * len(paths)}
+    for text, answer, image in zip(texts, answers, image_ids):
+        words = text.rstrip("?").split()
+        named = [w for w in words if w in colours + SHAPES]
+        if answer in YES_NO:
+            if len(named) == 1 and (answer == "yes") != bool({"not", "no"} & set(words)):
+                labels["colour" if named[0] in colours else "shape"][image] = named[0]
+            continue
+        labels["colour" if answer in colours else "shape"][image] = answer
+        if named:  # "what is the blue shape?" -> rectangle: the colour is in the question
+            labels["colour" if named[0] in colours else "shape"][image] = named[0]
+    return paths, labels
 
 
 def chance_accuracy(rows: list[dict]) -> float:

@@ -21,6 +21,7 @@ import torch
 
 from compress_eval.errors import UserError
 from compress_eval.models.adapters import embed_inputs, get_adapter, is_multimodal
+from compress_eval.models.offload import execution_device
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ def sequence_inputs(adapter, processor, row: dict) -> tuple[torch.Tensor, torch.
     enc = processor(images=[question_image(row)], text=[chat_prompt(processor, doc_to_text(row))],
                     return_tensors="pt")
     target = tokenizer(row["answer"] + tokenizer.eos_token, add_special_tokens=False, return_tensors="pt")
-    ids = torch.cat([enc.pop("input_ids"), target.input_ids], dim=1).to(adapter.model.device)
+    device = execution_device(adapter.model)  # an offloaded model's own .device is meta
+    ids = torch.cat([enc.pop("input_ids"), target.input_ids], dim=1).to(device)
     enc["attention_mask"] = torch.ones_like(ids)
-    hidden = embed_inputs(adapter, ids, **{k: v.to(adapter.model.device) for k, v in enc.items()})
+    hidden = embed_inputs(adapter, ids, **{k: v.to(device) for k, v in enc.items()})
     return ids[0].cpu(), hidden[0]
 
 

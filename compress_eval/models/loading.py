@@ -162,7 +162,7 @@ def load_offloaded(where: str, manifest: Manifest | None, mode: str, device: str
     from transformers import AutoConfig, GenerationConfig
 
     from compress_eval.models.adapters import get_adapter
-    from compress_eval.models.offload import Offloader, checkpoint_sources, host_sources
+    from compress_eval.models.offload import Offloader, checkpoint_sources, host_sources, module_sources
 
     if manifest is not None and manifest.quantized:
         raise UserError(f"{where} is quantized (bitsandbytes): it cannot be offloaded; use --offload none")
@@ -176,7 +176,7 @@ def load_offloaded(where: str, manifest: Manifest | None, mode: str, device: str
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if manifest is not None:
         restore_structure(model, manifest.tie_map, manifest.skipped)
-    sources = checkpoint_sources(directory)
+    sources = module_sources(model, checkpoint_sources(directory))
     if mode == "cpu":
         sources = host_sources(sources, dtype)
     Offloader(model, get_adapter(model).blocks, mode, device, dtype, sources, workdir)

@@ -198,6 +198,11 @@ class Offloader:
                 elif id(t) not in self.home:
                     unnamed[id(t)] = full
             self._add(unit)
+        covered = {id(t) for u in self.units for *_, t in u.slots()}
+        loose = next((n for n, p in model.named_parameters() if id(p) not in covered), None)
+        if loose is not None:  # a parameter of a module that holds the blocks (LLaVA-NeXT's image_newline)
+            raise UserError(f"cannot offload {type(model).__name__}: its parameter {loose!r} lies outside every "
+                            f"block and part that offloading moves; use --offload none")
         missing = [full for i, full in unnamed.items() if i not in self.home]
         if missing:
             raise UserError(f"cannot offload the model: its checkpoint has no tensor {missing[0]!r} "
@@ -344,6 +349,45 @@ def checkpoint_sources(directory: str | Path) -> dict[str, tuple[str, str]]:
     return sources
 
 
+def _conversions(model: nn.Module, reverse: bool) -> tuple[list, list]:
+    """(renamings, converters) between the model's module names and its checkpoint names, as transformers
+    applies them in ``from_pretrained`` (``reverse``: as ``save_pretrained`` does). A llava-hf checkpoint
+    keeps its legacy names (``language_model.model.layers``) for what the module calls
+    ``model.language_model.layers``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    conversions = get_model_conversion_mapping(model, add_legacy=not reverse)
+    if reverse:  # the order and skips of transformers' revert_weight_conversion (a model built from its config)
+        conversions = [c.reverse_transform() for c in conversions[::-1] if not isinstance(c, PrefixChange)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    return [c for c in conversions if not isinstance(c, WeightConverter)], converters
+
+
+def _renamed(model: nn.Module, names: list[str], reverse: bool) -> dict[str, str]:
+    """Each name -> its checkpoint name (``reverse``) or its module name; a tensor that transformers
+    converts (splits, stacks) rather than renames cannot be read or written piecewise, and is refused."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = _conversions(model, reverse)
+    if not renamings and not converters:
+        return {name: name for name in names}
+    state = None if reverse else model.state_dict()
+    out = {}
+    for name in names:
+        out[name], converted = rename_source_key(name, renamings, converters, model.base_model_prefix, state,
+                                                 reverse=reverse)
+        if converted is not None:
+            raise UserError(f"cannot offload {type(model).__name__}: its checkpoint tensor {name!r} is converted "
+                            f"on loading, not just renamed; use --offload none")
+    return out
+
+
+def module_sources(model: nn.Module, sources: dict[str, Source]) -> dict[str, Source]:
+    """A checkpoint's sources under the model's module names (:func:`_renamed`)."""
+    return {new: sources[old] for old, new in _renamed(model, list(sources), reverse=False).items()}
+
+
 def host_sources(sources: dict[str, tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The same tensors read into host memory (``cpu`` mode), in the run dtype."""
     return {name: t.to(dtype) if t.is_floating_point() else t
@@ -375,7 +419,8 @@ def save_sharded(offloader: Offloader, directory: Path, max_shard_bytes: int) ->
 
     The shards are planned from the placeholders' shapes, so each file's header is written first and
     its tensors stream in unit by unit: the save holds one unit in memory, whatever the shard size.
-    A tensor used in several places (tied) is written once, under its first name."""
+    A tensor used in several places (tied) is written once, under its first name; names are the checkpoint's
+    (:func:`_renamed`), as ``save_pretrained`` writes them."""
     model = offloader.model
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     written: set[int] = set()
@@ -394,20 +439,21 @@ def save_sharded(offloader: Offloader, directory: Path, max_shard_bytes: int) ->
         shards[-1].append((unit, todo))
         size += nbytes
         total += nbytes
+    saved = _renamed(model, [name for shard in shards for _, todo in shard for name, *_ in todo], reverse=True)
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     with bar(desc="saving", total=sum(len(shard) for shard in shards), unit="unit") as shown:
         for file, shard in zip(files, shards):
             with open(directory / file, "wb") as f:
-                f.write(_header([(name, t) for _, todo in shard for name, *_, t in todo]))
+                f.write(_header([(saved[name], t) for _, todo in shard for name, *_, t in todo]))
                 for unit, todo in shard:
                     with offloader.hold(unit.roots[:1]):
                         for name, module, attr, is_param, _ in todo:
                             value = (module._parameters if is_param else module._buffers)[attr]
                             f.write(memoryview(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
                                                .numpy()))
-                            weight_map[name] = file
+                            weight_map[saved[name]] = file
                     shown.update()
     if len(files) > 1:
         (directory / "model.safetensors.index.json").write_text(
