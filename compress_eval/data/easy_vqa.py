@@ -44,15 +44,21 @@ def answer_groups() -> dict[str, tuple[str, ...]]:
     return {a: group for group in (colours, SHAPES, YES_NO) for a in group}
 
 
-def mmmu_rows(split: str = "test", seed: int = 0, limit: int | None = None) -> list[dict]:
-    """Questions of an easy-vqa split in MMMU's schema (``options`` a Python list literal, ``answer`` a
-    letter, ``image_1`` as {bytes, path}; ``<image 1>`` in the question, which is how lm-eval's MMMU
-    prompt finds its images). ``limit``: a seeded sample of that many questions, in their order."""
+def split_questions(split: str) -> tuple[list[str], list[str], list[int], list[str]]:
+    """(question texts, answers, image ids, image paths) of an easy-vqa split."""
     if split not in SPLITS:
         raise UserError(f"unknown easy-vqa split {split!r}: use {' or '.join(SPLITS)}")
     package = _package()
     texts, answers, image_ids = (package.get_train_questions if split == "train" else package.get_test_questions)()
     paths = (package.get_train_image_paths if split == "train" else package.get_test_image_paths)()
+    return texts, answers, image_ids, paths
+
+
+def mmmu_rows(split: str = "test", seed: int = 0, limit: int | None = None) -> list[dict]:
+    """Questions of an easy-vqa split in MMMU's schema (``options`` a Python list literal, ``answer`` a
+    letter, ``image_1`` as {bytes, path}; ``<image 1>`` in the question, which is how lm-eval's MMMU
+    prompt finds its images). ``limit``: a seeded sample of that many questions, in their order."""
+    texts, answers, image_ids, paths = split_questions(split)
     groups = answer_groups()
     picked = range(len(texts))
     if limit is not None:
@@ -83,11 +89,7 @@ def image_labels(split: str = "train") -> tuple[list[str], dict[str, list[str | 
     as its questions and answers state them (a colour or shape answer; a yes/no question naming one,
     its answer flipped by a "not" or "no"), None where none of its questions does. easy-vqa ships no image labels;
     these are what a vision tower can learn before it learns to answer."""
-    if split not in SPLITS:
-        raise UserError(f"unknown easy-vqa split {split!r}: use {' or '.join(SPLITS)}")
-    package = _package()
-    texts, answers, image_ids = (package.get_train_questions if split == "train" else package.get_test_questions)()
-    paths = (package.get_train_image_paths if split == "train" else package.get_test_image_paths)()
+    texts, answers, image_ids, paths = split_questions(split)
     groups = answer_groups()
     colours = groups[next(a for a in groups if groups[a] not in (SHAPES, YES_NO))]
     labels: dict[str, list[str | None]] = {"colour": [None] * len(paths), "shape": [None] * len(paths)}
