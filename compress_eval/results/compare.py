@@ -117,8 +117,17 @@ def pair_metric(a: dict, b: dict, task: str, names: tuple[str, str]) -> TaskPair
 
 
 def pair_average(a: dict, b: dict, tasks: list[str], names: tuple[str, str]) -> tuple[float, float, float] | None:
-    """B - A of the mean accuracy over ``tasks`` with its paired interval, None unless every task pairs."""
-    if any(pair_metric(a, b, t, names) is None for t in tasks):
-        return None
+    """B - A of the mean accuracy over ``tasks`` with its paired interval, None unless every task pairs
+    (both runs hold its records, on the same documents)."""
     va, vb = accuracy_vectors(a, tasks), accuracy_vectors(b, tasks)
+    if va is None or vb is None:
+        return None
+    ra, rb = by_display_name(a["lm_eval"]), by_display_name(b["lm_eval"])
+    try:
+        for task in tasks:
+            documents(task, ra[task], rb[task], names)
+            if records.accuracy_metric(task, ra[task], NORMALIZED_ACC_TASKS) not in rb[task]:
+                return None
+    except PairingError:
+        return None
     return paired.paired_average(list(zip(va, vb)))

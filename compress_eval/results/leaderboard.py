@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress_eval.errors import UserError
 from compress_eval.results import compare, paired
-from compress_eval.results.store import LOCK_DIR, Run, RunError, is_run, read_records, read_run
+from compress_eval.results.store import LOCK_DIR, Run, RunError, is_run, read_run
 from compress_eval.tasknames import PPL_TASKS, display_name, parse_tasks
 
 PPL_ORDER = ["wikitext2_ppl", "c4_ppl"]
@@ -115,29 +115,28 @@ def build(runs_dir: Path, exclude: Path | None = None, sort: str | None = None) 
     rows = ranked(runs, sort_metric(sort, metrics)) if sort else sorted(runs, key=sort_key)
     board = Board(rows, metrics, problems)
     references = [r for r in rows if r.reference]
-    held = {r.path: read_records(r.path) for r in rows}
     for i, run in enumerate(rows):
         for metric in metrics:
             ref = reference_value(run, metric, references)
             if not run.reference and ref is not None and metric in run.metrics:
                 board.deltas[(i, metric)] = run.metrics[metric] - ref.metrics[metric]
-                mark_significance(board, i, ref, metric, held, acc_metrics)
-        vectors = compare.accuracy_vectors(held[run.path], [display_name(m) for m in acc_metrics])
+                mark_significance(board, i, ref, metric, acc_metrics)
+        vectors = compare.accuracy_vectors(run.records, [display_name(m) for m in acc_metrics])
         if acc_metrics and vectors:
             board.avg_interval[i] = paired.average_accuracy(vectors)[1:]
     return board
 
 
-def mark_significance(board: Board, i: int, ref: Run, metric: str, held: dict, acc_metrics: list[str]) -> None:
+def mark_significance(board: Board, i: int, ref: Run, metric: str, acc_metrics: list[str]) -> None:
     """Whether row i's delta on ``metric`` against ``ref`` is more than chance, where both kept records."""
     run = board.rows[i]
     names = (ref.path.name, run.path.name)
     if metric == AVG_ACC:
-        result = compare.pair_average(held[ref.path], held[run.path], [display_name(m) for m in acc_metrics], names)
+        result = compare.pair_average(ref.records, run.records, [display_name(m) for m in acc_metrics], names)
         if result is not None:
             board.significant[(i, metric)] = result[1] > 0 or result[2] < 0
         return
-    pair = compare.pair_metric(held[ref.path], held[run.path], display_name(metric), names)
+    pair = compare.pair_metric(ref.records, run.records, display_name(metric), names)
     if pair is not None:
         board.significant[(i, metric)] = pair.result.significant
 

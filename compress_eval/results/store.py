@@ -242,6 +242,7 @@ class Run:
     protocol: dict[str, tuple] = field(default_factory=dict)
     reference: bool = False  # the dense model (method none, not quantized): the row deltas refer to
     manifest: Manifest | None = None  # what the row's detail shows (recipe, stages, seconds, peak RSS)
+    records: dict = field(default_factory=dict)  # records.json: what the board's paired tests read
 
     @property
     def params_kept(self) -> float:
@@ -311,7 +312,8 @@ def read_run(path: Path) -> Run:
     except (KeyError, TypeError, ValueError) as exc:
         raise RunError(f"{PPL_FILE}: results lack a field ({type(exc).__name__}: {exc})") from None
     samples = lm_eval.get("n-samples") if isinstance(lm_eval.get("n-samples"), dict) else {}
-    selections = {task: r.get("selection") for task, r in (read_records(path).get("lm_eval") or {}).items()}
+    run.records = read_records(path)
+    selections = {task: r.get("selection") for task, r in (run.records.get("lm_eval") or {}).items()}
     for task, acc in lm_eval_accuracies(lm_eval).items():
         run.metrics.setdefault(task, acc)
         n = samples.get(task)
