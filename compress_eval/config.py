@@ -39,10 +39,12 @@ class RecoveryOptions(MethodOptions):
     recover_warmup: float = Field(0.01, ge=0, lt=1, description="warm-up fraction of the steps (then the schedule)")
     recover_schedule: Literal["inv-sqrt", "cosine"] = Field(
         "inv-sqrt", description="after warm-up: 1/sqrt decay (the FF-merging paper) or cosine to 0")
-    recover_data: Literal["calibration", "train"] = Field(
-        "calibration", description="training text: the calibration windows, or consecutive sequences of the "
-                                   "calibration corpus' train split (steps x batch of them, disjoint from "
-                                   "evaluation; offline WikiText-2 is its tokenized train file)")
+    recover_data: Literal["calibration", "train", "wikitext2", "c4", "c4+wikitext2"] = Field(
+        "calibration", description="training text: the calibration windows, or consecutive sequences (steps x "
+                                   "batch of them, disjoint from evaluation) of a train split: the calibration "
+                                   "corpus' (train), WikiText-2's (offline its tokenized train file), C4's "
+                                   "(offline the documents after the 1100 that perplexity reads), or both "
+                                   "alternating, half each (c4+wikitext2)")
     recover_loss: Literal["ce", "kd", "ce+kd"] = Field(
         "ce", description="next-token cross-entropy, KL divergence to the uncompressed model's logits (kd; for a "
               "compressed checkpoint, its base model's), or both weighed by recover_kd_weight (ce+kd)")
@@ -266,7 +268,8 @@ class CompressConfig(Amount, Quantization):
         if self.calib_data == "easy-vqa" and any(isinstance(s, RecoverStage) and s.recover_data == "train"
                                                  for s in self.stage_list()):
             raise ValueError("recover_data train reads the calibration corpus' train text and easy-vqa is "
-                             "image-text: use --recover-data calibration")
+                             "image-text: use --recover-data calibration, or name a text corpus (c4, wikitext2, "
+                             "c4+wikitext2)")
         return self
 
     def stage_list(self) -> list[MethodStage | RecoverStage | QuantizeStage]:

@@ -101,11 +101,12 @@ def distillation_teacher(model: torch.nn.Module, source, cfg: CompressConfig, of
 
 def recovery_windows(stage: RecoverStage, calib: torch.Tensor, tokenizer, cfg: CompressConfig,
                      data_dir) -> torch.Tensor:
-    """What a recovery stage trains on: the calibration windows, or as many consecutive sequences of the
-    calibration corpus' train split as its steps take (each once)."""
+    """What a recovery stage trains on: the calibration windows, or as many consecutive sequences of a
+    train split (the calibration corpus', or the one the stage names) as its steps take (each once)."""
     if stage.recover_data == "calibration":
         return calib
-    return training_windows(tokenizer, cfg.calib_data, stage.recover_steps * stage.recover_batch_size,
+    corpus = cfg.calib_data if stage.recover_data == "train" else stage.recover_data
+    return training_windows(tokenizer, corpus, stage.recover_steps * stage.recover_batch_size,
                             stage.recover_seqlen or cfg.seqlen, data_dir)
 
 

@@ -28,6 +28,35 @@ def train_data(data_dir):
     return data_dir
 
 
+def test_mixed_recovery_text_alternates_c4_and_wikitext2_windows(train_data):
+    """c4+wikitext2: C4's train windows at even steps, WikiText-2's at odd ones, each corpus from its start,
+    so an odd count gives C4 the extra window and both halves are the corpora's own first windows."""
+    tok = tiny_tokenizer()
+    mixed = training_windows(tok, "c4+wikitext2", 5, 16, train_data)
+    assert mixed.shape == (5, 16)
+    assert torch.equal(mixed[0::2], training_windows(tok, "c4", 3, 16, train_data))
+    assert torch.equal(mixed[1::2], training_windows(tok, "wikitext2", 2, 16, train_data))
+
+
+@pytest.mark.parametrize("recover_data, calib_data, corpus", [
+    ("train", "wikitext2", "wikitext2"), ("train", "c4", "c4"), ("c4", "wikitext2", "c4"),
+    ("wikitext2", "c4", "wikitext2"), ("c4+wikitext2", "wikitext2", "c4+wikitext2")])
+def test_a_recovery_stage_trains_on_the_corpus_it_names(tiny_model_dir, train_data, monkeypatch, recover_data,
+                                                          calib_data, corpus):
+    """``train`` is the calibration corpus' train split; a corpus name is that corpus whatever the
+    calibration read, and the manifest records what was asked."""
+    import compress_eval.pipeline as pipeline
+
+    asked = []
+    monkeypatch.setattr(pipeline, "training_windows",
+                        lambda tok, name, *args: asked.append(name) or training_windows(tok, name, *args))
+    recovery = dict(recover="lora", recover_steps=2, recover_seqlen=16, recover_data=recover_data, lora_dropout=0.0)
+    result = compress(make_config(model=str(tiny_model_dir), method="none", calib_samples=2, seqlen=16,
+                                  calib_data=calib_data, recovery=recovery), train_data)
+    assert asked == [corpus]
+    assert (result.manifest.recovery["data"], result.manifest.recovery["sequences"]) == (recover_data, 2)
+
+
 def test_kl_of_logits_is_the_token_mean_kl_and_zero_for_the_teacher_itself():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)

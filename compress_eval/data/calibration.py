@@ -12,6 +12,8 @@ from compress_eval.errors import UserError
 
 # C4 evaluation keeps the first 256 x seqlen tokens (GPTQ's protocol).
 C4_EVAL_WINDOWS = 256
+# Recovery text from both train splits, half each (general web text and encyclopedic prose).
+MIXED_CORPUS = "c4+wikitext2"
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -54,7 +56,14 @@ def calibration_windows(tokenizer, dataset: str, nsamples: int, seqlen: int, see
 
 def training_windows(tokenizer, dataset: str, count: int, seqlen: int,
                      data_dir: str | Path | None = None) -> torch.Tensor:
-    """(count, seqlen) consecutive windows from the start of the train split: each trained on once."""
+    """(count, seqlen) consecutive windows from the start of the train split: each trained on once.
+    ``c4+wikitext2`` alternates the two corpora's windows (C4 first), so any prefix of the steps sees both."""
+    if dataset == MIXED_CORPUS:
+        c4, wiki = (training_windows(tokenizer, name, n, seqlen, data_dir)
+                    for name, n in (("c4", (count + 1) // 2), ("wikitext2", count // 2)))
+        mixed = torch.empty(count, seqlen, dtype=c4.dtype)
+        mixed[0::2], mixed[1::2] = c4, wiki
+        return mixed
     needed = count * seqlen
     chars = needed * 8  # well over the characters per token of any LLaMA-class tokenizer
     ids = tokenize(tokenizer, training_text(dataset, data_dir, chars))
