@@ -49,6 +49,10 @@ class RecoveryOptions(MethodOptions):
         "ce", description="next-token cross-entropy, KL divergence to the uncompressed model's logits (kd; for a "
               "compressed checkpoint, its base model's), or both weighed by recover_kd_weight (ce+kd)")
     recover_kd_weight: float = Field(0.5, gt=0, lt=1, description="ce+kd only: the loss is (1 - w) CE + w KL")
+    recover_resume: str | None = Field(
+        None, description="state directory: the fine-tune is saved there every recover_save_every steps, and a "
+                          "re-run with the same model, data and settings continues from it (same weights)")
+    recover_save_every: int = Field(50, ge=1, description="recover_resume only: steps between saves")
     lora_r: int = Field(8, ge=1, description="LoRA rank (lora / qlora recovery; all linears but the LM head)")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale alpha / r)")
     lora_dropout: float = Field(0.2, ge=0, lt=1, description="LoRA dropout")

@@ -4,6 +4,7 @@ cross-entropy, distillation of the uncompressed model's logits, or a mix of both
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import shutil
 
@@ -154,3 +155,63 @@ def test_distillation_of_a_compressed_checkpoint_learns_its_base_model(tiny_mode
     with pytest.raises(UserError, match="cannot be loaded"):
         compress(make_config(model=str(second), method="none", calib_samples=2, seqlen=16, recovery=recovery),
                  train_data)
+
+
+def _heal(model_dir, data, state_dir, **settings):
+    recovery = {**dict(recover="lora", recover_steps=6, recover_seqlen=16, recover_data="train", lora_dropout=0.1,
+                       recover_resume=str(state_dir), recover_save_every=2), **settings}
+    return compress(make_config(model=str(model_dir), method="drop", blocks=[1], calib_samples=2, seqlen=16,
+                                recovery=recovery), data)
+
+
+def _weights(result):
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def test_an_interrupted_fine_tune_resumes_to_the_uninterrupted_weights(tiny_model_dir, train_data, tmp_path,
+                                                                      monkeypatch):
+    """Killed after step 5 of 6 (saves every 2 steps), the re-run restores step 4 (LoRA tensors, AdamW,
+    schedule, dropout's generator) and ends bitwise where an uninterrupted run ends, with its losses. A
+    finished state trains no step again."""
+    import compress_eval.methods.recovery as recovery
+
+    whole = _heal(tiny_model_dir, train_data, tmp_path / "whole")
+    real = recovery.require_finite
+
+    def killed_at_step_5(value, params, what, hints):
+        if "step 5/6" in what:
+            raise KeyboardInterrupt
+        return real(value, params, what, hints)
+
+    monkeypatch.setattr(recovery, "require_finite", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _heal(tiny_model_dir, train_data, tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(recovery, "require_finite", real)
+    resumed = _heal(tiny_model_dir, train_data, tmp_path / "cut")
+    assert resumed.manifest.recovery["resumed_at_step"] == 4
+    assert resumed.manifest.recovery["losses"] == whole.manifest.recovery["losses"]
+    expected, got = _weights(whole), _weights(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["state.json", "step-6"]
+
+    monkeypatch.setattr(recovery, "recovery_loss", lambda *a: pytest.fail("a finished fine-tune trained again"))
+    again = _heal(tiny_model_dir, train_data, tmp_path / "cut")
+    assert all(torch.equal(expected[k], v) for k, v in _weights(again).items())
+
+
+@pytest.mark.parametrize("change, differs", [({"recover_lr": 1e-3}, "settings"), ({"recover_seqlen": 8}, "data")])
+def test_a_state_of_another_fine_tune_is_refused_in_one_line(tiny_model_dir, train_data, tmp_path, change, differs):
+    _heal(tiny_model_dir, train_data, tmp_path / "state")
+    with pytest.raises(UserError, match=f"different run \\(differs in [a-z, ]*{differs}"):
+        _heal(tiny_model_dir, train_data, tmp_path / "state", **change)
+
+
+def test_an_unreadable_state_names_the_fix(tiny_model_dir, train_data, tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text("{not json")
+    with pytest.raises(UserError, match="remove the directory to start afresh"):
+        _heal(tiny_model_dir, train_data, tmp_path / "state")
+    (tmp_path / "state" / "state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(UserError, match="not a state this tool wrote"):
+        _heal(tiny_model_dir, train_data, tmp_path / "state")

@@ -22,6 +22,7 @@ from compress_eval import distributed
 from compress_eval.config import RecoveryOptions
 from compress_eval.errors import UserError
 from compress_eval.methods.finite import require_finite
+from compress_eval.methods.recovery_state import FineTuneState, digest, model_digest
 from compress_eval.models.adapters import from_out_in, is_conv1d, is_linear, out_in, vision_modules
 from compress_eval.progress import bar
 from compress_eval.quantize import check_trainable
@@ -186,7 +187,9 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     sequences = training_sequences(windows, options.recover_seqlen)
     device = next(model.parameters()).device
     start = time.perf_counter()
+    store = _resume_store(model, sequences, options, seed)
     trainable = _prepare(model, options)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=options.recover_weight_decay)
     warmup = max(1, round(options.recover_steps * options.recover_warmup))
@@ -196,10 +199,15 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(sequences.size(0), generator=generator)
     local = distributed.shard(sequences)  # data parallel: each process runs its members of every batch
-    losses = []
+    losses, first = [], 0
+    if store and (saved := store.load()):
+        store.restore(saved, named, optimizer, schedule)
+        losses, first = list(saved["losses"]), saved["step"]
+        log.info("recovery %s resumes from %s after %d of %d steps", mode, store.dir, first, options.recover_steps)
     was_training = model.training
     model.train()
-    steps = bar(range(options.recover_steps), f"recovery {mode}", unit="step")
+    steps = bar(range(first, options.recover_steps), f"recovery {mode}", total=options.recover_steps, unit="step",
+                initial=first)
     try:
         for step in steps:
             idx = torch.tensor([int(order[(step * options.recover_batch_size + j) % len(order)])
@@ -223,6 +231,8 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             steps.set_postfix(loss=losses[-1], refresh=False)
             if (step + 1) % max(1, options.recover_steps // 5) == 0:
                 log.debug("recovery %s step %d/%d loss %s", mode, step + 1, options.recover_steps, losses[-1])
+            if store and ((step + 1) % options.recover_save_every == 0 or step + 1 == options.recover_steps):
+                store.save(step + 1, losses, named, optimizer, schedule)
     finally:
         steps.close()  # now, not when the traceback of an error goes: the error line after the bar
         model.train(was_training)
@@ -239,7 +249,21 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             "seqlen": sequences.size(1),
             "batch_size": options.recover_batch_size, "trainable_params": n_trainable,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            **({"resumed_at_step": first} if first else {}),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _resume_store(model: nn.Module, sequences: torch.Tensor, options: RecoveryOptions,
+                  seed: int) -> FineTuneState | None:
+    """The ``recover_resume`` state of this fine-tune, fingerprinted by its starting weights, its data and
+    every setting that changes the result (not where or how often it is saved)."""
+    if options.recover_resume is None:
+        return None
+    if distributed.world_size() > 1:
+        raise UserError("--recover-resume saves one process's fine-tune: run it in one process, or drop it")
+    settings = options.model_dump(exclude={"recover_resume", "recover_save_every"})
+    return FineTuneState(options.recover_resume, {"settings": settings, "seed": seed,
+                                                  "data": digest(sequences), "model": model_digest(model)})
 
 
 def _prepare(model: nn.Module, options: RecoveryOptions) -> list[nn.Parameter]:
