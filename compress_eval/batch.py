@@ -5,7 +5,8 @@ cells are skipped, a checkpoint without some results is only evaluated. Each cel
 its own lock, so any number of batches (``--jobs``, ``make -j``, two terminals) can share one runs
 directory: a cell busy elsewhere is left for later, then waited for, never written twice.
 Checkpoints are written atomically (temp dir + rename) by the pipeline, so an interrupted cell
-leaves either nothing or a checkpoint that the next run evaluates.
+leaves either nothing or a checkpoint that the next run evaluates; a cell's recovery fine-tunes save
+their progress in ``RUNS/.state/CELL`` as they go, so the next run continues them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from compress_eval.results import store
 
 log = logging.getLogger(__name__)
 
+# Beside the runs: the resumable state of cells whose compression has not finished.
+STATE_DIR = ".state"
+
 
 @dataclass
 class Outcome:
@@ -41,6 +45,14 @@ def finished_checkpoint(run_dir: Path) -> bool:
         return store.read_manifest(run_dir) is not None
     except store.RunError:
         return False
+
+
+def state_dir(runs_dir: Path, cell: Cell) -> Path | None:
+    """Where a cell's recovery fine-tunes save their progress (so a killed batch continues a long heal
+    where it stopped); one process only, as ``recover_resume`` requires."""
+    from compress_eval import distributed
+
+    return runs_dir / STATE_DIR / cell.name if distributed.world_size() == 1 else None
 
 
 def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> Outcome:
@@ -62,7 +74,8 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> O
                 compressed = True
             if compressed:
                 log.info("[%s] compressing", cell.name)
-                pipeline.compress_to_dir(cell.config, run_dir, data_dir)
+                pipeline.compress_to_dir(cell.config, run_dir, data_dir, state_dir(runs_dir, cell))
+                shutil.rmtree(runs_dir / STATE_DIR / cell.name, ignore_errors=True)
             if not (run_dir / store.CELL_FILE).exists():
                 store.write_cell(run_dir, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]

@@ -110,7 +110,7 @@ def recovery_windows(stage: RecoverStage, calib: torch.Tensor, tokenizer, cfg: C
                             stage.recover_seqlen or cfg.seqlen, data_dir)
 
 
-def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compressed:
+def compress(cfg: CompressConfig, data_dir: str | Path | None = None, state_dir: Path | None = None) -> Compressed:
     """Compress ``cfg.model`` in memory: its stages in order (methods, recovery fine-tunes), each
     method's finishing step, then quantization; each stage recorded in the manifest.
 
@@ -123,6 +123,7 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None) -> Compres
     if isinstance(runs[-1], QuantizeRun):
         bnb_config(runs[-1].stage.quantize, runs[-1].stage.double_quant, runs[-1].stage.compute_dtype)  # installed?
     context, processor, tokenizer, source, offload = _load(cfg, runs)
+    context.state_dir = state_dir
     before = _size(context)
     calib, images = _calibrate(context, runs, processor, tokenizer, data_dir)
     log.debug("compressing %s (%d blocks) with %s", cfg.model, context.adapter.num_blocks, cfg.method)
@@ -229,12 +230,14 @@ def save(result: Compressed, out: str | Path) -> Path:
     return out
 
 
-def compress_to_dir(cfg: CompressConfig, out: str | Path | None, data_dir: str | Path | None = None) -> Path:
+def compress_to_dir(cfg: CompressConfig, out: str | Path | None, data_dir: str | Path | None = None,
+                    state_dir: Path | None = None) -> Path:
     """Compress and save (``out`` None: to ``runs/`` :func:`~compress_eval.methods.registry.run_name`); data
-    parallel, process 0 writes and the others wait until it has."""
+    parallel, process 0 writes and the others wait until it has. ``state_dir``: where recovery stages keep
+    their resumable state unless they name their own ``recover_resume``."""
     out = Path("runs") / run_name(resolve_config(cfg)) if out is None else out
     checkpoint.ensure_new_output(out)  # fail before the slow part, not after it
-    result = compress(cfg, data_dir)
+    result = compress(cfg, data_dir, state_dir)
     if distributed.is_main():
         save(result, out)
     distributed.barrier()

@@ -10,6 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,7 @@ class RunContext:
     quantization: dict[str, Any] | None = None
     tie_map: dict[str, str] = field(default_factory=dict)
     params_after: int = 0  # before quantization: bitsandbytes packs 2 per byte
+    state_dir: Path | None = None  # where recovery stages without their own recover_resume keep their state
 
     def __post_init__(self):
         self.original = list(range(self.adapter.num_blocks))
@@ -116,9 +118,12 @@ class RecoverRun(StageRun):
     stage: RecoverStage
 
     def run(self, model, calibration, context) -> StageRecord:
+        options = self.stage
+        if options.recover_resume is None and context.state_dir is not None:
+            options = options.model_copy(update={"recover_resume": str(context.state_dir / f"stage{self.number}")})
         with context.recording("recover", {"method": None}) as what:
             with context.timer.step("recover"):
-                context.recovery = fine_tune(model, context.training.pop(self.number), self.stage,
+                context.recovery = fine_tune(model, context.training.pop(self.number), options,
                                              seed=context.cfg.seed,
                                              teacher=context.teacher if self.stage.distils else None)
         return StageRecord(**what)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -147,6 +148,42 @@ def test_interrupted_cell_leaves_nothing_and_resumes(tiny_model_dir, data_dir, t
     (runs / f".{cells[0].name}.tmp-killed").mkdir()  # what a kill -9 during the save leaves behind
     assert [o.status for o in run_cells(cells, runs)] == ["ran"]
     assert finished(runs, cells)
+
+
+def test_a_killed_heal_continues_where_it_stopped(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """A cell killed inside its recovery stage (after step 3 of 4, saving every 2) continues from step 2 on
+    the next run, ends with the weights of an uninterrupted cell, and leaves no state behind."""
+    import compress_eval.methods.recovery as recovery
+    from safetensors.torch import load_file
+
+    heal = {"recover": "lora", "recover_steps": 4, "recover_seqlen": 16, "recover_save_every": 2,
+            "lora_dropout": 0.1}
+    g = grid(models=[str(tiny_model_dir)], config={"calib_samples": 2, "seqlen": 16}, eval={"seqlen": 16, "max_windows": 2},
+             methods=[{"label": "healed", "stages": [{"method": "drop", "blocks": [1]}, heal]}])
+    cells = expand(g)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    outcomes = run_cells(cells, whole)
+    assert [o.status for o in outcomes] == ["ran"], outcomes
+    real = recovery.require_finite
+
+    def killed_at_step_3(value, params, what, hints):
+        if "step 3/4" in what:
+            raise KeyboardInterrupt
+        return real(value, params, what, hints)
+
+    monkeypatch.setattr(recovery, "require_finite", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(cells, cut)
+    state = cut / ".state" / cells[0].name / "stage2" / "state.json"
+    assert json.loads(state.read_text())["step"] == 2
+    monkeypatch.setattr(recovery, "require_finite", real)
+    assert [o.status for o in run_cells(cells, cut)] == ["ran"]
+    manifest = json.loads((cut / cells[0].name / "compress_eval.json").read_text())
+    assert manifest["recovery"]["resumed_at_step"] == 2
+    assert ".state" not in json.dumps(manifest)  # the batch's own bookkeeping, not the recipe
+    a, b = (load_file(d / cells[0].name / "model.safetensors") for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (cut / ".state" / cells[0].name).exists()
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b"[1]", b"\xff\xfe", b'{"method": "none"}'])
