@@ -109,8 +109,8 @@ CELLS = {
         "smollm2-135m_sublayer_p0.25_fc7517a9b8f8",
         "smollm2-135m_merge_p0.25_952711c70251",
         "smollm2-135m_fuse-kd_68f53609d69a",
-        "smollm2-135m_fuse-kd-healed_7d1bd454f33f",
-        "smollm2-135m_shortgpt-healed_a955fb9524cf",
+        "smollm2-135m_fuse-kd-healed_ce3741792268",
+        "smollm2-135m_shortgpt-healed_1a92c830b260",
     ],
     "smoke.yaml": [
         "smollm2-135m_none_84ba890b3df0",
