@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -183,6 +184,11 @@ def cli(args: list[str]) -> str:
     return result.stdout
 
 
+def torch_threads() -> int:
+    """The threads each command's torch uses (its OMP_NUM_THREADS, else one per core)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -219,6 +225,7 @@ class Bench:
         state = self.work / f"{slug(name)}.state"
         resume = ["--recover-resume", str(state), "--recover-save-every", "50"] if "--recover" in args else []
         shutil.rmtree(out, ignore_errors=True)
+        load = round(os.getloadavg()[0], 2)
         start = time.perf_counter()
         cli(["compress", model, *args, *resume, "--out", str(out)])
         seconds = time.perf_counter() - start
@@ -236,7 +243,9 @@ class Bench:
                   if "removal_order" in manifest.get("details", {}) else {}),
                "recovery": {k: recovery[k] for k in ("loss_first", "loss_last", "seconds", "resumed_at_step")
                             if k in recovery} if recovery else None,
-               "date": datetime.date.today().isoformat()}
+               "date": datetime.date.today().isoformat(),
+               # what the seconds were measured beside: the row's threads and the machine's load when it began
+               "threads": torch_threads(), "load_at_start": load}
         for dataset, windows in EVAL.items():
             stdout = cli(["ppl", str(out), "--dataset", dataset, "--seqlen", "512", "--max-windows", str(windows)])
             row[dataset] = round(float(stdout.strip().splitlines()[-1]), 2)
