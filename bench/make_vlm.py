@@ -1,4 +1,4 @@
-"""A LLaVA that sees, built offline: the packaged SmolLM2-135M-Instruct as its language model (frozen), a
+"""A LLaVA that sees, built offline: the packaged SmolLM2-135M-Instruct as its language model, a
 small CLIP vision tower from scratch and LLaVA's two-layer projector, built in three stages on easy-vqa's
 train split, so that compression's cost on image questions is measurable (bench/multimodal.py, ce_mmmu).
 
@@ -7,8 +7,10 @@ train split, so that compression's cost on image questions is measurable (bench/
    the frozen LM alone, the tower stayed blind (0.525 against 0.448 for chance, all of it yes/no).
 2. The projector learns, without the LM, to put the embedding of the colour word on even image tokens and
    of the shape word on odd ones: the LM starts by reading words it knows.
-3. A short end-to-end stage through the frozen LM on exactly the prompts ce_mmmu shows (lm-eval's MMMU
-   prompt in the chat format, the option letter as the answer) tunes the projector.
+3. A short end-to-end stage on exactly the prompts ce_mmmu shows (lm-eval's MMMU prompt in the chat
+   format, the option letter as the answer) tunes the projector and a small LoRA on the LM, merged after:
+   SmolLM2-135M alone does not answer that format even from written words. The LM stays SmolLM2: its
+   WikiText-2 perplexity must stay within --max-ppl-ratio (5 %) of SmolLM2's, checked and recorded.
 
     python3 bench/make_vlm.py                         # build, save, report (cached: reruns only report)
     python3 bench/make_vlm.py --tower-epochs 1 --projector-epochs 1 --steps 3 --per-kind 8 --out /tmp/vlm-smoke --force
@@ -16,8 +18,8 @@ train split, so that compression's cost on image questions is measurable (bench/
 The model is a plain llava-hf checkpoint (``AutoModelForImageTextToText`` / ``AutoProcessor``) in our cache
 (``$COMPRESS_EVAL_CACHE/models/llava-smollm2-easyvqa``), never committed. Accuracy is measured on a seeded
 test sample with ``--per-kind`` questions of each kind, with lm-eval's MMMU answer parsing. The image token
-is one of SmolLM2's unused special tokens, so the vocabulary is SmolLM2's own and the VLM's text perplexity
-must equal SmolLM2's: the script checks it on WikiText-2 (the data directory's, as ``compress-eval ppl``).
+is one of SmolLM2's unused special tokens, so the vocabulary is SmolLM2's own; the text check runs on
+WikiText-2 (the data directory's, as ``compress-eval ppl``).
 The same seed on the same machine (and thread count) gives the same model and accuracy; bf16 autocast is
 used only on a CUDA device or a CPU with AVX512-BF16/AMX (fp32 otherwise).
 """
@@ -39,6 +41,7 @@ import torch
 from compress_eval.data.easy_vqa import chance_accuracy, mmmu_rows
 from compress_eval.data.image_text import chat_prompt, question_image
 from compress_eval.errors import UserError
+from compress_eval.eval_config import EvalConfig
 from compress_eval.evaluate import evaluate
 from compress_eval.models.checkpoint import atomic_output_dir
 from compress_eval.models.loading import resolve_device
@@ -239,11 +242,34 @@ def train_projector(model, processor, train, epochs: int, batch_size: int, lr: f
     return {"steps": steps, "relative_mse_first": seen[0], "relative_mse_last": seen[-1]}
 
 
-def train_end_to_end(model, processor, rows: list[dict], steps: int, batch_size: int, lr: float, seed: int) -> dict:
-    """Stage 3: the projector alone learns, through the frozen LM, to answer ce_mmmu's prompts with the
-    option letter (the tower stays as stage 1 left it)."""
+def lm_lora(model, rank: int) -> list[torch.nn.Parameter]:
+    """LoRA factors on every linear of the language model (none with ``rank`` 0), trainable; merged into
+    its weights after stage 3 (recovery's ``merge_lora_``), so the checkpoint stays a plain llava."""
+    if rank == 0:
+        return []
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lm = model.model.language_model
+    names = sorted({n.rpartition(".")[2] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names), lm)
+    params = [p for n, p in lm.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_end_to_end(model, processor, rows: list[dict], steps: int, batch_size: int, lr: float, seed: int,
+                     lora_rank: int) -> dict:
+    """Stage 3: the projector, and LoRA on the LM when ``lora_rank`` > 0, learn to answer ce_mmmu's prompts
+    with the option letter (the tower stays as stage 1 left it). SmolLM2-135M alone cannot answer that
+    format even when the image is written out as words (0.41 against 0.36 for chance, with or without the
+    words: its letter does not depend on them), so a frozen LM caps the VLM near chance; the LoRA is kept
+    small and short, and the text check bounds what it changes."""
+    from compress_eval.methods.recovery import merge_lora_
+
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector.requires_grad_(True)
+    adapters = lm_lora(model, lora_rank)
     rng = random.Random(seed)
     device = str(model.device)
 
@@ -254,9 +280,12 @@ def train_end_to_end(model, processor, rows: list[dict], steps: int, batch_size:
                 yield model(**batch, labels=labels, use_cache=False).loss
 
     model.train()
-    seen = fit(list(projector.parameters()), losses(), steps, lr)
+    seen = fit([*projector.parameters(), *adapters], losses(), steps, lr)
     model.eval()
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "loss_first": seen[0],
+    if adapters:
+        merge_lora_(model)
+        model.requires_grad_(False)
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "lm_lora_rank": lora_rank, "loss_first": seen[0],
             "loss_last10": sum(seen[-10:]) / len(seen[-10:])}
 
 
@@ -288,15 +317,19 @@ def accuracy(model, processor, rows: list[dict], batch_size: int) -> dict:
                         for k, v in right.items()}}
 
 
-def text_ppl_check(vlm_dir: Path, data_dir, windows: int, device: str) -> dict:
-    """WikiText-2 perplexity (512-token windows) of SmolLM2 and of the saved VLM's language model: equal,
-    or the VLM is not SmolLM2 inside."""
-    scores = {name: evaluate(name, ["wikitext2"], 512, data_dir, windows, device=device, progress=False)
-              ["wikitext2_ppl"]["ppl"] for name in (BASE, str(vlm_dir))}
+def text_ppl_check(vlm_dir: Path, data_dir, windows: int, device: str, max_ratio: float) -> dict:
+    """WikiText-2 perplexity (512-token windows) of SmolLM2 and of the saved VLM's language model: within
+    ``max_ratio``, or the VLM is no longer SmolLM2 inside (and compressing it would not be compressing
+    SmolLM2)."""
+    cfg = EvalConfig(tasks=("wikitext2",), seqlen=512, max_windows=windows, data_dir=data_dir, device=device,
+                     progress=False)
+    scores = {name: evaluate(name, cfg)["wikitext2_ppl"]["ppl"] for name in (BASE, str(vlm_dir))}
     smollm2, vlm = scores[BASE], scores[str(vlm_dir)]
-    if not math.isclose(smollm2, vlm, rel_tol=1e-5):
-        raise SystemExit(f"error: the VLM's text perplexity {vlm:.4f} differs from SmolLM2's {smollm2:.4f}")
-    return {"smollm2": smollm2, "vlm": vlm, "windows": windows, "seqlen": 512}
+    if vlm > smollm2 * max_ratio:
+        raise SystemExit(f"error: the VLM's text perplexity {vlm:.4f} exceeds SmolLM2's {smollm2:.4f} by more than "
+                         f"x{max_ratio}: lower --lm-lora-rank, --steps or --lr")
+    return {"smollm2": smollm2, "vlm": vlm, "ratio": round(vlm / smollm2, 4), "max_ratio": max_ratio,
+            "windows": windows, "seqlen": 512}
 
 
 def timed(seconds: dict, name: str, fn, *args):
@@ -323,9 +356,9 @@ def build(args) -> tuple[object, object, dict]:
     print("stage 2: the projector writes colour and shape words", flush=True)
     projector = timed(seconds, "projector", train_projector, model, processor, train, args.projector_epochs, 64,
                       args.projector_lr, args.seed, device)
-    print("stage 3: end to end through the frozen LM", flush=True)
+    print("stage 3: end to end, the projector and LoRA on the LM", flush=True)
     end_to_end = timed(seconds, "end_to_end", train_end_to_end, model, processor, mmmu_rows("train", args.seed),
-                       args.steps, args.batch_size, args.lr, args.seed)
+                       args.steps, args.batch_size, args.lr, args.seed, args.lm_lora_rank)
     test = timed(seconds, "test", accuracy, model, processor, test_sample(args.seed, args.per_kind), args.batch_size)
     report = {"base": BASE, "vision": model.config.vision_config.to_diff_dict(),
               "image_tokens": (IMAGE_SIZE // PATCH) ** 2, "seed": args.seed, "device": device,
@@ -344,6 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="stage 3: end-to-end steps through the LM")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 3's questions a step, and the test's")
     parser.add_argument("--lr", type=float, default=3e-4, help="stage 3's learning rate")
+    parser.add_argument("--lm-lora-rank", type=int, default=8,
+                        help="stage 3's LoRA rank on the language model (0: frozen LM), merged after; the "
+                             "text check bounds its change to WikiText-2 perplexity")
+    parser.add_argument("--max-ppl-ratio", type=float, default=1.05,
+                        help="the most the VLM's WikiText-2 perplexity may exceed SmolLM2's")
     parser.add_argument("--per-kind", type=int, default=300, help="test questions of each kind (a seeded sample)")
     parser.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows of the text check")
     parser.add_argument("--data-dir", default=None, help="the data directory (default: $COMPRESS_EVAL_DATA_DIR)")
@@ -364,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
         report["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "force", "data_dir")}
-        report["text_ppl"] = text_ppl_check(args.out, args.data_dir, args.ppl_windows, report["device"])
+        report["text_ppl"] = text_ppl_check(args.out, args.data_dir, args.ppl_windows, report["device"],
+                                            args.max_ppl_ratio)
         report["build_seconds"] = round(time.perf_counter() - start, 1)
     except UserError as exc:
         sys.exit(f"error: {exc}")
