@@ -153,21 +153,26 @@ def _load(cfg: CompressConfig, runs: list) -> tuple:
         model, tokenizer, source = load_model(cfg.model, cfg.device, cfg.dtype, cfg.allow_pickle,
                                               cfg.trust_remote_code, offload, cfg.offload_dir)
         processor = load_processor(model, cfg.model, cfg.trust_remote_code)
+    adapter = get_adapter(model)
+    if reads_calibration(runs):  # before the notice: a refused run says one line, its error
+        adapter.require_context(cfg.seqlen, "--seqlen")
     say_offload(offload, reason)
     require_unquantized(model, cfg.model)
     require_whole_sublayers([r.method for r in runs if isinstance(r, MethodRun)], model)
-    context = RunContext(cfg, model, get_adapter(model), len(runs), timer)
+    context = RunContext(cfg, model, adapter, len(runs), timer)
     return context, processor, tokenizer, source, offload
+
+
+def reads_calibration(runs: list) -> bool:
+    return any(isinstance(r, RecoverRun) or (isinstance(r, MethodRun) and r.method.needs_calibration) for r in runs)
 
 
 def _calibrate(context: RunContext, runs: list, processor, tokenizer, data_dir) -> tuple:
     """The calibration windows (and a VLM's images) the stages read, and each recovery stage's text, read
     now: a missing train split fails before any method runs. None where no stage reads them."""
     cfg, model = context.cfg, context.model
-    if not any(isinstance(r, RecoverRun) or (isinstance(r, MethodRun) and r.method.needs_calibration)
-               for r in runs):
+    if not reads_calibration(runs):
         return None, None
-    context.adapter.require_context(cfg.seqlen, "--seqlen")
     images = None
     with context.timer.step("calibrate"):
         if cfg.calib_data in IMAGE_TEXT:

@@ -116,6 +116,14 @@ def regular_file(tmp, model_dir):
     return model_dir
 
 
+def no_train_split(tmp: Path, model_dir: Path) -> Path:
+    """The model, beside a data directory ({tmp}/data) that has no WikiText-2 train file (the real one has)."""
+    from conftest import write_data_dir
+
+    write_data_dir(tmp / "data")
+    return model_dir
+
+
 def vlm(tmp, model_dir):
     from conftest import saved_vlm_dir
 
@@ -174,6 +182,9 @@ CASES = [
     ("seqlen-one", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--seqlen", "1"], "seqlen"),
     ("seqlen-too-long", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--seqlen", "100000"],
      "lower --seqlen"),
+    # offloaded, the run announces its placement once loaded: a refusal must come before that notice
+    ("seqlen-too-long-offloaded", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--seqlen",
+                                          "100000", "--offload", "disk"], "lower --seqlen"),
     ("calib-data-unknown", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1", "--calib-data", "ptb"],
      "calib_data"),
     ("eval-seqlen-too-long", plain, ["eval", "{model}", "--tasks", "wiki", "--seqlen", "100000"], "--seqlen (eval/ppl)"),
@@ -239,8 +250,9 @@ CASES = [
      "--recover-loss ce+kd"),
     ("recover-kd-weight-out-of-range", plain, COMPRESS + ["--recover", "lora", "--recover-loss", "ce+kd",
                                                           "--recover-kd-weight", "1.5"], "recover_kd_weight"),
-    ("recover-train-file-missing", plain, COMPRESS + ["--recover", "lora", "--recover-steps", "1", "--recover-data",
-                                                      "train", "--seqlen", "16"], "wiki.train.tokens.gz"),
+    ("recover-train-file-missing", no_train_split, COMPRESS + ["--recover", "lora", "--recover-steps", "1",
+                                                               "--recover-data", "train", "--seqlen", "16",
+                                                               "--data-dir", "{tmp}/data"], "wiki.train.tokens.gz"),
     ("image-text-calib-text-model", plain, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1",
                                             "--calib-data", "easy-vqa"], "for vision-language models"),
     ("image-text-calib-train-recovery", vlm, ["compress", "{model}", "--method", "sleb", "--num-blocks", "1",
