@@ -42,7 +42,7 @@ class RecoveryOptions(MethodOptions):
     recover_data: Literal["calibration", "train", "wikitext2", "c4", "c4+wikitext2"] = Field(
         "calibration", description="training text: the calibration windows, or consecutive sequences (steps x "
                                    "batch of them, disjoint from evaluation) of a train split: the calibration "
-                                   "corpus' (train), WikiText-2's (offline its tokenized train file), C4's "
+                                   "corpus' (train; for easy-vqa, image-text questions of its train split), WikiText-2's (offline its tokenized train file), C4's "
                                    "(offline the documents after the 1100 that perplexity reads), or both "
                                    "alternating, half each (c4+wikitext2)")
     recover_loss: Literal["ce", "kd", "ce+kd"] = Field(
@@ -265,15 +265,6 @@ class CompressConfig(Amount, Quantization):
         kinds = [_stage_kind(s) for s in self.stages]
         if "quantize" in kinds[:-1]:
             raise ValueError("quantize must be the last stage (methods and fine-tunes need float weights)")
-        return self
-
-    @model_validator(mode="after")
-    def _image_text_recovery(self):
-        if self.calib_data == "easy-vqa" and any(isinstance(s, RecoverStage) and s.recover_data == "train"
-                                                 for s in self.stage_list()):
-            raise ValueError("recover_data train reads the calibration corpus' train text and easy-vqa is "
-                             "image-text: use --recover-data calibration, or name a text corpus (c4, wikitext2, "
-                             "c4+wikitext2)")
         return self
 
     def stage_list(self) -> list[MethodStage | RecoverStage | QuantizeStage]:

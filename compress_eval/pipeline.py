@@ -180,9 +180,22 @@ def _calibrate(context: RunContext, runs: list, processor, tokenizer, data_dir) 
             calib = images.ids
         else:
             calib = calibration_windows(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.seqlen, cfg.seed, data_dir)
-        context.training = {r.number: recovery_windows(r.stage, calib, tokenizer, cfg, data_dir) for r in runs
-                            if isinstance(r, RecoverRun)}
+        for run in (r for r in runs if isinstance(r, RecoverRun)):
+            if images is not None and run.stage.recover_data == "train":
+                context.training[run.number] = image_text_training(run, context, processor, images)
+            else:
+                context.training[run.number] = recovery_windows(run.stage, calib, tokenizer, cfg, data_dir)
     return calib, images
+
+
+def image_text_training(run, context: RunContext, processor, images) -> torch.Tensor:
+    """An image-text recovery stage's own windows of easy-vqa's train split (its steps x batch of them, in
+    another seeded order than the calibration's), their image features added to those the hook puts in."""
+    cfg, stage = context.cfg, run.stage
+    windows = image_text_windows(context.model, processor, cfg.calib_data, stage.recover_steps *
+                                 stage.recover_batch_size, stage.recover_seqlen or cfg.seqlen, cfg.seed + run.number)
+    images.features.update(windows.features)
+    return windows.ids
 
 
 def _size(context: RunContext) -> dict:

@@ -336,6 +336,27 @@ def test_compress_with_image_text_calibration(data_dir, tmp_path):
     assert manifest["config"]["calib_data"] == "easy-vqa" and len(manifest["removed_blocks"]) == 1
 
 
+def test_image_text_recovery_trains_on_its_own_train_split_questions(data_dir, tmp_path, monkeypatch):
+    """--recover-data train with image-text calibration: steps x batch windows of easy-vqa's train questions,
+    not the calibration's, each seen with its images (the hook refuses image tokens it has no features for)."""
+    import compress_eval.pipeline as pipeline
+
+    pytest.importorskip("easy_vqa")
+    made = []
+    real = pipeline.image_text_windows
+    monkeypatch.setattr(pipeline, "image_text_windows", lambda *a: made.append(real(*a)) or made[-1])
+    out = tmp_path / "out"
+    result = invoke("compress", saved_vlm_dir(tmp_path / "vlm", "llava"), "--method", "shortgpt", "--num-blocks", 1,
+                    "--calib-data", "easy-vqa", "--calib-samples", 2, "--seqlen", 48, "--recover", "lora",
+                    "--recover-data", "train", "--recover-steps", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    recovery = json.loads((out / "compress_eval.json").read_text())["recovery"]
+    assert (recovery["data"], recovery["sequences"]) == ("train", 3)
+    calibration, training = made
+    assert training.ids.shape == (3, 48) and not any(torch.equal(t, c) for t in training.ids for c in calibration.ids)
+    assert all((w == training.image_token).any() for w in training.ids)
+
+
 # --- offloaded ------------------------------------------------------------------------------------
 def tensors(directory: Path) -> dict:
     from safetensors.torch import load_file
