@@ -106,15 +106,16 @@ def curve_rows(sleb: dict[str, str]) -> dict:
     return rows
 
 
+def sleb_blocks(percent: str) -> str:
+    """The blocks SLEB chose on SmolLM2 at ``percent`` % with this calibration in bench/baselines.py (23-33
+    min each): its rows drop them rather than search again."""
+    rows = json.loads((RESULTS / "baselines_smollm2.json").read_text())
+    chosen = next(r["removed_blocks"] for r in rows if r["method"] == "sleb" and r["sparsity"] == int(percent) / 100)
+    return ",".join(map(str, chosen))
+
+
 def smollm2_rows() -> dict:
     """SmolLM2's earlier rows (names and commands unchanged: their results are kept), then the curves."""
-    def sleb_blocks(percent: str) -> str:
-        """The blocks SLEB chose at ``percent`` % with this calibration in bench/baselines.py (23-33 min
-        each): its rows drop them rather than search again."""
-        rows = json.loads((RESULTS / "baselines_smollm2.json").read_text())
-        chosen = next(r["removed_blocks"] for r in rows if r["method"] == "sleb" and r["sparsity"] == int(percent) / 100)
-        return ",".join(map(str, chosen))
-
     sleb25 = "sleb 25 % (its blocks from bench/baselines.py)"
     return {
         "dense": (["--method", "none"], "none"),
