@@ -82,9 +82,19 @@ def kd_on_calibration(base: str, steps: str, lr: str, seqlen: str) -> list[str]:
 
 def sleb_prefix(percent: str):
     """A SLEB row at ``percent`` %: the first removals of the 37.5 % search (resolved when the row runs)."""
-    def args(rows: dict[str, dict], depth: int) -> list[str]:
-        k = -(-round(depth * float(percent) / 100, 6) // 1)  # ceil, as blocks_to_remove rounds
-        return ["--method", "drop", "--blocks", ",".join(map(str, rows[SLEB_SEARCH]["removal_order"][:int(k)]))]
+    def args(bench: Bench) -> list[str]:
+        k = -(-round(bench.depth() * float(percent) / 100, 6) // 1)  # ceil, as blocks_to_remove rounds
+        order = bench.finished()[SLEB_SEARCH]["removal_order"]
+        return ["--method", "drop", "--blocks", ",".join(map(str, order[:int(k)]))]
+    return args
+
+
+def staged(name: str, stages: list[dict]):
+    """A multi-stage recipe row: its recipe written into the work directory when the row runs."""
+    def args(bench: Bench) -> list[str]:
+        recipe = bench.work / f"{slug(name)}.yaml"
+        recipe.write_text(json.dumps({"calib_samples": 8, "seqlen": 512, "seed": 0, "stages": stages}))
+        return ["--recipe", str(recipe)]
     return args
 
 
@@ -165,6 +175,17 @@ def smollm2_rows() -> dict:
                                                  "recovery"),
         f"fuse 25 % + KD on the calibration (200 steps) + LoRA{MIXED}{STRONG}": (
             ["@fuse 25 % + KD on the calibration (200 steps)", "--method", "none", *HEAL_STRONG, *MIX], "recovery"),
+        # Rows never measured before: fuse then merge at the matched total size (4 blocks fused away, then
+        # as many FFs tied as make 25 % of the decoder's parameters in all: 3.5 of 26 blocks' worth), the
+        # KD pass after kd-logits group fine-tunes, and sublayer at the calibration of the other rows.
+        "fuse then merge, 25 % params in all (4 blocks fused, then FFs tied)": (staged("fuse then merge", [
+            {"method": "fuse", "sparsity": 0.125, "options": {"profile": "cpu"}},
+            {"method": "merge", "param_sparsity": round(3.5 / 26, 4), "options": {"num_windows": 3}}]),
+            "no recovery"),
+        "fuse 25 % (kd-logits group fine-tune) + KD on the calibration (200 steps)": (
+            kd_on_calibration("fuse 25 % (kd-logits group fine-tune)", "200", "2e-4", "512"), "no recovery"),
+        "sublayer 25 % params (8 x 512 calibration)": (
+            ["--method", "sublayer", "--param-sparsity", "0.25", *CALIB], "no recovery"),
         **curve_rows({"25": sleb25}),
     }
 
@@ -219,7 +240,7 @@ class Bench:
         another row starts from it. A heal saves its progress beside it and continues from there."""
         args, track = self.rows[name]
         if callable(args):
-            args = args(self.finished(), self.depth())
+            args = args(self)
         base = self.base_of(name)
         model, args = (str(self.work / slug(base)), args[1:]) if base else (self.model, args)
         out = self.work / slug(name)
@@ -366,7 +387,7 @@ def main() -> None:
             return
         if base := bench.base_of(name):
             need(base, rerun=False, checkpoint=True)
-        elif callable(bench.rows[name][0]):
+        elif name != SLEB_SEARCH and name.startswith("sleb "):
             need(SLEB_SEARCH, rerun=False)
         needed.append(name)
 
