@@ -211,3 +211,19 @@ def data_dir(tmp_path, monkeypatch):
     root = write_data_dir(tmp_path / "data")
     monkeypatch.setenv("COMPRESS_EVAL_DATA_DIR", str(root))
     return root
+
+
+def kill_fine_tune_after(monkeypatch, step: str):
+    """Make a recovery fine-tune stop as a kill would (KeyboardInterrupt) once ``step`` ("5/6") is done,
+    before its state could be saved; returns what undoes it."""
+    import compress_eval.methods.recovery as recovery
+
+    real = recovery.require_finite
+
+    def killed(value, params, what, hints):
+        if f"step {step}" in what:
+            raise KeyboardInterrupt
+        return real(value, params, what, hints)
+
+    monkeypatch.setattr(recovery, "require_finite", killed)
+    return lambda: monkeypatch.setattr(recovery, "require_finite", real)

@@ -153,8 +153,9 @@ def test_interrupted_cell_leaves_nothing_and_resumes(tiny_model_dir, data_dir, t
 def test_a_killed_heal_continues_where_it_stopped(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     """A cell killed inside its recovery stage (after step 3 of 4, saving every 2) continues from step 2 on
     the next run, ends with the weights of an uninterrupted cell, and leaves no state behind."""
-    import compress_eval.methods.recovery as recovery
     from safetensors.torch import load_file
+
+    from conftest import kill_fine_tune_after
 
     heal = {"recover": "lora", "recover_steps": 4, "recover_seqlen": 16, "recover_save_every": 2,
             "lora_dropout": 0.1}
@@ -164,19 +165,12 @@ def test_a_killed_heal_continues_where_it_stopped(tiny_model_dir, data_dir, tmp_
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     outcomes = run_cells(cells, whole)
     assert [o.status for o in outcomes] == ["ran"], outcomes
-    real = recovery.require_finite
-
-    def killed_at_step_3(value, params, what, hints):
-        if "step 3/4" in what:
-            raise KeyboardInterrupt
-        return real(value, params, what, hints)
-
-    monkeypatch.setattr(recovery, "require_finite", killed_at_step_3)
+    undo = kill_fine_tune_after(monkeypatch, "3/4")
     with pytest.raises(KeyboardInterrupt):
         run_cells(cells, cut)
     state = cut / ".state" / cells[0].name / "stage2" / "state.json"
     assert json.loads(state.read_text())["step"] == 2
-    monkeypatch.setattr(recovery, "require_finite", real)
+    undo()
     assert [o.status for o in run_cells(cells, cut)] == ["ran"]
     manifest = json.loads((cut / cells[0].name / "compress_eval.json").read_text())
     assert manifest["recovery"]["resumed_at_step"] == 2

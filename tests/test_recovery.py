@@ -17,7 +17,7 @@ from compress_eval.data.calibration import tokenize, training_windows
 from compress_eval.errors import UserError
 from compress_eval.methods.recovery import cosine_schedule, kl_of_logits, recovery_loss
 from compress_eval.pipeline import compress
-from conftest import tiny_tokenizer
+from conftest import kill_fine_tune_after, tiny_tokenizer
 
 TRAIN_TEXT = " = Train article = \n The train split is tokenized : 1 @-@ 2 , <unk> words . \n" * 200
 
@@ -176,18 +176,11 @@ def test_an_interrupted_fine_tune_resumes_to_the_uninterrupted_weights(tiny_mode
     import compress_eval.methods.recovery as recovery
 
     whole = _heal(tiny_model_dir, train_data, tmp_path / "whole")
-    real = recovery.require_finite
-
-    def killed_at_step_5(value, params, what, hints):
-        if "step 5/6" in what:
-            raise KeyboardInterrupt
-        return real(value, params, what, hints)
-
-    monkeypatch.setattr(recovery, "require_finite", killed_at_step_5)
+    undo = kill_fine_tune_after(monkeypatch, "5/6")
     with pytest.raises(KeyboardInterrupt):
         _heal(tiny_model_dir, train_data, tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(recovery, "require_finite", real)
+    undo()
     resumed = _heal(tiny_model_dir, train_data, tmp_path / "cut")
     assert resumed.manifest.recovery["resumed_at_step"] == 4
     assert resumed.manifest.recovery["losses"] == whole.manifest.recovery["losses"]
