@@ -50,7 +50,7 @@ from compress_eval.paths import cache_dir
 
 BASE = "smollm2-135m"
 IMAGE_TOKEN = "<empty_output>"  # one of SmolLM2's special tokens that nothing else uses
-IMAGE_SIZE, PATCH = 64, 16  # easy-vqa's 64x64 images in 16 patches: 16 image tokens per question
+IMAGE_SIZE = 64  # easy-vqa's 64x64 images: (64 / --patch)^2 image tokens per question
 REPORT = "make_vlm.json"
 # ChatML (SmolLM2's format) over lm-eval's multimodal messages: content is text or a list of parts.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -60,17 +60,17 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_vlm(seed: int):
+def build_vlm(seed: int, patch: int = 16, width: int = 256, layers: int = 4):
     """(model, processor): SmolLM2's weights in the language model (its tied head included), a fresh
-    4-layer CLIP tower and projector."""
+    CLIP tower (``layers`` of ``width``, ``patch``-pixel patches) and projector."""
     from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
     base_dir = ensure_packaged(BASE)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=256, intermediate_size=1024,
-                              num_hidden_layers=4, num_attention_heads=4)
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
+                              num_hidden_layers=layers, num_attention_heads=4)
     config = LlavaConfig(vision_config=vision, text_config=base.config,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,  # the tower is ours
@@ -83,7 +83,7 @@ def build_vlm(seed: int):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(images, tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
+    processor = LlavaProcessor(images, tokenizer, patch_size=patch, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
     return model, processor
 
@@ -345,7 +345,7 @@ def build(args) -> tuple[object, object, dict]:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     seconds: dict[str, float] = {}
-    model, processor = build_vlm(args.seed)
+    model, processor = build_vlm(args.seed, args.patch, args.tower_width, args.tower_layers)
     model.to(device)
     train = timed(seconds, "load_images", labelled_images, processor, "train", device)
     print("stage 1: the tower learns colour and shape", flush=True)
@@ -361,7 +361,7 @@ def build(args) -> tuple[object, object, dict]:
                        args.steps, args.batch_size, args.lr, args.seed, args.lm_lora_rank)
     test = timed(seconds, "test", accuracy, model, processor, test_sample(args.seed, args.per_kind), args.batch_size)
     report = {"base": BASE, "vision": model.config.vision_config.to_diff_dict(),
-              "image_tokens": (IMAGE_SIZE // PATCH) ** 2, "seed": args.seed, "device": device,
+              "image_tokens": (IMAGE_SIZE // args.patch) ** 2, "seed": args.seed, "device": device,
               "threads": torch.get_num_threads(), "autocast_bf16": bf16_native(device), "tower": tower, "projector": projector, "end_to_end": end_to_end,
               "test": test, "seconds": seconds}
     return model, processor, report
@@ -370,6 +370,9 @@ def build(args) -> tuple[object, object, dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=cache_dir() / "models" / "llava-smollm2-easyvqa")
+    parser.add_argument("--patch", type=int, default=16, help="the tower's patch size in pixels (64x64 images)")
+    parser.add_argument("--tower-width", type=int, default=256, help="the tower's hidden size")
+    parser.add_argument("--tower-layers", type=int, default=4, help="the tower's layers")
     parser.add_argument("--tower-epochs", type=int, default=8, help="stage 1: passes over the 4,000 train images")
     parser.add_argument("--tower-lr", type=float, default=1e-3)
     parser.add_argument("--projector-epochs", type=int, default=20, help="stage 2: passes over the train images")
