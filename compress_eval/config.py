@@ -42,9 +42,10 @@ class RecoveryOptions(MethodOptions):
     recover_data: Literal["calibration", "train", "wikitext2", "c4", "c4+wikitext2"] = Field(
         "calibration", description="training text: the calibration windows, or consecutive sequences (steps x "
                                    "batch of them, disjoint from evaluation) of a train split: the calibration "
-                                   "corpus' (train; for easy-vqa, image-text questions of its train split), WikiText-2's (offline its tokenized train file), C4's "
-                                   "(offline the documents after the 1100 that perplexity reads), or both "
-                                   "alternating, half each (c4+wikitext2)")
+                                   "corpus' (train; for easy-vqa, image-text questions of its train split), "
+                                   "WikiText-2's (offline its tokenized train file), C4's (offline the documents "
+                                   "after the 1100 that perplexity reads), or both alternating, half each "
+                                   "(c4+wikitext2)")
     recover_loss: Literal["ce", "kd", "ce+kd"] = Field(
         "ce", description="next-token cross-entropy, KL divergence to the uncompressed model's logits (kd; for a "
               "compressed checkpoint, its base model's), or both weighed by recover_kd_weight (ce+kd)")

@@ -118,14 +118,13 @@ class RecoverRun(StageRun):
     stage: RecoverStage
 
     def run(self, model, calibration, context) -> StageRecord:
-        options = self.stage
-        if options.recover_resume is None and context.state_dir is not None:
-            options = options.model_copy(update={"recover_resume": str(context.state_dir / f"stage{self.number}")})
+        autosave = context.state_dir / f"stage{self.number}" if context.state_dir is not None else None
         with context.recording("recover", {"method": None}) as what:
             with context.timer.step("recover"):
-                context.recovery = fine_tune(model, context.training.pop(self.number), options,
+                context.recovery = fine_tune(model, context.training.pop(self.number), self.stage,
                                              seed=context.cfg.seed,
-                                             teacher=context.teacher if self.stage.distils else None)
+                                             teacher=context.teacher if self.stage.distils else None,
+                                             autosave=autosave)
         return StageRecord(**what)
 
 

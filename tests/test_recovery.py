@@ -208,3 +208,20 @@ def test_an_unreadable_state_names_the_fix(tiny_model_dir, train_data, tmp_path)
     (tmp_path / "state" / "state.json").write_text(json.dumps({"step": 2}))
     with pytest.raises(UserError, match="not a state this tool wrote"):
         _heal(tiny_model_dir, train_data, tmp_path / "state")
+
+
+def test_a_batch_s_own_state_of_another_fine_tune_is_replaced(tiny_model_dir, train_data, tmp_path, caplog):
+    """In a batch's state directory (not one the user named) another fine-tune's state, e.g. from weights that
+    another thread count rounded differently, is started afresh with a warning rather than failing the cell."""
+    def heal(lr):
+        recovery = dict(recover="lora", recover_steps=2, recover_seqlen=16, recover_data="train", recover_lr=lr)
+        return compress(make_config(model=str(tiny_model_dir), method="drop", blocks=[1], calib_samples=2, seqlen=16,
+                                    recovery=recovery), train_data, state_dir=tmp_path / "auto")
+
+    heal(1e-3)
+    with caplog.at_level("WARNING", logger="compress_eval.methods.recovery_state"):
+        result = heal(2e-3)
+    assert "another fine-tune's state (differs in settings): starting afresh" in caplog.text
+    assert "resumed_at_step" not in result.manifest.recovery
+    state = json.loads((tmp_path / "auto" / "stage2" / "state.json").read_text())
+    assert state["fingerprint"]["settings"]["recover_lr"] == 2e-3

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -172,9 +173,10 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions, seed: int = 0,
-              teacher: nn.Module | None = None) -> dict:
+              teacher: nn.Module | None = None, autosave: Path | None = None) -> dict:
     """Fine-tune of ``model`` in place on ``windows`` by ``options.recover_loss`` (``teacher`` gives the
-    logits kd and ce+kd learn); returns a summary for the manifest.
+    logits kd and ce+kd learn); returns a summary for the manifest. It saves its progress in
+    ``options.recover_resume``, else in ``autosave`` (a batch's), to continue from there when run again.
 
     Every step checks the loss and the trainable weights (all of them for ``full``: a float32 sum per
     tensor, ~16 ms against a ~5 s SmolLM2-135M step on CPU) and stops at the first NaN/inf with a
@@ -187,7 +189,7 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
     sequences = training_sequences(windows, options.recover_seqlen)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    store = _resume_store(model, sequences, options, seed)
+    store = _resume_store(model, sequences, options, seed, autosave)
     trainable = _prepare(model, options)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable)
@@ -253,17 +255,20 @@ def fine_tune(model: nn.Module, windows: torch.Tensor, options: RecoveryOptions,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _resume_store(model: nn.Module, sequences: torch.Tensor, options: RecoveryOptions,
-                  seed: int) -> FineTuneState | None:
-    """The ``recover_resume`` state of this fine-tune, fingerprinted by its starting weights, its data and
-    every setting that changes the result (not where or how often it is saved)."""
-    if options.recover_resume is None:
+def _resume_store(model: nn.Module, sequences: torch.Tensor, options: RecoveryOptions, seed: int,
+                  autosave: Path | None) -> FineTuneState | None:
+    """This fine-tune's saved state, fingerprinted by its starting weights, its data and every setting that
+    changes the result (not where or how often it is saved): in the user's ``recover_resume`` (another
+    run's state there is refused), else in ``autosave`` (where it is replaced); one process only."""
+    if options.recover_resume is None and (autosave is None or distributed.world_size() > 1):
         return None
     if distributed.world_size() > 1:
         raise UserError("--recover-resume saves one process's fine-tune: run it in one process, or drop it")
     settings = options.model_dump(exclude={"recover_resume", "recover_save_every"})
-    return FineTuneState(options.recover_resume, {"settings": settings, "seed": seed,
-                                                  "data": digest(sequences), "model": model_digest(model)})
+    fingerprint = {"settings": settings, "seed": seed, "data": digest(sequences), "model": model_digest(model)}
+    if options.recover_resume is not None:
+        return FineTuneState(options.recover_resume, fingerprint)
+    return FineTuneState(autosave, fingerprint, replace_other=True)
 
 
 def _prepare(model: nn.Module, options: RecoveryOptions) -> list[nn.Parameter]:

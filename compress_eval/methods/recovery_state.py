@@ -12,6 +12,7 @@ so a run killed after its fine-tune (in the save, or a later stage) does not tra
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from compress_eval.errors import UserError, no_space_is_one_line
 from compress_eval.jsonfile import JSONFileError, read_json_object, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 STATE = "state.json"
 TENSORS = "trainable.safetensors"
@@ -40,9 +43,13 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 class FineTuneState:
-    def __init__(self, directory: str | Path, fingerprint: dict):
+    """``replace_other``: a state of another fine-tune is discarded (a batch's own bookkeeping, where a
+    changed recipe or thread count must not fail the cell) rather than refused (a directory the user named)."""
+
+    def __init__(self, directory: str | Path, fingerprint: dict, replace_other: bool = False):
         self.dir = Path(directory)
         self.fingerprint = fingerprint
+        self.replace_other = replace_other
 
     def _refuse(self, why: str) -> UserError:
         return UserError(f"--recover-resume {self.dir}: {why}; remove the directory to start afresh")
@@ -60,6 +67,11 @@ class FineTuneState:
             raise self._refuse(f"{STATE} lacks fingerprint/step/losses/dir (not a state this tool wrote)")
         if state["fingerprint"] != self.fingerprint:
             diff = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
+            if self.replace_other:
+                log.warning("%s holds another fine-tune's state (differs in %s): starting afresh", self.dir,
+                            ", ".join(diff))
+                shutil.rmtree(self.dir)
+                return None
             raise UserError(f"--recover-resume {self.dir}: the saved fine-tune is of a different run (differs in "
                             f"{', '.join(diff)}); use a new directory or the same model, data and settings")
         return state
