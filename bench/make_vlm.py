@@ -3,8 +3,9 @@ small CLIP vision tower from scratch and LLaVA's two-layer projector, built in t
 train split, so that compression's cost on image questions is measurable (bench/multimodal.py, ce_mmmu).
 
 1. The tower learns colour (8) and shape (3) as a classifier: every patch feature predicts the image's
-   labels, as its train questions and answers state them (``image_labels``). Trained end to end through
-   the frozen LM alone, the tower stayed blind (0.525 against 0.448 for chance, all of it yes/no).
+   labels, as its train questions and answers state them (``image_labels``), each patch on its own.
+   Trained end to end through the frozen LM alone, the tower stayed blind (0.525 against 0.448 for
+   chance, all of it yes/no).
 2. The projector learns, without the LM, to put the embedding of the colour word on even image tokens and
    of the shape word on odd ones: the LM starts by reading words it knows.
 3. A short end-to-end stage on exactly the prompts ce_mmmu shows (lm-eval's MMMU prompt in the chat
@@ -175,9 +176,10 @@ def fit(params, losses, steps: int, lr: float) -> list[float]:
 
 
 def train_tower(model, train, epochs: int, batch_size: int, lr: float, seed: int, device: str) -> dict:
-    """Stage 1: the tower's patch features predict their image's colour and shape (linear heads on each,
-    the logits averaged over the patches, so the patches that show the shape decide; the heads are dropped
-    after)."""
+    """Stage 1: every patch feature predicts its image's colour and shape (linear heads, each patch's own
+    cross-entropy; the heads are dropped after). Each patch, not only their mean, must carry both labels:
+    stage 2 maps every image token to a word, and with the logits averaged over the patches (the first
+    build) the projector could not (relative error 0.39) and the VLM stayed near chance."""
     pixels, colour, shape = train
     width = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, 8), torch.nn.Linear(width, 3)]).to(device)
@@ -188,7 +190,8 @@ def train_tower(model, train, epochs: int, batch_size: int, lr: float, seed: int
         for idx in batches(len(pixels), batch_size, epochs, seed):
             with autocast(device):
                 feats = tower_features(model, pixels[idx])
-                yield sum(torch.nn.functional.cross_entropy(head(feats).float().mean(1), target[idx])
+                yield sum(torch.nn.functional.cross_entropy(head(feats).float().flatten(0, 1),
+                                                            target[idx].repeat_interleave(feats.size(1)))
                           for head, target in zip(heads, (colour, shape)))
 
     steps = epochs * math.ceil(len(pixels) / batch_size)
