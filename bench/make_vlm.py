@@ -6,8 +6,8 @@ train split, so that compression's cost on image questions is measurable (bench/
    labels, as its train questions and answers state them (``image_labels``), each patch on its own.
    Trained end to end through the frozen LM alone, the tower stayed blind (0.525 against 0.448 for
    chance, all of it yes/no).
-2. The projector learns, without the LM, to put the embedding of the colour word on even image tokens and
-   of the shape word on odd ones: the LM starts by reading words it knows.
+2. The projector learns, without the LM, to put the mean of the embeddings of the colour word and the
+   shape word on every image token: the LM starts by reading words it knows.
 3. A short end-to-end stage on exactly the prompts ce_mmmu shows (lm-eval's MMMU prompt in the chat
    format, the option letter as the answer) tunes the projector and a small LoRA on the LM, merged after:
    SmolLM2-135M alone does not answer that format even from written words. The LM stays SmolLM2: its
@@ -220,8 +220,14 @@ def word_embeddings(model, tokenizer, words) -> torch.Tensor:
 
 
 def train_projector(model, processor, train, epochs: int, batch_size: int, lr: float, seed: int, device: str) -> dict:
-    """Stage 2: the projector maps the frozen tower's patch features to the embedding of the colour word
-    (even image tokens) and of the shape word (odd ones), on images with both labels; no LM runs."""
+    """Stage 2: the projector maps the frozen tower's patch features to the mean of the embeddings of the
+    colour word and the shape word, on every image token, on images with both labels; no LM runs.
+
+    One target for every token: the projector sees each token alone, so a target that depends on the
+    token's place (the colour word on even tokens, the shape word on odd ones, as first built) asks it for
+    the place's parity, which the features barely hold, and it learned only the mean word (relative error
+    0.38-0.41, what the group means give). In the mean of the two words, a question's options (all of
+    one group) still find their word: the other group's half is about equally far from each of them."""
     from compress_eval.data.easy_vqa import SHAPES, answer_groups
 
     pixels, colour, shape = train
@@ -231,12 +237,11 @@ def train_projector(model, processor, train, epochs: int, batch_size: int, lr: f
     with torch.no_grad(), autocast(device):
         feats = torch.cat([tower_features(model, p).float() for p in pixels.split(256)])
     words = [word_embeddings(model, processor.tokenizer, group) for group in (colours, SHAPES)]
-    even = torch.arange(feats.size(1), device=device) % 2 == 0
     projector = model.model.multi_modal_projector
 
     def losses():
         for idx in batches(len(feats), batch_size, epochs, seed):
-            target = torch.where(even[None, :, None], words[0][colour[idx]][:, None], words[1][shape[idx]][:, None])
+            target = ((words[0][colour[idx]] + words[1][shape[idx]]) / 2)[:, None].expand(-1, feats.size(1), -1)
             with autocast(device):
                 yield torch.nn.functional.mse_loss(projector(feats[idx]).float(), target) / target.pow(2).mean()
 
@@ -376,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=16, help="the tower's patch size in pixels (64x64 images)")
     parser.add_argument("--tower-width", type=int, default=256, help="the tower's hidden size")
     parser.add_argument("--tower-layers", type=int, default=4, help="the tower's layers")
-    parser.add_argument("--tower-epochs", type=int, default=8, help="stage 1: passes over the 4,000 train images")
+    parser.add_argument("--tower-epochs", type=int, default=20,
+                        help="stage 1: passes over the 4,000 train images (6 left shape at 0.59, 20 reach 0.966)")
     parser.add_argument("--tower-lr", type=float, default=1e-3)
     parser.add_argument("--projector-epochs", type=int, default=20, help="stage 2: passes over the train images")
     parser.add_argument("--projector-lr", type=float, default=1e-3)
