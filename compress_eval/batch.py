@@ -47,14 +47,6 @@ def finished_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-def state_dir(runs_dir: Path, cell: Cell) -> Path | None:
-    """Where a cell's recovery fine-tunes save their progress (so a killed batch continues a long heal
-    where it stopped); one process only, as ``recover_resume`` requires."""
-    from compress_eval import distributed
-
-    return runs_dir / STATE_DIR / cell.name if distributed.world_size() == 1 else None
-
-
 def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> Outcome:
     """Bring one cell to finished (compress if needed, then evaluate the missing tasks)."""
     from compress_eval import pipeline
@@ -74,8 +66,9 @@ def run_cell(cell: Cell, runs_dir: Path, data_dir=None, wait: bool = False) -> O
                 compressed = True
             if compressed:
                 log.info("[%s] compressing", cell.name)
-                pipeline.compress_to_dir(cell.config, run_dir, data_dir, state_dir(runs_dir, cell))
-                shutil.rmtree(runs_dir / STATE_DIR / cell.name, ignore_errors=True)
+                state = runs_dir / STATE_DIR / cell.name  # used in one process only (fine_tune's rule)
+                pipeline.compress_to_dir(cell.config, run_dir, data_dir, state)
+                shutil.rmtree(state, ignore_errors=True)
             if not (run_dir / store.CELL_FILE).exists():
                 store.write_cell(run_dir, cell.record())
             missing = [t for t in cell.tasks if t not in store.completed_tasks(run_dir, list(cell.tasks))]

@@ -50,6 +50,7 @@ class FineTuneState:
         self.dir = Path(directory)
         self.fingerprint = fingerprint
         self.replace_other = replace_other
+        self.current: str | None = None  # the step directory state.json names (load and save keep it)
 
     def _refuse(self, why: str) -> UserError:
         return UserError(f"--recover-resume {self.dir}: {why}; remove the directory to start afresh")
@@ -74,6 +75,7 @@ class FineTuneState:
                 return None
             raise UserError(f"--recover-resume {self.dir}: the saved fine-tune is of a different run (differs in "
                             f"{', '.join(diff)}); use a new directory or the same model, data and settings")
+        self.current = state["dir"]
         return state
 
     def restore(self, state: dict, named: dict[str, torch.nn.Parameter], optimizer, schedule) -> None:
@@ -96,10 +98,10 @@ class FineTuneState:
 
     def save(self, step: int, losses: list[float], named: dict[str, torch.nn.Parameter], optimizer,
              schedule) -> None:
-        """Write step ``step``'s state beside the previous one, then name it in state.json."""
+        """Write step ``step``'s state beside the previous one, then name it in state.json (after
+        :meth:`load`, which says what the previous one is)."""
         step_dir = self.dir / f"step-{step}"
-        previous = self.load()
-        if previous and previous["dir"] == step_dir.name:
+        if self.current == step_dir.name:
             return
         rng = {"rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -118,5 +120,6 @@ class FineTuneState:
         except BaseException:
             shutil.rmtree(step_dir, ignore_errors=True)
             raise
-        if previous and previous.get("dir") not in (None, step_dir.name):
-            shutil.rmtree(self.dir / previous["dir"], ignore_errors=True)
+        if self.current is not None:
+            shutil.rmtree(self.dir / self.current, ignore_errors=True)
+        self.current = step_dir.name
