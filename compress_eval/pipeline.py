@@ -25,6 +25,7 @@ from compress_eval.manifest import BaseModelRef, Manifest, StageRecord
 from compress_eval.memory import peak_rss_mb
 from compress_eval.methods.base import Compressor
 from compress_eval.methods.registry import defaulted_amount, resolve_config, run_name, stage_methods
+from compress_eval.methods.recovery_state import saved_state
 from compress_eval.models import checkpoint
 from compress_eval.models.adapters import get_adapter
 from compress_eval.models.loading import load_model, load_processor, resolve_device
@@ -120,6 +121,9 @@ def compress(cfg: CompressConfig, data_dir: str | Path | None = None, state_dir:
     default = defaulted_amount(cfg)
     cfg = resolve_config(cfg)
     runs = stage_runs(cfg, stage_methods(cfg))  # validates the methods and their options before any heavy work
+    for run in runs:  # and a state directory a fine-tune is to resume from
+        if isinstance(run, RecoverRun) and run.stage.recover_resume is not None:
+            saved_state(Path(run.stage.recover_resume))
     if isinstance(runs[-1], QuantizeRun):
         bnb_config(runs[-1].stage.quantize, runs[-1].stage.double_quant, runs[-1].stage.compute_dtype)  # installed?
     context, processor, tokenizer, source, offload = _load(cfg, runs)

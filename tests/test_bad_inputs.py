@@ -124,6 +124,18 @@ def no_train_split(tmp: Path, model_dir: Path) -> Path:
     return model_dir
 
 
+def with_files(files: dict[str, str]):
+    """The model, beside files written in the case's directory ({tmp}/PATH: text)."""
+    def setup(tmp: Path, model_dir: Path) -> Path:
+        for name, text in files.items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return model_dir
+
+    return setup
+
+
 def vlm(tmp, model_dir):
     from conftest import saved_vlm_dir
 
@@ -250,6 +262,17 @@ CASES = [
      "--recover-loss ce+kd"),
     ("recover-kd-weight-out-of-range", plain, COMPRESS + ["--recover", "lora", "--recover-loss", "ce+kd",
                                                           "--recover-kd-weight", "1.5"], "recover_kd_weight"),
+    ("recover-save-every-zero", plain, COMPRESS + ["--recover", "lora", "--recover-resume", "{tmp}/state",
+                                                   "--recover-save-every", "0"], "recover_save_every"),
+    ("recover-resume-not-json", with_files({"state/state.json": "{not json"}),
+     COMPRESS + ["--recover", "lora", "--recover-steps", "1", "--seqlen", "16", "--recover-resume", "{tmp}/state"],
+     "remove the directory to start afresh"),
+    ("recover-resume-foreign-state", with_files({"state/state.json": '{"step": 3}'}),
+     COMPRESS + ["--recover", "lora", "--recover-steps", "1", "--seqlen", "16", "--recover-resume", "{tmp}/state"],
+     "not a state this tool wrote"),
+    ("recover-resume-is-a-file", with_files({"state": "a file"}),
+     COMPRESS + ["--recover", "lora", "--recover-steps", "1", "--seqlen", "16", "--recover-resume", "{tmp}/state"],
+     "is a file"),
     ("recover-train-file-missing", no_train_split, COMPRESS + ["--recover", "lora", "--recover-steps", "1",
                                                                "--recover-data", "train", "--seqlen", "16",
                                                                "--data-dir", "{tmp}/data"], "wiki.train.tokens.gz"),

@@ -42,6 +42,24 @@ def model_digest(model: torch.nn.Module) -> str:
     return digest(*(t for _, t in sorted(model.state_dict().items())))
 
 
+def saved_state(directory: Path) -> dict | None:
+    """The state saved in ``directory``, or None where there is none yet; anything else there is one
+    line. Also asked before a run's first stage, so a bad directory is refused before any work."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"--recover-resume {directory}: {why}; remove the directory to start afresh")
+
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--recover-resume {directory} is a file: name a directory for the fine-tune's state")
+    try:
+        state = read_json_object(directory / STATE)
+    except JSONFileError as exc:
+        raise refuse(str(exc)) from None
+    if state is not None and not (isinstance(state.get("fingerprint"), dict) and isinstance(state.get("step"), int)
+                                  and isinstance(state.get("losses"), list) and isinstance(state.get("dir"), str)):
+        raise refuse(f"{STATE} lacks fingerprint/step/losses/dir (not a state this tool wrote)")
+    return state
+
+
 class FineTuneState:
     """``replace_other``: a state of another fine-tune is discarded (a batch's own bookkeeping, where a
     changed recipe or thread count must not fail the cell) rather than refused (a directory the user named)."""
@@ -52,20 +70,11 @@ class FineTuneState:
         self.replace_other = replace_other
         self.current: str | None = None  # the step directory state.json names (load and save keep it)
 
-    def _refuse(self, why: str) -> UserError:
-        return UserError(f"--recover-resume {self.dir}: {why}; remove the directory to start afresh")
-
     def load(self) -> dict | None:
-        """The saved state (``step``, ``losses``, ``dir``), or None for a fresh start."""
-        try:
-            state = read_json_object(self.dir / STATE)
-        except JSONFileError as exc:
-            raise self._refuse(str(exc)) from None
+        """The saved state (``step``, ``losses``, ``dir``) of this fine-tune, or None for a fresh start."""
+        state = saved_state(self.dir)
         if state is None:
             return None
-        if not (isinstance(state.get("fingerprint"), dict) and isinstance(state.get("step"), int)
-                and isinstance(state.get("losses"), list) and isinstance(state.get("dir"), str)):
-            raise self._refuse(f"{STATE} lacks fingerprint/step/losses/dir (not a state this tool wrote)")
         if state["fingerprint"] != self.fingerprint:
             diff = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
             if self.replace_other:
@@ -90,8 +99,9 @@ class FineTuneState:
             optimizer.load_state_dict(extra["optimizer"])
             schedule.load_state_dict(extra["schedule"])
         except (OSError, SafetensorError, RuntimeError, KeyError, ValueError) as exc:
-            raise self._refuse(f"cannot restore step {state['step']} from {step_dir.name} "
-                               f"({str(exc).splitlines()[0]})") from None
+            raise UserError(f"--recover-resume {self.dir}: cannot restore step {state['step']} from "
+                            f"{step_dir.name} ({str(exc).splitlines()[0]}); remove the directory to start afresh"
+                            ) from None
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
